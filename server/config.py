@@ -1,0 +1,94 @@
+"""The server's configuration: one tree of frozen dataclasses, validated once at start-up.
+
+Built by :mod:`server.cli` from flags and ``LORAPLEX_*`` variables; nothing
+else reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.engine.scheduler import SchedulerConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+LORA_BACKENDS = ("auto", "cpu", "torch", "reference")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None  # transformers directory or .gguf file; None = the embedded default
+    served_name: str | None = None  # name clients use for the base model; default: the model's name
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (measured faster here for decode)
+    device: str = "auto"  # auto: CUDA when present, else CPU
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "loraplex")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    adapters_dir: Path = Path("adapters_store/data")  # one folder per adapter name, PEFT format
+    max_lora_rank: int = 64  # largest adapter rank accepted; sizes the device slots
+    max_loras: int = 16  # device slots: distinct adapters in one step
+    host_cache_bytes: int = 2 << 30  # host-memory tier bound
+    backend: str = "auto"  # auto: the CPU kernel on CPU when it builds, torch otherwise
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_lora_rank <= 1024:
+            raise ValueError(f"max_lora_rank must be 1..1024, got {self.max_lora_rank}")
+        if not 1 <= self.max_loras <= 4096:
+            raise ValueError(f"max_loras must be 1..4096, got {self.max_loras}")
+        if self.host_cache_bytes < 0:
+            raise ValueError("host_cache_bytes must be >= 0")
+        if self.backend not in LORA_BACKENDS:
+            raise ValueError(f"lora backend must be one of {', '.join(LORA_BACKENDS)}, got {self.backend!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    kv_cache_tokens: int = 32768  # KV-cache capacity in tokens, shared by all running requests
+    block_size: int = 16  # tokens per KV block
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_tokens < self.block_size or self.block_size < 1:
+            raise ValueError("kv_cache_tokens must be at least one block")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache_tokens // self.block_size
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)

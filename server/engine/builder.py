@@ -1,0 +1,139 @@
+"""Assemble the serving stack from the configuration: model, runner, adapter cache, scheduler, engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from adapters_store.base_model import BaseModelSpec
+from adapters_store.local import LocalAdapterStore
+from server.config import Config
+from server.engine.adapter_cache import AdapterCache
+from server.engine.block_manager import BlockManager
+from server.engine.engine import Engine
+from server.engine.scheduler import Scheduler
+from server.lora import cpu_kernel
+from server.lora.metadata import LoraBackend
+from server.model.architecture import ModelShape
+from server.model.llama import CausalLM
+from server.model.loading import LoadedModel, load_model
+from server.model.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Serving:
+    """What the HTTP side needs: the engine and the facts about the served model."""
+
+    engine: Engine
+    tokenizer: PreTrainedTokenizerBase
+    store: LocalAdapterStore
+    spec: BaseModelSpec
+    model_name: str
+    max_model_len: int
+    max_lora_rank: int
+    created: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> LoraBackend:
+    if name == "auto":
+        cpu_ok = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernel.available()
+        return LoraBackend.CPU_KERNEL if cpu_ok else LoraBackend.TORCH
+    backend = LoraBackend(name)
+    if backend is LoraBackend.CPU_KERNEL and not (device.type == "cpu" and cpu_kernel.available()):
+        raise ValueError("--lora-backend cpu needs a CPU device and a C compiler (gcc) to build the kernel")
+    return backend
+
+
+def base_model_spec(shape: ModelShape) -> BaseModelSpec:
+    dims = shape.projection_dims()
+    modules = {shape.module_name(i, p): dims[p] for i in range(shape.n_layers) for p in dims}
+    return BaseModelSpec(
+        architecture=shape.model_type,
+        modules=modules,
+        other_modules=frozenset({"model.embed_tokens", "lm_head"}),
+    )
+
+
+def eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (loaded.hf_model.generation_config, loaded.hf_model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update([value] if isinstance(value, int) else list(value or []))
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(loaded.tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
+    """Load the model (unless given) and assemble an engine, not yet started."""
+    started = time.monotonic()
+    cpu_kernel.set_cache_dir(config.model.cache_dir / "kernels")
+    loaded = loaded or load_model(config.model.model, config.model.cache_dir)
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    model = CausalLM(loaded.hf_model, device, dtype)
+    shape = model.shape
+    backend = resolve_backend(config.lora.backend, device, dtype)
+    cache = config.cache
+    max_len = min(shape.max_positions, cache.num_blocks * cache.block_size, shape.sliding_window or 1 << 30)
+    if config.scheduler.max_model_len:
+        if config.scheduler.max_model_len > max_len:
+            raise ValueError(
+                f"--max-model-len {config.scheduler.max_model_len} exceeds what the model "
+                f"and KV cache allow ({max_len})"
+            )
+        max_len = config.scheduler.max_model_len
+    sched_config = dataclasses.replace(config.scheduler, max_model_len=max_len)
+    runner = ModelRunner(
+        model, cache.num_blocks, cache.block_size, config.lora.max_loras, config.lora.max_lora_rank, backend
+    )
+    spec = base_model_spec(shape)
+    engine_box: list[Engine] = []
+    adapters = AdapterCache(
+        spec,
+        runner.slots,
+        config.lora.host_cache_bytes,
+        config.lora.max_lora_rank,
+        dtype,
+        on_loaded=lambda: engine_box[0].wake() if engine_box else None,
+    )
+    scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), adapters)
+    engine = Engine(runner, scheduler, loaded.tokenizer, eos_ids(loaded))
+    engine_box.append(engine)
+    runner.warmup()
+    log.info(
+        "engine ready in %.1f s: %s on %s/%s, LoRA backend %s, %d slots x rank %d, KV cache %d tokens, context %d",
+        time.monotonic() - started, loaded.name, device, str(dtype).removeprefix("torch."), backend.value,
+        config.lora.max_loras, config.lora.max_lora_rank, cache.kv_cache_tokens, max_len,
+    )
+    return Serving(
+        engine=engine,
+        tokenizer=loaded.tokenizer,
+        store=LocalAdapterStore(config.lora.adapters_dir),
+        spec=spec,
+        model_name=config.model.served_name or loaded.name,
+        max_model_len=max_len,
+        max_lora_rank=config.lora.max_lora_rank,
+        created=int(time.time()),
+    )

@@ -1,0 +1,183 @@
+"""The engine loop: one thread owns the model and runs one step at a time."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from transformers import PreTrainedTokenizerBase
+
+from server.engine.detokenizer import Detokenizer
+from server.engine.messages import Abort, Message, OutputSink, RequestOutput, Stop, Submit, Wake
+from server.engine.request import FinishReason, Request
+from server.engine.sampler import Sampler
+from server.engine.scheduler import Scheduler
+from server.model.runner import ModelRunner, SeqStep
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Continuous batching: requests join and leave the running batch between steps."""
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler(runner.device)
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._sinks: dict[str, OutputSink] = {}
+        self._detok: dict[str, Detokenizer] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # -- called from any thread ---------------------------------------------
+
+    def submit(self, request: Request, sink: OutputSink) -> None:
+        self.inbox.put(Submit(request, sink))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(Abort(request_id))
+
+    def wake(self) -> None:
+        self.inbox.put(Wake())
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.inbox.put(Stop())
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the engine thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain(block=not self.scheduler.has_work)
+            if self._stopping:
+                break
+            try:
+                self.step()
+            except Exception:
+                log.exception("engine step failed; failing the running requests")
+                for req in list(self.scheduler.running):
+                    self._finish(req, FinishReason.ERROR, error="internal error in the engine step")
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(req, FinishReason.ABORT, error="server shutting down")
+
+    def _drain(self, block: bool) -> None:
+        """Take new messages, waiting for the first one when ``block``."""
+        while not self._stopping:
+            try:
+                msg = self.inbox.get(timeout=1.0) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                if block:
+                    continue
+                return
+            block = False
+            if isinstance(msg, Stop):
+                self._stopping = True
+            elif isinstance(msg, Submit):
+                self._accept(msg.request, msg.sink)
+            elif isinstance(msg, Abort):
+                req = self.scheduler.find(msg.request_id)
+                if req is not None:
+                    self._finish(req, FinishReason.ABORT)
+
+    def _accept(self, req: Request, sink: OutputSink) -> None:
+        self._sinks[req.request_id] = sink
+        try:
+            self.scheduler.add(req)
+        except ValueError as exc:
+            req.finish_reason = FinishReason.ERROR
+            self._emit(req, "", (), finished=True, error=str(exc))
+            self._sinks.pop(req.request_id, None)
+            return
+        self._detok[req.request_id] = Detokenizer(self.tokenizer, req.prompt_ids, req.params.stop)
+
+    def step(self) -> None:
+        """Schedule, run one forward pass, sample, and emit outputs."""
+        batch = self.scheduler.schedule()
+        for req in batch.failed:
+            self._emit(req, "", (), finished=True, error=req.error)
+            self._forget(req)
+        if batch.empty:
+            if self.scheduler.has_work and not self._stopping:
+                self._drain(block=True)  # wait for an adapter load or a new request
+            return
+        seqs: list[SeqStep] = []
+        sampled: list[Request] = []
+        for req, n in batch.steps:
+            start = req.num_computed
+            tokens = req.all_ids()[start : start + n]
+            req.kv_positions.extend(self.scheduler.blocks.positions(req.blocks, start, start + n))
+            done_prompt = start + n >= req.num_tokens
+            seqs.append(SeqStep(tokens, start, req.kv_positions, req.slot, done_prompt))
+            if done_prompt:
+                sampled.append(req)
+        logits = self.runner.execute(seqs)
+        for req, n in batch.steps:
+            req.num_computed += n
+        tokens = self.sampler.sample(logits, [(r.request_id, r.params) for r in sampled])
+        for req, token in zip(sampled, tokens, strict=True):
+            self._advance(req, token)
+        self.steps += 1
+
+    def _advance(self, req: Request, token: int) -> None:
+        req.output_ids.append(token)
+        detok = self._detok[req.request_id]
+        is_eos = token in self.eos_token_ids and not req.params.ignore_eos
+        if not is_eos:
+            detok.push(token)
+        reason = None
+        if is_eos or detok.stopped:
+            reason = FinishReason.STOP
+        elif len(req.output_ids) >= req.params.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None:
+            self._emit(req, detok.delta(final=False), (token,), finished=False)
+        else:
+            self._finish(req, reason, last_token=token)
+
+    def _finish(
+        self, req: Request, reason: FinishReason, error: str | None = None, last_token: int | None = None
+    ) -> None:
+        self.scheduler.finish(req, reason)
+        detok = self._detok.get(req.request_id)
+        text = detok.delta(final=True) if detok and reason is not FinishReason.ABORT else ""
+        self._emit(req, text, () if last_token is None else (last_token,), finished=True, error=error)
+        self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        self._sinks.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+        self.sampler.forget(req.request_id)
+
+    def _emit(self, req: Request, text: str, token_ids: tuple[int, ...], finished: bool, error: str | None = None):
+        sink = self._sinks.get(req.request_id)
+        if sink is None:
+            return
+        sink(
+            RequestOutput(
+                request_id=req.request_id,
+                text=text,
+                token_ids=token_ids,
+                finished=finished,
+                finish_reason=req.finish_reason if finished else None,
+                prompt_tokens=len(req.prompt_ids),
+                completion_tokens=len(req.output_ids),
+                adapter_tier=req.adapter_tier,
+                error=error,
+            )
+        )

@@ -1,0 +1,50 @@
+"""Small messages between the HTTP side and the engine thread."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.engine.request import FinishReason, Request
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What the engine emits for a request after a step (or once, when it fails early)."""
+
+    request_id: str
+    text: str  # new text since the last output
+    token_ids: tuple[int, ...]  # new tokens since the last output
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+    adapter_tier: str | None = None
+    error: str | None = None
+
+
+OutputSink = Callable[[RequestOutput], None]
+
+
+@dataclass(frozen=True)
+class Submit:
+    request: Request
+    sink: OutputSink
+
+
+@dataclass(frozen=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do but look again (an adapter finished loading)."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Message = Submit | Abort | Wake | Stop

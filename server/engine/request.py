@@ -1,0 +1,106 @@
+"""One state object per request, owned by the engine thread."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+from adapters_store.local import StoredAdapter
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # client gone, timeout, shutdown
+    ERROR = "error"  # e.g. the adapter failed to load
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; temperature 0 is greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if not (0.0 <= self.temperature <= 100.0) or math.isnan(self.temperature):
+            raise ValueError("temperature must be between 0 and 100")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
+            raise ValueError(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass
+class Request:
+    """A completion request as the engine tracks it."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: StoredAdapter | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)
+    kv_positions: list[int] = field(default_factory=list)
+    slot: int = -1  # adapter slot while running; -1 = base model
+    adapter_tier: str | None = None  # where the adapter was found when the request arrived
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("the prompt is empty")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        return len(self.prompt_ids) + self.params.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def next_tokens(self, budget: int) -> list[int]:
+        """Tokens to feed next: a prompt chunk of at most ``budget``, or the last sampled token."""
+        if self.in_prefill:
+            return self.prompt_ids[self.num_computed : self.num_computed + budget]
+        return [self.output_ids[-1]]
+
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids

@@ -1,0 +1,150 @@
+"""Which requests run in the next step. Pure Python: no torch, testable with fakes."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from adapters_store.local import StoredAdapter
+from server.engine.block_manager import BlockManager
+from server.engine.request import FinishReason, Request, RequestStatus
+
+
+class AdapterSlots(Protocol):
+    """What the scheduler needs of the adapter cache."""
+
+    def acquire(self, adapter: StoredAdapter) -> _Acquired: ...
+    def release(self, slot: int) -> None: ...
+    def tier(self, adapter: StoredAdapter) -> str: ...
+
+
+class _Acquired(Protocol):
+    @property
+    def state(self) -> object: ...
+    @property
+    def slot(self) -> int: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences in one step
+    max_num_batched_tokens: int = 512  # tokens in one step (prefill chunks + decodes)
+    max_model_len: int = 0  # prompt + output tokens of one request; 0 = the model's context, capped by the KV cache
+
+    def __post_init__(self) -> None:
+        if min(self.max_num_seqs, self.max_num_batched_tokens) < 1 or self.max_model_len < 0:
+            raise ValueError("scheduler limits must be positive")
+
+
+@dataclass
+class ScheduledBatch:
+    steps: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
+    failed: list[Request] = field(default_factory=list)  # finished with an error while scheduling
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps
+
+
+class Scheduler:
+    """FIFO admission under a token budget, a sequence limit, KV room and free adapter slots.
+
+    KV blocks for a request's whole budget (prompt + max_tokens) are taken at
+    admission, so a running request never runs out of cache and nothing is
+    preempted. A request whose adapter is still loading, or finds every slot
+    held, waits without blocking the requests behind it.
+    """
+
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: AdapterSlots) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.adapters = adapters
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        if request.max_total_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
+                f"exceeds the context limit of {self.config.max_model_len} tokens"
+            )
+        if self.blocks.blocks_for(request.max_total_tokens) > self.blocks.num_blocks:
+            raise ValueError(f"the request needs more KV cache than the server has ({self.blocks.num_blocks} blocks)")
+        if request.adapter is not None:
+            request.adapter_tier = self.adapters.tier(request.adapter)
+        self.waiting.append(request)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        for req in self.running:  # decodes first: one token each
+            if not req.in_prefill and budget > 0:
+                batch.steps.append((req, 1))
+                budget -= 1
+        for req in self.running:  # then prompt chunks already under way
+            if req.in_prefill and budget > 0:
+                n = len(req.next_tokens(budget))
+                batch.steps.append((req, n))
+                budget -= n
+        self._admit(batch, budget)
+        batch.steps.sort(key=lambda step: step[0].slot)  # runs of equal adapter for the LoRA op
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        still_waiting: deque[Request] = deque()
+        while self.waiting:
+            req = self.waiting.popleft()
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                still_waiting.append(req)
+                continue
+            if not self.blocks.can_allocate(req.max_total_tokens):
+                still_waiting.append(req)
+                continue
+            if req.adapter is not None:
+                got = self.adapters.acquire(req.adapter)
+                if got.error is not None:
+                    req.error = got.error
+                    req.status = RequestStatus.FINISHED
+                    req.finish_reason = FinishReason.ERROR
+                    batch.failed.append(req)
+                    continue
+                if got.slot < 0:
+                    still_waiting.append(req)
+                    continue
+                req.slot = got.slot
+            req.blocks = self.blocks.allocate(req.max_total_tokens)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            n = len(req.next_tokens(budget))
+            batch.steps.append((req, n))
+            budget -= n
+        self.waiting = still_waiting
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """Free what ``req`` holds; it leaves the running or waiting set."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.blocks.release(req.blocks)
+            req.blocks = []
+            self.adapters.release(req.slot)
+            req.slot = -1
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+
+    def find(self, request_id: str) -> Request | None:
+        for req in self.running:
+            if req.request_id == request_id:
+                return req
+        for req in self.waiting:
+            if req.request_id == request_id:
+                return req
+        return None

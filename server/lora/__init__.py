@@ -1,0 +1,1 @@
+"""Batched LoRA: slot buffers, per-step batch metadata, and the mixed-adapter ops."""

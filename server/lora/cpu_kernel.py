@@ -1,0 +1,234 @@
+"""The C/OpenMP mixed-adapter LoRA kernel for CPU (fp32 and bf16), built on first use.
+
+The source (``_lora_kernel.c``) is compiled with gcc into a cache directory,
+under a name keyed by the source, the flags, the compiler version and the
+CPU's feature flags, then loaded with ctypes. torch is imported first so the
+library binds to the ``libgomp.so.1`` torch already loaded and shares its
+OpenMP thread pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+_log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("_lora_kernel.c")
+_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC")
+_ERRORS = {
+    1: "a slot index is >= the number of slots",
+    2: "a slot's rank is outside [0, R]",
+    3: "could not allocate the kernel's scratch buffer",
+    4: "invalid sizes",
+}
+
+_cache_dir = Path.home() / ".cache" / "loraplex" / "kernels"
+_lock = threading.Lock()
+_tried = False
+_fns: tuple | None = None  # (fp32 entry point, bf16 entry point) once loaded
+
+
+def set_cache_dir(path: str | os.PathLike[str]) -> None:
+    """Build into ``path`` instead of ``~/.cache/loraplex/kernels`` (takes effect before first use)."""
+    global _cache_dir
+    _cache_dir = Path(path)
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded; builds it on first call. Never raises."""
+    if not _tried:
+        _load()
+    return _fns is not None
+
+
+def _library_path() -> Path:
+    """Where the shared library for this source, compiler and CPU lives (built or not)."""
+    return _cache_dir / f"lora_kernel-{_build_key()}.so"
+
+
+def add_lora_sparse(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    bt: torch.Tensor,
+    scale: torch.Tensor,
+    rank: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Add each token's low-rank term into ``y`` in place (CPU, fp32 or bf16).
+
+    Shapes: ``y [T, d_out]`` and ``x [T, d_in]`` with unit column stride (any
+    row stride, so ``y`` may be a column slice of a wider output);
+    ``a [S, R, d_in]``, ``bt [S, R, d_out]`` (B transposed), ``scale [S]``
+    float32, ``rank [S]`` int32 and ``slots [T]`` int32, all contiguous.
+    ``x``, ``y``, ``a`` and ``bt`` share one dtype, float32 or bfloat16.
+
+    Semantics::
+
+        for t in range(T):
+            s = slots[t]
+            if s < 0 or rank[s] == 0: continue       # exactly zero contribution
+            r = rank[s]
+            y[t] += scale[s] * (x[t] @ a[s, :r].T) @ bt[s, :r]
+
+    Accumulated in fp32; bf16 ``y`` is rounded to nearest even once, when
+    stored. Raises ValueError on bad arguments (checked before ``y`` is touched).
+    """
+    fns = _fns
+    if fns is None:
+        if not available():
+            raise RuntimeError("the CPU LoRA kernel is not available (see the logged build warning)")
+        fns = _fns
+    dt = x.dtype
+    if dt is torch.float32:
+        fn = fns[0]
+    elif dt is torch.bfloat16:
+        fn = fns[1]
+    else:
+        raise ValueError(f"x must be float32 or bfloat16, got {dt}")
+    if y.dtype is not dt or a.dtype is not dt or bt.dtype is not dt:
+        raise ValueError(f"y, x, a, bt must share one dtype, got {y.dtype}, {dt}, {a.dtype}, {bt.dtype}")
+    if scale.dtype is not torch.float32 or rank.dtype is not torch.int32 or slots.dtype is not torch.int32:
+        raise ValueError(
+            f"scale must be float32 and rank, slots int32; got {scale.dtype}, {rank.dtype}, {slots.dtype}"
+        )
+    if not (y.is_cpu and x.is_cpu and a.is_cpu and bt.is_cpu and scale.is_cpu and rank.is_cpu and slots.is_cpu):
+        raise ValueError("all tensors must be on the CPU")
+    if y.dim() != 2 or x.dim() != 2 or a.dim() != 3:
+        raise ValueError(f"expected y, x 2-D and a 3-D, got {y.dim()}, {x.dim()}, {a.dim()} dimensions")
+    t, d_in = x.shape
+    d_out = y.shape[1]
+    s, r = a.shape[0], a.shape[1]
+    if (
+        y.shape[0] != t
+        or a.shape[2] != d_in
+        or bt.shape != (s, r, d_out)
+        or scale.shape != (s,)
+        or rank.shape != (s,)
+        or slots.shape != (t,)
+    ):
+        raise ValueError(
+            f"inconsistent shapes: y {tuple(y.shape)}, x {tuple(x.shape)}, a {tuple(a.shape)}, "
+            f"bt {tuple(bt.shape)}, scale {tuple(scale.shape)}, rank {tuple(rank.shape)}, "
+            f"slots {tuple(slots.shape)}"
+        )
+    if (x.stride(1) != 1 and d_in > 1) or (y.stride(1) != 1 and d_out > 1):
+        raise ValueError("x and y must have unit column stride")
+    if not (
+        a.is_contiguous()
+        and bt.is_contiguous()
+        and scale.is_contiguous()
+        and rank.is_contiguous()
+        and slots.is_contiguous()
+    ):
+        raise ValueError("a, bt, scale, rank and slots must be contiguous")
+    err = fn(
+        y.data_ptr(),
+        y.stride(0),
+        x.data_ptr(),
+        x.stride(0),
+        a.data_ptr(),
+        bt.data_ptr(),
+        scale.data_ptr(),
+        rank.data_ptr(),
+        slots.data_ptr(),
+        t,
+        d_in,
+        d_out,
+        s,
+        r,
+        torch.get_num_threads(),
+    )
+    if err:
+        raise ValueError(f"add_lora_sparse: {_ERRORS.get(err, f'error {err}')}")
+
+
+def _load() -> None:
+    global _tried, _fns
+    with _lock:
+        if _tried:
+            return
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            fns = (lib.loraplex_add_lora_sparse_f32, lib.loraplex_add_lora_sparse_bf16)
+            for fn in fns:
+                fn.restype = ctypes.c_int
+                fn.argtypes = [
+                    ctypes.c_void_p,  # y
+                    ctypes.c_int64,  # ldy
+                    ctypes.c_void_p,  # x
+                    ctypes.c_int64,  # ldx
+                    ctypes.c_void_p,  # a
+                    ctypes.c_void_p,  # bt
+                    ctypes.c_void_p,  # scale
+                    ctypes.c_void_p,  # rank
+                    ctypes.c_void_p,  # slots
+                    ctypes.c_int64,  # T
+                    ctypes.c_int64,  # d_in
+                    ctypes.c_int64,  # d_out
+                    ctypes.c_int64,  # S
+                    ctypes.c_int64,  # R
+                    ctypes.c_int,  # threads
+                ]
+            _fns = fns
+            _log.debug("loaded CPU LoRA kernel %s (AVX-512: %s)", lib._name, bool(lib.loraplex_kernel_isa()))
+        except Exception as exc:  # a missing or failing compiler must not take the server down
+            _log.warning("CPU LoRA kernel unavailable, falling back to torch ops: %s", exc)
+        finally:
+            _tried = True
+
+
+def _build() -> Path:
+    """Compile the kernel unless this exact build is cached; return the library's path."""
+    path = _library_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            ["gcc", *_CFLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"gcc failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)  # atomic: a concurrent build of the same key writes identical bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _log.info("built CPU LoRA kernel %s", path)
+    return path
+
+
+def _build_key() -> str:
+    h = hashlib.sha256()
+    h.update(_SOURCE.read_bytes())
+    h.update("\0".join(_CFLAGS).encode())
+    h.update(b"\0" + _gcc_version().encode())
+    h.update(b"\0" + _cpu_flags().encode())
+    return h.hexdigest()[:24]
+
+
+def _gcc_version() -> str:
+    proc = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True, check=True)
+    return proc.stdout.strip()
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.strip()
+    except OSError:
+        pass
+    return ""

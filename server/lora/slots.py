@@ -1,0 +1,73 @@
+"""Device adapter slots: preallocated per-module buffers; activating an adapter is a copy."""
+
+from __future__ import annotations
+
+import torch
+
+from adapters_store.tensors import AdapterWeights
+from server import memory
+from server.lora.ops import ModuleSlots
+
+
+class SlotPool:
+    """``num_slots`` adapter slots for every target module of the model.
+
+    Buffers are allocated once at start-up (``A [S, R, d_in]``, ``B^T [S, R, d_out]``,
+    per-slot scale and rank); writing an adapter into a slot copies its matrices,
+    zero-pads ranks below ``max_rank`` and never allocates. Which slot is free is
+    the adapter cache's business; this class only holds memory.
+    """
+
+    def __init__(
+        self,
+        module_dims: dict[str, tuple[int, int]],
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_slots < 1 or max_rank < 1:
+            raise ValueError("num_slots and max_rank must be positive")
+        self.num_slots, self.max_rank = num_slots, max_rank
+        self.modules: dict[str, ModuleSlots] = {}
+        for name, (d_in, d_out) in module_dims.items():
+            self.modules[name] = ModuleSlots(
+                a=memory.zeros((num_slots, max_rank, d_in), dtype, device),
+                bt=memory.zeros((num_slots, max_rank, d_out), dtype, device),
+                scale=torch.zeros(num_slots, dtype=torch.float32, device=device),
+                rank=torch.zeros(num_slots, dtype=torch.int32, device=device),
+                host_rank=[0] * num_slots,
+                host_scale=[0.0] * num_slots,
+            )
+        self._touched: list[set[str]] = [set() for _ in range(num_slots)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(m.a.numel() * m.a.element_size() + m.bt.numel() * m.bt.element_size() for m in self.modules.values())
+
+    def write(self, slot: int, weights: AdapterWeights) -> None:
+        """Copy ``weights`` into ``slot``; modules the adapter does not target get rank 0."""
+        self.clear(slot)
+        for name, a in weights.a.items():
+            m = self.modules[name]
+            r = a.shape[0]
+            m.a[slot, :r].copy_(a, non_blocking=True)
+            m.bt[slot, :r].copy_(weights.b[name].T, non_blocking=True)
+            m.scale[slot] = weights.scale[name]
+            m.rank[slot] = r
+            m.host_rank[slot] = r
+            m.host_scale[slot] = weights.scale[name]
+        self._touched[slot] = set(weights.a)
+
+    def clear(self, slot: int) -> None:
+        """Zero what the slot's previous adapter wrote, so the slot contributes exactly zero."""
+        for name in self._touched[slot]:
+            m = self.modules[name]
+            r = m.host_rank[slot]
+            m.a[slot, :r].zero_()
+            m.bt[slot, :r].zero_()
+            m.scale[slot] = 0.0
+            m.rank[slot] = 0
+            m.host_rank[slot] = 0
+            m.host_scale[slot] = 0.0
+        self._touched[slot] = set()

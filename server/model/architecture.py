@@ -1,0 +1,94 @@
+"""What the lean forward pass supports, read from a transformers config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PretrainedConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+TARGET_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-family decoder."""
+
+    model_type: str
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    n_layers: int
+    vocab: int
+    max_positions: int
+    rms_eps: float
+    qkv_bias: bool
+    sliding_window: int | None
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def projection_dims(self) -> dict[str, tuple[int, int]]:
+        """``(d_in, d_out)`` of each LoRA-targetable projection."""
+        h, i = self.hidden, self.intermediate
+        return {
+            "q_proj": (h, self.q_dim),
+            "k_proj": (h, self.kv_dim),
+            "v_proj": (h, self.kv_dim),
+            "o_proj": (self.q_dim, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def module_name(self, layer: int, projection: str) -> str:
+        """The transformers module name, which PEFT tensor names are built from."""
+        group = "self_attn" if projection in ATTENTION_PROJECTIONS else "mlp"
+        return f"model.layers.{layer}.{group}.{projection}"
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelShape:
+        model_type = getattr(config, "model_type", "?")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(
+                f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UnsupportedModel(f"activation {config.hidden_act!r} is not supported (silu only)")
+        if getattr(config, "mlp_bias", False):
+            raise UnsupportedModel("MLP biases are not supported")
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        qkv_bias = model_type == "qwen2"
+        if model_type != "qwen2" and getattr(config, "attention_bias", False):
+            raise UnsupportedModel("attention_bias is not supported")
+        window = getattr(config, "sliding_window", None)
+        if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None
+        return cls(
+            model_type=model_type,
+            hidden=config.hidden_size,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            intermediate=config.intermediate_size,
+            n_layers=config.num_hidden_layers,
+            vocab=config.vocab_size,
+            max_positions=config.max_position_embeddings,
+            rms_eps=config.rms_norm_eps,
+            qkv_bias=qkv_bias,
+            sliding_window=window,
+        )

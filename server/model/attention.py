@@ -1,0 +1,117 @@
+"""Attention over a packed batch with a paged KV cache.
+
+The KV cache of one layer is a flat tensor ``[num_blocks * block_size, n_kv, head_dim]``;
+a sequence's positions live in the blocks of its block table. Decode tokens of
+all sequences share one SDPA call over their gathered, padded keys; each
+prefill chunk gets its own causal SDPA call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """Rows ``start:end`` of the packed batch are one sequence's prompt chunk."""
+
+    start: int
+    end: int
+    kv_index: torch.Tensor | None  # [L] flat cache positions of the whole context; None: no cached prefix
+    mask: torch.Tensor | None  # [q, L] bool causal mask with the prefix offset; None: plain causal
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Per-step attention layout, built once and read by every layer."""
+
+    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V is written
+    decode_rows: torch.Tensor | None  # [B] int64: rows of decode tokens in the packed batch
+    decode_kv_index: torch.Tensor | None  # [B, Lmax] int64 flat cache positions (padded with 0)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool, True = attend
+    prefills: tuple[PrefillSpan, ...]
+
+    @classmethod
+    def build(
+        cls,
+        seqs: list[tuple[list[int], int]],
+        device: torch.device,
+    ) -> AttentionBatch:
+        """``seqs``: per sequence, in packed order: (flat cache positions of its whole
+        context including this step's tokens, number of this step's tokens)."""
+        slot_mapping: list[int] = []
+        decode_rows: list[int] = []
+        decode_ctx: list[list[int]] = []
+        prefills: list[PrefillSpan] = []
+        row = 0
+        for positions, new in seqs:
+            cached = len(positions) - new
+            slot_mapping.extend(positions[cached:])
+            if new == 1 and cached > 0:
+                decode_rows.append(row)
+                decode_ctx.append(positions)
+            elif cached == 0:
+                prefills.append(PrefillSpan(row, row + new, None, None))
+            else:
+                idx = torch.tensor(positions, dtype=torch.int64, device=device)
+                q_pos = torch.arange(cached, cached + new, device=device).unsqueeze(1)
+                k_pos = torch.arange(cached + new, device=device).unsqueeze(0)
+                prefills.append(PrefillSpan(row, row + new, idx, k_pos <= q_pos))
+            row += new
+        d_rows = d_idx = d_mask = None
+        if decode_rows:
+            longest = max(len(c) for c in decode_ctx)
+            d_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
+            d_idx = torch.tensor([c + [0] * (longest - len(c)) for c in decode_ctx], device=device)
+            lengths = torch.tensor([len(c) for c in decode_ctx], device=device)
+            d_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+        return cls(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            decode_rows=d_rows,
+            decode_kv_index=d_idx,
+            decode_mask=d_mask,
+            prefills=tuple(prefills),
+        )
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's ``k``/``v`` into the cache and attend.
+
+    ``q [T, n_heads, hd]``, ``k``/``v`` ``[T, n_kv, hd]``; returns ``[T, n_heads * hd]``.
+    """
+    k_cache.index_copy_(0, batch.slot_mapping, k)
+    v_cache.index_copy_(0, batch.slot_mapping, v)
+    t, n_heads, hd = q.shape
+    out = torch.empty(t, n_heads, hd, dtype=q.dtype, device=q.device)
+    gqa = n_heads != k.shape[1]
+    if batch.decode_rows is not None:
+        qd = q.index_select(0, batch.decode_rows).unsqueeze(2)  # [B, H, 1, hd]
+        kd = k_cache[batch.decode_kv_index].transpose(1, 2)  # [B, KV, L, hd]
+        vd = v_cache[batch.decode_kv_index].transpose(1, 2)
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
+        )
+        out.index_copy_(0, batch.decode_rows, od.squeeze(2))
+    for span in batch.prefills:
+        qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, hd]
+        if span.kv_index is None:
+            ks = k[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            vs = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            ks = k_cache[span.kv_index].transpose(0, 1).unsqueeze(0)
+            vs = v_cache[span.kv_index].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=gqa)
+        out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
+    return out.view(t, n_heads * hd)

@@ -1,0 +1,91 @@
+"""Resolve ``--model`` to a transformers model and tokenizer.
+
+A local transformers directory loads as it is. A ``.gguf`` file (the default
+model is one) is dequantized once by transformers and saved as a safetensors
+cache keyed by the file's path, size and mtime, so later starts take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from server.model.default_model import DEFAULT_MODEL_NAME, default_gguf_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    hf_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str  # the served name of the base model
+    source: Path  # the directory the weights were read from
+
+
+def load_model(model: str | None, cache_dir: Path) -> LoadedModel:
+    """Load the base model (fp32, CPU, eval) from a directory, a GGUF file, or the default."""
+    if model is None:
+        gguf = default_gguf_path()
+        name = DEFAULT_MODEL_NAME
+    else:
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"--model {model}: no such file or directory")
+        if path.is_dir():
+            return _load_directory(path, path.name)
+        if path.suffix != ".gguf":
+            raise ValueError(f"--model {model}: expected a transformers model directory or a .gguf file")
+        gguf, name = path, path.stem
+    return _load_directory(gguf_cache(gguf, cache_dir), name)
+
+
+def gguf_cache(gguf: Path, cache_dir: Path) -> Path:
+    """Return the safetensors cache of ``gguf``, converting it first if needed."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    log.info("converting %s to a safetensors cache at %s (once; about 20 s)", gguf.name, target)
+    started = time.monotonic()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        log.info("conversion 1/3: reading the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        log.info("conversion 2/3: dequantizing the GGUF tensors")
+        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
+        hf_model.hf_quantizer = None
+        if hasattr(hf_model.config, "quantization_config"):
+            del hf_model.config.quantization_config
+        log.info("conversion 3/3: writing safetensors")
+        hf_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("conversion done in %.1f s", time.monotonic() - started)
+    return target
+
+
+def _load_directory(path: Path, name: str) -> LoadedModel:
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf_model.eval().requires_grad_(False)
+    log.info("loaded %s from %s in %.1f s", name, path, time.monotonic() - started)
+    return LoadedModel(hf_model=hf_model, tokenizer=tokenizer, name=name, source=path)

@@ -1,0 +1,82 @@
+"""The model runner: packs one step's sequences, runs the forward pass, returns logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.lora.metadata import LoraBackend, LoraBatch
+from server.lora.slots import SlotPool
+from server.model.attention import AttentionBatch
+from server.model.kv_cache import allocate_kv_cache
+from server.model.llama import CausalLM, StepInputs
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One sequence's share of a step."""
+
+    token_ids: list[int]  # tokens fed this step (a prompt chunk, or the last sampled token)
+    start: int  # position of token_ids[0] in the sequence
+    kv_positions: list[int]  # flat cache positions of the whole context through this step
+    slot: int  # adapter slot, -1 for the base model
+    sample: bool  # whether the logits of the last token are needed
+
+
+class ModelRunner:
+    """Owns the model weights, the KV cache tensors and the adapter slot buffers."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        num_slots: int,
+        max_rank: int,
+        backend: LoraBackend,
+    ) -> None:
+        self.model = model
+        self.device = model.device
+        self.backend = backend
+        self.kv_cache = allocate_kv_cache(model.shape, num_blocks, block_size, model.dtype, model.device)
+        dims = model.shape.projection_dims()
+        modules = {
+            model.shape.module_name(i, proj): dims[proj]
+            for i in range(model.shape.n_layers)
+            for proj in dims
+        }
+        self.slots = SlotPool(modules, num_slots, max_rank, model.dtype, model.device)
+        for i, layer in enumerate(model.layers):
+            layer.lora = {proj: self.slots.modules[model.shape.module_name(i, proj)] for proj in dims}
+
+    def execute(self, seqs: list[SeqStep]) -> torch.Tensor:
+        """Run one packed forward pass; fp32 logits for the sequences with ``sample`` set, in order."""
+        ids: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        sample_rows: list[int] = []
+        for seq in seqs:
+            n = len(seq.token_ids)
+            ids.extend(seq.token_ids)
+            positions.extend(range(seq.start, seq.start + n))
+            token_slots.extend([seq.slot] * n)
+            if seq.sample:
+                sample_rows.append(len(ids) - 1)
+        dev = self.device
+        step = StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            attention=AttentionBatch.build([(s.kv_positions, len(s.token_ids)) for s in seqs], dev),
+            lora=LoraBatch.build(token_slots, dev, self.backend),
+            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+        )
+        return self.model.forward(step, self.kv_cache)
+
+    def warmup(self) -> None:
+        """One small mixed step (base and slot 0) so the first request pays no first-call costs.
+
+        It writes K/V into the first block only, which any later owner overwrites.
+        """
+        positions = list(range(4))
+        self.execute([SeqStep([0, 1], 0, positions[:2], -1, True), SeqStep([0], 2, positions[:3], 0, True)])
