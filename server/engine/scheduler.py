@@ -70,7 +70,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, request: Request) -> None:
-        if request.max_total_tokens > self.config.max_model_len:
+        if self.config.max_model_len and request.max_total_tokens > self.config.max_model_len:
             raise ValueError(
                 f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.params.max_tokens}) "
                 f"exceeds the context limit of {self.config.max_model_len} tokens"

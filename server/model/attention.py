@@ -97,8 +97,10 @@ def attend(
     gqa = n_heads != k.shape[1]
     if batch.decode_rows is not None:
         qd = q.index_select(0, batch.decode_rows).unsqueeze(2)  # [B, H, 1, hd]
-        kd = k_cache[batch.decode_kv_index].transpose(1, 2)  # [B, KV, L, hd]
-        vd = v_cache[batch.decode_kv_index].transpose(1, 2)
+        b, length = batch.decode_kv_index.shape
+        flat = batch.decode_kv_index.view(-1)
+        kd = k_cache.index_select(0, flat).view(b, length, *k_cache.shape[1:]).transpose(1, 2)  # [B, KV, L, hd]
+        vd = v_cache.index_select(0, flat).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
         od = F.scaled_dot_product_attention(
             qd, kd, vd, attn_mask=batch.decode_mask, scale=scale, enable_gqa=gqa
         )
@@ -110,8 +112,8 @@ def attend(
             vs = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            ks = k_cache[span.kv_index].transpose(0, 1).unsqueeze(0)
-            vs = v_cache[span.kv_index].transpose(0, 1).unsqueeze(0)
+            ks = k_cache.index_select(0, span.kv_index).transpose(0, 1).unsqueeze(0)
+            vs = v_cache.index_select(0, span.kv_index).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=gqa)
         out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
     return out.view(t, n_heads * hd)

@@ -1,0 +1,68 @@
+"""Drive an engine directly (no HTTP): build it on an in-memory model, submit requests, collect outputs."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from server.config import CacheConfig, Config, LoraConfig, ModelConfig
+from server.engine.builder import Serving, build_serving
+from server.engine.messages import RequestOutput
+from server.engine.request import Request, SamplingParams
+from server.engine.scheduler import SchedulerConfig
+from server.model.loading import LoadedModel
+
+
+def build(
+    hf_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    adapters_dir: Path,
+    cache_dir: Path,
+    backend: str = "auto",
+    max_loras: int = 8,
+    max_rank: int = 16,
+    kv_tokens: int = 4096,
+    max_num_batched_tokens: int = 512,
+    max_num_seqs: int = 64,
+) -> Serving:
+    config = Config(
+        model=ModelConfig(cache_dir=cache_dir),
+        lora=LoraConfig(adapters_dir=adapters_dir, max_lora_rank=max_rank, max_loras=max_loras, backend=backend),
+        cache=CacheConfig(kv_cache_tokens=kv_tokens),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+    )
+    loaded = LoadedModel(hf_model=hf_model, tokenizer=tokenizer, name="tiny", source=adapters_dir)
+    return build_serving(config, loaded)
+
+
+@dataclass
+class Collected:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, out: RequestOutput) -> None:
+        self.outputs.append(out)
+        if out.finished:
+            self.done.set()
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(o.text for o in self.outputs)
+
+    @property
+    def last(self) -> RequestOutput:
+        return self.outputs[-1]
+
+
+def submit(serving: Serving, request_id: str, prompt_ids: list[int], adapter: str | None, params: SamplingParams):
+    stored = serving.store.get(adapter) if adapter else None
+    sink = Collected()
+    serving.engine.submit(Request(request_id, prompt_ids, params, adapter=stored), sink)
+    return sink

@@ -1,0 +1,105 @@
+"""Tiny random models, a tiny tokenizer, and PEFT adapters made in the test itself."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "a multi adapter lora server batches many adapters into one forward pass",
+    "hello world, this is a tiny tokenizer for tests of loraplex",
+    "numbers 0 1 2 3 4 5 6 7 8 9 and punctuation . , ; : ! ?",
+] * 4
+
+ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+}
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def make_model(arch: str, vocab: int, seed: int = 0, layers: int = 2) -> PreTrainedModel:
+    config_cls, model_cls = ARCHITECTURES[arch]
+    config = config_cls(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,  # peaky logits, so greedy choices are not near-ties
+        tie_word_embeddings=False,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return model_cls(config).eval()
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    r: int
+    alpha: float
+    targets: tuple[str, ...]
+    rslora: bool = False
+    rank_pattern: dict | None = None
+
+
+def make_adapter(base: PreTrainedModel, spec: AdapterSpec, folder: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) A and B, saved in PEFT's format."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        target_modules=list(spec.targets),
+        use_rslora=spec.rslora,
+        rank_pattern=spec.rank_pattern or {},
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():  # B starts at zero in some PEFT versions: make both random and sizeable
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    out = folder / spec.name
+    peft_model.save_pretrained(out)
+    return out
+
+
+MIXED_ADAPTERS = (
+    AdapterSpec("all-r8", 8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    AdapterSpec("attn-r4", 4, 8, ("q_proj", "v_proj")),
+    AdapterSpec("mlp-r16", 16, 8, ("gate_proj", "up_proj", "down_proj")),
+    AdapterSpec("rslora-r12", 12, 6, ("q_proj", "k_proj", "o_proj", "down_proj"), rslora=True),
+    AdapterSpec("r1", 1, 2, ("v_proj", "up_proj")),
+    AdapterSpec("r3-pattern", 3, 5, ("q_proj", "o_proj", "gate_proj"), rank_pattern={"o_proj": 6}),
+)

@@ -1,0 +1,78 @@
+"""Incremental detokenization with stop strings, and per-request sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.engine.detokenizer import Detokenizer
+from server.engine.request import SamplingParams
+from server.engine.sampler import Sampler
+from tests.helpers.tiny import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def _stream(tok, text: str, stop=()):
+    ids = tok(text)["input_ids"]
+    d = Detokenizer(tok, tok("hello")["input_ids"], tuple(stop))
+    pieces = []
+    for t in ids:
+        d.push(t)
+        pieces.append(d.delta(final=False))
+        if d.stopped:
+            break
+    pieces.append(d.delta(final=True))
+    return pieces, d
+
+
+def test_deltas_concatenate_to_the_decoded_text(tok):
+    text = "the quick brown fox jumps over the lazy dog"
+    pieces, d = _stream(tok, text)
+    assert "".join(pieces) == text == d.text
+    assert not d.stopped
+
+
+def test_stop_string_is_cut_and_never_streamed(tok):
+    pieces, d = _stream(tok, "the quick brown fox jumps over", stop=["fox"])
+    assert d.stopped
+    assert "".join(pieces) == "the quick brown "
+    assert all("fox" not in p and not p.endswith("fo") for p in pieces)
+
+
+def test_partial_stop_prefix_is_released_when_it_is_not_a_stop(tok):
+    pieces, d = _stream(tok, "the quick brown fox", stop=["quick red"])
+    assert not d.stopped
+    assert "".join(pieces) == "the quick brown fox"
+
+
+def test_sampling_params_are_validated():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="stop"):
+        SamplingParams(stop=("",))
+
+
+def test_greedy_rows_take_the_argmax_and_seeds_repeat():
+    logits = torch.randn(3, 50)
+    s = Sampler(torch.device("cpu"))
+    greedy = SamplingParams(temperature=0.0)
+    seeded = SamplingParams(temperature=1.0, seed=7)
+    out = s.sample(logits, [("a", greedy), ("b", seeded), ("c", greedy)])
+    assert out[0] == int(logits[0].argmax()) and out[2] == int(logits[2].argmax())
+    again = Sampler(torch.device("cpu")).sample(logits, [("a", greedy), ("b", seeded), ("c", greedy)])
+    assert again == out
+
+
+def test_top_k_and_top_p_restrict_the_draw():
+    logits = torch.tensor([[5.0, 4.0, 3.0, -10.0, -10.0]])
+    s = Sampler(torch.device("cpu"))
+    drawn = {s.sample(logits, [(f"k{i}", SamplingParams(top_k=2, seed=i))])[0] for i in range(40)}
+    assert drawn <= {0, 1} and len(drawn) == 2
+    drawn = {s.sample(logits, [(f"p{i}", SamplingParams(top_p=0.5, seed=i))])[0] for i in range(20)}
+    assert drawn == {0}
