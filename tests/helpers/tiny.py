@@ -73,7 +73,7 @@ class AdapterSpec:
     rank_pattern: dict | None = None
 
 
-def make_adapter(base: PreTrainedModel, spec: AdapterSpec, folder: Path, seed: int) -> Path:
+def make_adapter(base: PreTrainedModel, spec: AdapterSpec, folder: Path, seed: int, std: float = 0.3) -> Path:
     """A PEFT LoRA adapter with random (non-zero) A and B, saved in PEFT's format."""
     torch.manual_seed(seed)
     config = LoraConfig(
@@ -89,7 +89,7 @@ def make_adapter(base: PreTrainedModel, spec: AdapterSpec, folder: Path, seed: i
     with torch.no_grad():  # B starts at zero in some PEFT versions: make both random and sizeable
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.normal_(0.0, 0.3)
+                p.normal_(0.0, std)
     out = folder / spec.name
     peft_model.save_pretrained(out)
     return out
