@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.local import LocalAdapterStore
+from server import native
 from server.config import Config
 from server.engine.adapter_cache import AdapterCache
 from server.engine.block_manager import BlockManager
@@ -19,6 +20,7 @@ from server.engine.engine import Engine
 from server.engine.scheduler import Scheduler
 from server.lora import cpu_kernel
 from server.lora.metadata import LoraBackend
+from server.model import cpu_attention
 from server.model.architecture import ModelShape
 from server.model.llama import CausalLM
 from server.model.loading import LoadedModel, load_model
@@ -89,6 +91,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     """Load the model (unless given) and assemble an engine, not yet started."""
     started = time.monotonic()
     cpu_kernel.set_cache_dir(config.model.cache_dir / "kernels")
+    native.set_cache_dir(config.model.cache_dir / "kernels")
     loaded = loaded or load_model(config.model.model, config.model.cache_dir)
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
@@ -105,8 +108,10 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
             )
         max_len = config.scheduler.max_model_len
     sched_config = dataclasses.replace(config.scheduler, max_model_len=max_len)
+    decode_kernel = device.type == "cpu" and dtype == torch.float32 and cpu_attention.available()
     runner = ModelRunner(
-        model, cache.num_blocks, cache.block_size, config.lora.max_loras, config.lora.max_lora_rank, backend
+        model, cache.num_blocks, cache.block_size, config.lora.max_loras, config.lora.max_lora_rank, backend,
+        decode_kernel,
     )
     spec = base_model_spec(shape)
     engine_box: list[Engine] = []

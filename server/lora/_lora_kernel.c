@@ -48,9 +48,11 @@
 
 #define LP_INLINE static inline __attribute__((always_inline))
 
+typedef uint16_t lp_mask; /* which of a vector's 16 columns are real */
+
 enum { MT = 4 };           /* tokens per tile (shared adapter rows are read once per tile) */
 enum { MJ = 4 };           /* rank rows per shrink tile */
-enum { NV = 4 };           /* 16-column vectors per expand tile */
+enum { MAX_NV = 16 };      /* 16-column vectors per expand tile: 16 / tokens in the tile */
 enum { VW = 16 };          /* columns per vector */
 enum { MIN_PAR_WORK = 1 << 15 }; /* below this many multiply-adds one thread does it all */
 
@@ -151,6 +153,17 @@ LP_INLINE void acc16(void *base, int64_t i, __mmask16 m, __m512 v, int bf16) {
     }
 }
 
+/* The four horizontal sums of a, b, c, d, in that order. */
+LP_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(s),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+}
+
 /* h[i, jj] = x[tok[i]] . A[j0 + jj] for i < NT, jj < NJ. */
 LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int bf16) {
     const int64_t d = jb->d_in;
@@ -185,55 +198,45 @@ LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, in
             for (int i = 0; i < NT; ++i) acc[0][i][q] = _mm512_fmadd_ps(xv[i], av, acc[0][i][q]);
         }
     }
-    for (int i = 0; i < NT; ++i)
-        for (int q = 0; q < NJ; ++q) {
-            __m512 v = U == 2 ? _mm512_add_ps(acc[0][i][q], acc[1][i][q]) : acc[0][i][q];
-            jb->h[(size_t)(p + i) * jb->R + j0 + q] = _mm512_reduce_add_ps(v);
-        }
+    for (int i = 0; i < NT; ++i) {
+        __m512 v[MJ];
+        for (int q = 0; q < MJ; ++q)
+            v[q] = q >= NJ ? _mm512_setzero_ps() : U == 2 ? _mm512_add_ps(acc[0][i][q], acc[1][i][q]) : acc[0][i][q];
+        __m128 sums = reduce4(v[0], v[1], v[2], v[3]);
+        float *hp = jb->h + (size_t)(p + i) * jb->R + j0;
+        if (NJ == MJ) _mm_storeu_ps(hp, sums);
+        else _mm_mask_storeu_ps(hp, (__mmask8)((1u << NJ) - 1u), sums);
+    }
 }
 
-/* y[tok[i], c0 : c0 + 16 * nv] += scale * sum_j h[i, j] * BT[j, ...] for i < NT. */
-LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, int nv, int NT, int bf16) {
+/* y[tok[i], c0 : c0 + 16 * NVT] += scale * sum_j h[i, j] * BT[j, same columns] for i < NT; only the
+ * last vector may be partial (mask `last`). Reads BT row by row, so a tile spanning a whole output row
+ * streams the adapter's BT block sequentially. */
+LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, lp_mask last, int NT,
+                           int NVT, int bf16) {
     const int64_t d = jb->d_out;
     const int r = b->r;
     const size_t es = bf16 ? 2 : 4;
-    const char *btr = (const char *)jb->bt + (size_t)b->slot * jb->R * d * es;
+    const char *btr = (const char *)jb->bt + (size_t)b->slot * jb->R * d * es + (size_t)c0 * es;
     const float *hr[MT];
     for (int i = 0; i < NT; ++i) hr[i] = jb->h + (size_t)(p + i) * jb->R;
-    __mmask16 mask[NV];
-    for (int v = 0; v < NV; ++v) {
-        int64_t left = d - (c0 + v * VW);
-        mask[v] = v >= nv || left <= 0 ? 0 : left >= VW ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-    }
-    const int full = nv == NV && mask[NV - 1] == (__mmask16)0xFFFF;
-    __m512 acc[MT][NV];
+    __m512 acc[MT][MAX_NV];
     for (int i = 0; i < NT; ++i)
-        for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_setzero_ps();
-    if (full) {
-        for (int j = 0; j < r; ++j) {
-            const char *row = btr + (size_t)j * d * es;
-            for (int v = 0; v < NV; ++v) {
-                __m512 bv = ld16(row, c0 + v * VW, bf16);
-                for (int i = 0; i < NT; ++i)
-                    acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(hr[i][j]), bv, acc[i][v]);
-            }
-        }
-    } else {
-        for (int j = 0; j < r; ++j) {
-            const char *row = btr + (size_t)j * d * es;
-            for (int v = 0; v < NV; ++v) {
-                if (!mask[v]) continue;
-                __m512 bv = ld16m(row, c0 + v * VW, mask[v], bf16);
-                for (int i = 0; i < NT; ++i)
-                    acc[i][v] = _mm512_fmadd_ps(_mm512_set1_ps(hr[i][j]), bv, acc[i][v]);
-            }
+        for (int v = 0; v < NVT; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int j = 0; j < r; ++j) {
+        const char *row = btr + (size_t)j * d * es;
+        __m512 hv[MT];
+        for (int i = 0; i < NT; ++i) hv[i] = _mm512_set1_ps(hr[i][j]);
+        for (int v = 0; v < NVT; ++v) {
+            __m512 bv = v == NVT - 1 ? ld16m(row, v * VW, last, bf16) : ld16(row, v * VW, bf16);
+            for (int i = 0; i < NT; ++i) acc[i][v] = _mm512_fmadd_ps(hv[i], bv, acc[i][v]);
         }
     }
     const __m512 sc = _mm512_set1_ps(jb->scale[b->slot]);
     for (int i = 0; i < NT; ++i) {
-        char *yr = (char *)jb->y + (size_t)jb->tok[p + i] * jb->ldy * es;
-        for (int v = 0; v < NV; ++v)
-            if (mask[v]) acc16(yr, c0 + v * VW, mask[v], _mm512_mul_ps(sc, acc[i][v]), bf16);
+        char *yr = (char *)jb->y + ((size_t)jb->tok[p + i] * jb->ldy + c0) * es;
+        for (int v = 0; v < NVT; ++v)
+            acc16(yr, v * VW, v == NVT - 1 ? last : (__mmask16)0xFFFF, _mm512_mul_ps(sc, acc[i][v]), bf16);
     }
 }
 
@@ -253,9 +256,12 @@ LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, in
     }
 }
 
-LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, int nv, int NT, int bf16) {
+LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, lp_mask last, int NT,
+                           int NVT, int bf16) {
+    (void)last;
     const int64_t d = jb->d_out;
     const size_t es = bf16 ? 2 : 4;
+    const int nv = NVT;
     const char *btr = (const char *)jb->bt + (size_t)b->slot * jb->R * d * es;
     const float sc = jb->scale[b->slot];
     int64_t c1 = c0 + (int64_t)nv * VW;
@@ -263,7 +269,7 @@ LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0
     const int64_t w = c1 - c0;
     for (int i = 0; i < NT; ++i) {
         const float *hr = jb->h + (size_t)(p + i) * jb->R;
-        float acc[NV * VW];
+        float acc[MAX_NV * VW];
         for (int64_t c = 0; c < w; ++c) acc[c] = 0.0f;
         for (int j = 0; j < b->r; ++j) {
             const void *row = btr + (size_t)j * d * es;
@@ -302,14 +308,22 @@ LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int p, int j0
 #undef LP_S
 }
 
+static inline int expand_width(int nt) { return nt == 1 ? 16 : nt == 2 ? 8 : nt == 3 ? 5 : 4; }
+
 LP_INLINE void expand_dispatch(const job_t *jb, const tblock_t *b, int p, int64_t c0, int nv, int nt, int bf16) {
-    switch (nt) {
-        case 1: expand_tile(jb, b, p, c0, nv, 1, bf16); break;
-        case 2: expand_tile(jb, b, p, c0, nv, 2, bf16); break;
-        case 3: expand_tile(jb, b, p, c0, nv, 3, bf16); break;
-        case 4: expand_tile(jb, b, p, c0, nv, 4, bf16); break;
+    int64_t left = jb->d_out - (c0 + (int64_t)(nv - 1) * VW); /* columns in the last vector */
+    lp_mask last = left >= VW ? (lp_mask)0xFFFF : (lp_mask)((1u << left) - 1u);
+#define LP_E(NT_, NV_) \
+    case (NT_) * 32 + (NV_): expand_tile(jb, b, p, c0, last, NT_, NV_, bf16); break;
+    switch (nt * 32 + nv) {
+        LP_E(1, 1) LP_E(1, 2) LP_E(1, 3) LP_E(1, 4) LP_E(1, 5) LP_E(1, 6) LP_E(1, 7) LP_E(1, 8)
+        LP_E(1, 9) LP_E(1, 10) LP_E(1, 11) LP_E(1, 12) LP_E(1, 13) LP_E(1, 14) LP_E(1, 15) LP_E(1, 16)
+        LP_E(2, 1) LP_E(2, 2) LP_E(2, 3) LP_E(2, 4) LP_E(2, 5) LP_E(2, 6) LP_E(2, 7) LP_E(2, 8)
+        LP_E(3, 1) LP_E(3, 2) LP_E(3, 3) LP_E(3, 4) LP_E(3, 5)
+        LP_E(4, 1) LP_E(4, 2) LP_E(4, 3) LP_E(4, 4)
         default: break;
     }
+#undef LP_E
 }
 
 /* Units of block b are numbered 0..m-1 and unit i costs w, starting at
@@ -361,8 +375,9 @@ LP_INLINE void run(const job_t *jb, int tid, int nth, int bf16) {
             const tblock_t *b = &jb->tb[t];
             int64_t i0, i1;
             unit_range(b->we, expand_w(b), nvec, lo, hi, &i0, &i1);
-            for (int64_t v = i0; v < i1; v += NV) {
-                int nv = (int)(i1 - v < NV ? i1 - v : NV);
+            const int w = expand_width(b->nt);
+            for (int64_t v = i0; v < i1; v += w) {
+                int nv = (int)(i1 - v < w ? i1 - v : w);
                 expand_dispatch(jb, b, b->p0, v * VW, nv, b->nt, bf16);
             }
         }

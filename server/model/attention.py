@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from server.model import cpu_attention
+
 
 @dataclass(frozen=True)
 class PrefillSpan:
@@ -32,13 +34,16 @@ class AttentionBatch:
     decode_rows: torch.Tensor | None  # [B] int64: rows of decode tokens in the packed batch
     decode_kv_index: torch.Tensor | None  # [B, Lmax] int64 flat cache positions (padded with 0)
     decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool, True = attend
+    decode_lengths: torch.Tensor | None  # [B] int32 context lengths
     prefills: tuple[PrefillSpan, ...]
+    decode_kernel: bool  # decode through our CPU kernel (chosen once per step)
 
     @classmethod
     def build(
         cls,
         seqs: list[tuple[list[int], int]],
         device: torch.device,
+        decode_kernel: bool = False,
     ) -> AttentionBatch:
         """``seqs``: per sequence, in packed order: (flat cache positions of its whole
         context including this step's tokens, number of this step's tokens)."""
@@ -61,19 +66,22 @@ class AttentionBatch:
                 k_pos = torch.arange(cached + new, device=device).unsqueeze(0)
                 prefills.append(PrefillSpan(row, row + new, idx, k_pos <= q_pos))
             row += new
-        d_rows = d_idx = d_mask = None
+        d_rows = d_idx = d_mask = lengths = None
         if decode_rows:
             longest = max(len(c) for c in decode_ctx)
             d_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
             d_idx = torch.tensor([c + [0] * (longest - len(c)) for c in decode_ctx], device=device)
-            lengths = torch.tensor([len(c) for c in decode_ctx], device=device)
-            d_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+            lengths = torch.tensor([len(c) for c in decode_ctx], dtype=torch.int32, device=device)
+            if not decode_kernel:
+                d_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
         return cls(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
             decode_rows=d_rows,
             decode_kv_index=d_idx,
             decode_mask=d_mask,
+            decode_lengths=lengths,
             prefills=tuple(prefills),
+            decode_kernel=decode_kernel,
         )
 
 
@@ -95,7 +103,13 @@ def attend(
     t, n_heads, hd = q.shape
     out = torch.empty(t, n_heads, hd, dtype=q.dtype, device=q.device)
     gqa = n_heads != k.shape[1]
-    if batch.decode_rows is not None:
+    if batch.decode_rows is not None and batch.decode_kernel:
+        qd = q.index_select(0, batch.decode_rows)  # [B, H, hd], contiguous
+        od = cpu_attention.decode_attention(
+            qd, k_cache, v_cache, batch.decode_kv_index, batch.decode_lengths, scale
+        )
+        out.index_copy_(0, batch.decode_rows, od)
+    elif batch.decode_rows is not None:
         qd = q.index_select(0, batch.decode_rows).unsqueeze(2)  # [B, H, 1, hd]
         b, length = batch.decode_kv_index.shape
         flat = batch.decode_kv_index.view(-1)

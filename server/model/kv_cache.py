@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from server import memory
-
 from server.model.architecture import ModelShape
 
 

@@ -35,10 +35,12 @@ class ModelRunner:
         num_slots: int,
         max_rank: int,
         backend: LoraBackend,
+        decode_kernel: bool = False,
     ) -> None:
         self.model = model
         self.device = model.device
         self.backend = backend
+        self.decode_kernel = decode_kernel
         self.kv_cache = allocate_kv_cache(model.shape, num_blocks, block_size, model.dtype, model.device)
         dims = model.shape.projection_dims()
         modules = {
@@ -67,7 +69,9 @@ class ModelRunner:
         step = StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            attention=AttentionBatch.build([(s.kv_positions, len(s.token_ids)) for s in seqs], dev),
+            attention=AttentionBatch.build(
+                [(s.kv_positions, len(s.token_ids)) for s in seqs], dev, self.decode_kernel
+            ),
             lora=LoraBatch.build(token_slots, dev, self.backend),
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )

@@ -70,7 +70,7 @@ def test_rslora_and_rank_pattern_scales(base, spec, tmp_path):
 
 
 def test_rank_above_the_server_limit(good, spec):
-    with pytest.raises(InvalidAdapter, match="rank 8 .* exceeds the server's --max-lora-rank 4"):
+    with pytest.raises(InvalidAdapter, match=r"rank 8 .* exceeds the server's --max-lora-rank 4"):
         bind(read_manifest(good), spec, max_rank=4)
 
 
@@ -78,7 +78,7 @@ def test_adapter_for_a_model_with_other_sizes(base, spec, tmp_path):
     """Same family, same base_model_name_or_path, other shapes: refused by shape."""
     wide = LlamaForCausalLM(LlamaConfig(**{**base.config.to_dict(), "hidden_size": 128}))
     path = make_adapter(wide, AdapterSpec("wide", 4, 8, ("q_proj",)), tmp_path, seed=2)
-    with pytest.raises(InvalidAdapter, match="shape mismatch at model.layers.0.self_attn.q_proj"):
+    with pytest.raises(InvalidAdapter, match=r"shape mismatch at model\.layers\.0\.self_attn\.q_proj"):
         bind(read_manifest(path), spec, max_rank=16)
 
 
@@ -158,7 +158,7 @@ def test_truncated_or_garbage_files(good, spec, tmp_path):
     folder = _copy(good, tmp_path)
     data = (folder / "adapter_model.safetensors").read_bytes()
     (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(InvalidAdapter, match="inconsistent offsets|invalid header"):
+    with pytest.raises(InvalidAdapter, match=r"inconsistent offsets|invalid header"):
         read_manifest(folder)
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(InvalidAdapter, match="not valid JSON"):

@@ -1,0 +1,56 @@
+"""Paged decode attention on CPU (fp32) with our C kernel: keys and values read in place, no gather."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from server.native import NativeLibrary
+
+_LIB = NativeLibrary(Path(__file__).with_name("_decode_attention.c"), "decode_attention")
+_fn = None
+
+
+def available() -> bool:
+    global _fn
+    if _fn is None:
+        lib = _LIB.load()
+        if lib is None:
+            return False
+        fn = lib.loraplex_decode_attention_f32
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+        _fn = fn
+    return True
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    index: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged context.
+
+    ``q [B, H, D]`` fp32 contiguous; ``k_cache``/``v_cache`` ``[N, KV, D]``
+    contiguous; ``index [B, Lmax]`` int64 flat cache positions; ``lengths [B]``
+    int32, each in ``1..Lmax``. Returns ``[B, H, D]``::
+
+        out[b, h] = softmax(scale * q[b, h] @ K[index[b, :len_b], h // (H // KV)].T) @ V[...]
+    """
+    if _fn is None and not available():
+        raise RuntimeError("the decode attention kernel is not available")
+    b, h, d = q.shape
+    n, kv, _ = k_cache.shape
+    out = torch.empty_like(q)
+    err = _fn(
+        out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), index.data_ptr(),
+        lengths.data_ptr(), b, h, kv, d, index.shape[1], n, scale, torch.get_num_threads(),
+    )
+    if err:
+        raise ValueError(f"decode attention kernel failed with error {err}")
+    return out
