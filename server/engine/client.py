@@ -20,7 +20,8 @@ class EngineClient:
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def sink(out: RequestOutput) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
+            if not loop.is_closed():  # the consumer may be gone already
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         self.engine.submit(request, sink)
         finished = False

@@ -168,16 +168,19 @@ class Engine:
         sink = self._sinks.get(req.request_id)
         if sink is None:
             return
-        sink(
-            RequestOutput(
-                request_id=req.request_id,
-                text=text,
-                token_ids=token_ids,
-                finished=finished,
-                finish_reason=req.finish_reason if finished else None,
-                prompt_tokens=len(req.prompt_ids),
-                completion_tokens=len(req.output_ids),
-                adapter_tier=req.adapter_tier,
-                error=error,
-            )
+        out = RequestOutput(
+            request_id=req.request_id,
+            text=text,
+            token_ids=token_ids,
+            finished=finished,
+            finish_reason=req.finish_reason if finished else None,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+            adapter_tier=req.adapter_tier,
+            error=error,
         )
+        try:
+            sink(out)
+        except Exception:  # a consumer that went away must never take the engine down
+            log.warning("dropping output of request %s: its consumer failed", req.request_id, exc_info=True)
+            self._sinks.pop(req.request_id, None)

@@ -472,5 +472,16 @@ int loraplex_add_lora_sparse_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, i
     return add_lora_sparse(y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, nthreads, 1);
 }
 
+/* Both entry points behind one pointer argument, which is cheaper to call through ctypes than
+ * fifteen converted arguments: args = {bf16, y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in,
+ * d_out, S, R, nthreads}, pointers as integers. */
+int loraplex_add_lora_sparse_packed(const int64_t *args) {
+    return add_lora_sparse((void *)(intptr_t)args[1], args[2], (const void *)(intptr_t)args[3], args[4],
+                           (const void *)(intptr_t)args[5], (const void *)(intptr_t)args[6],
+                           (const float *)(intptr_t)args[7], (const int32_t *)(intptr_t)args[8],
+                           (const int32_t *)(intptr_t)args[9], args[10], args[11], args[12], args[13], args[14],
+                           (int)args[15], args[0] != 0);
+}
+
 /* Which code path this build compiled: 1 = AVX-512, 0 = portable loops. */
 int loraplex_kernel_isa(void) { return LP_AVX512; }

@@ -13,9 +13,11 @@ import ctypes
 import hashlib
 import logging
 import os
+import struct
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,6 +26,9 @@ _log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("_lora_kernel.c")
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC")
+_F32, _BF16, _I32 = torch.float32, torch.bfloat16, torch.int32
+# {bf16, y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, threads}: see the C source
+_pack = struct.Struct("16q").pack
 _ERRORS = {
     1: "a slot index is >= the number of slots",
     2: "a slot's rank is outside [0, R]",
@@ -34,7 +39,7 @@ _ERRORS = {
 _cache_dir = Path.home() / ".cache" / "loraplex" / "kernels"
 _lock = threading.Lock()
 _tried = False
-_fns: tuple | None = None  # (fp32 entry point, bf16 entry point) once loaded
+_fn: Callable[[bytes], int] | None = None  # the packed entry point, once loaded
 
 
 def set_cache_dir(path: str | os.PathLike[str]) -> None:
@@ -47,7 +52,7 @@ def available() -> bool:
     """Whether the kernel is built and loaded; builds it on first call. Never raises."""
     if not _tried:
         _load()
-    return _fns is not None
+    return _fn is not None
 
 
 def _library_path() -> Path:
@@ -83,46 +88,57 @@ def add_lora_sparse(
     Accumulated in fp32; bf16 ``y`` is rounded to nearest even once, when
     stored. Raises ValueError on bad arguments (checked before ``y`` is touched).
     """
-    fns = _fns
-    if fns is None:
+    fn = _fn
+    if fn is None:
         if not available():
             raise RuntimeError("the CPU LoRA kernel is not available (see the logged build warning)")
-        fns = _fns
+        fn = _fn
     dt = x.dtype
-    if dt is torch.float32:
-        fn = fns[0]
-    elif dt is torch.bfloat16:
-        fn = fns[1]
+    if dt is _F32:
+        bf16 = 0
+    elif dt is _BF16:
+        bf16 = 1
     else:
         raise ValueError(f"x must be float32 or bfloat16, got {dt}")
-    if y.dtype is not dt or a.dtype is not dt or bt.dtype is not dt:
-        raise ValueError(f"y, x, a, bt must share one dtype, got {y.dtype}, {dt}, {a.dtype}, {bt.dtype}")
-    if scale.dtype is not torch.float32 or rank.dtype is not torch.int32 or slots.dtype is not torch.int32:
+    if not (
+        y.dtype is dt
+        and a.dtype is dt
+        and bt.dtype is dt
+        and scale.dtype is _F32
+        and rank.dtype is _I32
+        and slots.dtype is _I32
+    ):
         raise ValueError(
-            f"scale must be float32 and rank, slots int32; got {scale.dtype}, {rank.dtype}, {slots.dtype}"
+            f"expected y, a, bt of x's dtype {dt}, scale float32, rank and slots int32; got y {y.dtype}, "
+            f"a {a.dtype}, bt {bt.dtype}, scale {scale.dtype}, rank {rank.dtype}, slots {slots.dtype}"
         )
     if not (y.is_cpu and x.is_cpu and a.is_cpu and bt.is_cpu and scale.is_cpu and rank.is_cpu and slots.is_cpu):
         raise ValueError("all tensors must be on the CPU")
-    if y.dim() != 2 or x.dim() != 2 or a.dim() != 3:
-        raise ValueError(f"expected y, x 2-D and a 3-D, got {y.dim()}, {x.dim()}, {a.dim()} dimensions")
-    t, d_in = x.shape
-    d_out = y.shape[1]
-    s, r = a.shape[0], a.shape[1]
+    x_shape, y_shape, a_shape = x.shape, y.shape, a.shape
+    if len(x_shape) != 2 or len(y_shape) != 2 or len(a_shape) != 3:
+        raise ValueError(
+            f"expected x, y 2-D and a 3-D, got shapes {tuple(x_shape)}, {tuple(y_shape)}, {tuple(a_shape)}"
+        )
+    t, d_in = x_shape
+    d_out = y_shape[1]
+    s, r = a_shape[0], a_shape[1]
     if (
-        y.shape[0] != t
-        or a.shape[2] != d_in
+        y_shape[0] != t
+        or a_shape[2] != d_in
         or bt.shape != (s, r, d_out)
         or scale.shape != (s,)
         or rank.shape != (s,)
         or slots.shape != (t,)
     ):
         raise ValueError(
-            f"inconsistent shapes: y {tuple(y.shape)}, x {tuple(x.shape)}, a {tuple(a.shape)}, "
+            f"inconsistent shapes: y {tuple(y_shape)}, x {tuple(x_shape)}, a {tuple(a_shape)}, "
             f"bt {tuple(bt.shape)}, scale {tuple(scale.shape)}, rank {tuple(rank.shape)}, "
             f"slots {tuple(slots.shape)}"
         )
-    if (x.stride(1) != 1 and d_in > 1) or (y.stride(1) != 1 and d_out > 1):
-        raise ValueError("x and y must have unit column stride")
+    ldx, x_col = x.stride()
+    ldy, y_col = y.stride()
+    if (x_col != 1 and d_in > 1) or (y_col != 1 and d_out > 1):
+        raise ValueError(f"x and y need unit column stride, got strides {x.stride()} and {y.stride()}")
     if not (
         a.is_contiguous()
         and bt.is_contiguous()
@@ -132,54 +148,40 @@ def add_lora_sparse(
     ):
         raise ValueError("a, bt, scale, rank and slots must be contiguous")
     err = fn(
-        y.data_ptr(),
-        y.stride(0),
-        x.data_ptr(),
-        x.stride(0),
-        a.data_ptr(),
-        bt.data_ptr(),
-        scale.data_ptr(),
-        rank.data_ptr(),
-        slots.data_ptr(),
-        t,
-        d_in,
-        d_out,
-        s,
-        r,
-        torch.get_num_threads(),
+        _pack(
+            bf16,
+            y.data_ptr(),
+            ldy,
+            x.data_ptr(),
+            ldx,
+            a.data_ptr(),
+            bt.data_ptr(),
+            scale.data_ptr(),
+            rank.data_ptr(),
+            slots.data_ptr(),
+            t,
+            d_in,
+            d_out,
+            s,
+            r,
+            torch.get_num_threads(),
+        )
     )
     if err:
         raise ValueError(f"add_lora_sparse: {_ERRORS.get(err, f'error {err}')}")
 
 
 def _load() -> None:
-    global _tried, _fns
+    global _tried, _fn
     with _lock:
         if _tried:
             return
         try:
             lib = ctypes.CDLL(str(_build()))
-            fns = (lib.loraplex_add_lora_sparse_f32, lib.loraplex_add_lora_sparse_bf16)
-            for fn in fns:
-                fn.restype = ctypes.c_int
-                fn.argtypes = [
-                    ctypes.c_void_p,  # y
-                    ctypes.c_int64,  # ldy
-                    ctypes.c_void_p,  # x
-                    ctypes.c_int64,  # ldx
-                    ctypes.c_void_p,  # a
-                    ctypes.c_void_p,  # bt
-                    ctypes.c_void_p,  # scale
-                    ctypes.c_void_p,  # rank
-                    ctypes.c_void_p,  # slots
-                    ctypes.c_int64,  # T
-                    ctypes.c_int64,  # d_in
-                    ctypes.c_int64,  # d_out
-                    ctypes.c_int64,  # S
-                    ctypes.c_int64,  # R
-                    ctypes.c_int,  # threads
-                ]
-            _fns = fns
+            fn = lib.loraplex_add_lora_sparse_packed
+            fn.argtypes = [ctypes.c_char_p]  # the packed int64 arguments, passed without a copy
+            fn.restype = ctypes.c_int
+            _fn = fn
             _log.debug("loaded CPU LoRA kernel %s (AVX-512: %s)", lib._name, bool(lib.loraplex_kernel_isa()))
         except Exception as exc:  # a missing or failing compiler must not take the server down
             _log.warning("CPU LoRA kernel unavailable, falling back to torch ops: %s", exc)
@@ -196,9 +198,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
     try:
-        proc = subprocess.run(
-            ["gcc", *_CFLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False
-        )
+        proc = subprocess.run(["gcc", *_CFLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"gcc failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
         os.replace(tmp, path)  # atomic: a concurrent build of the same key writes identical bytes

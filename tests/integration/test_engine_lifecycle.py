@@ -1,0 +1,106 @@
+"""Engine behaviour around the edges: abort on disconnect, stop strings, seeds, bf16."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from server.engine.client import EngineClient
+from server.engine.request import FinishReason, Request, SamplingParams
+from tests.helpers import engine as eng
+from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tok = make_tokenizer()
+    base = make_model("llama", len(tok), seed=7)
+    store = tmp_path_factory.mktemp("store")
+    make_adapter(base, AdapterSpec("a", 4, 8, ("q_proj", "down_proj")), store, seed=3)
+    serving = eng.build(base, tok, store, tmp_path_factory.mktemp("cache"), kv_tokens=2048)
+    serving.engine.start()
+    yield serving, tok
+    serving.engine.stop()
+
+
+def _idle(serving) -> bool:
+    sched = serving.engine.scheduler
+    return not sched.running and not sched.waiting and sched.blocks.used_blocks == 0
+
+
+def _wait_idle(serving, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not _idle(serving):
+        assert time.monotonic() < deadline, "resources not released"
+        time.sleep(0.01)
+
+
+def test_closing_the_stream_aborts_and_frees_everything(world):
+    serving, tok = world
+    client = EngineClient(serving.engine)
+    stored = serving.store.get("a")
+
+    async def consume_two():
+        params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+        gen = client.generate(Request("abort-me", tok("hello world")["input_ids"], params, adapter=stored))
+        seen = [await anext(gen), await anext(gen)]
+        await gen.aclose()  # what a client disconnect does
+        return seen
+
+    seen = asyncio.run(consume_two())
+    assert not any(o.finished for o in seen)
+    _wait_idle(serving)
+    assert serving.engine.scheduler.adapters.slots_in_use == 0
+
+
+def test_stop_string_ends_the_request_and_is_not_returned(world):
+    serving, tok = world
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    full = eng.submit(serving, "full", tok("the quick")["input_ids"], None, params)
+    assert full.done.wait(30)
+    text = full.text
+    assert len(text) > 4
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = eng.submit(serving, "cut", tok("the quick")["input_ids"], None,
+                     SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=(stop,)))
+    assert cut.done.wait(30)
+    assert cut.last.finish_reason is FinishReason.STOP
+    assert cut.text == text[: text.index(stop)]
+
+
+def test_seeded_sampling_repeats_and_max_tokens_ends_with_length(world):
+    serving, tok = world
+    ids = tok("numbers 0 1")["input_ids"]
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=42, ignore_eos=True)
+    a = eng.submit(serving, "s1", ids, "a", params)
+    b = eng.submit(serving, "s2", ids, "a", params)
+    assert a.done.wait(30) and b.done.wait(30)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 10
+    assert a.last.finish_reason is FinishReason.LENGTH
+    _wait_idle(serving)
+
+
+def test_bfloat16_serving_runs_mixed_batches(tmp_path):
+    tok = make_tokenizer()
+    base = make_model("qwen2", len(tok), seed=2)
+    make_adapter(base, AdapterSpec("b", 8, 16, ("v_proj", "up_proj")), tmp_path, seed=4)
+    from server.config import CacheConfig, Config, LoraConfig, ModelConfig
+    from server.engine.builder import build_serving
+    from server.model.loading import LoadedModel
+
+    config = Config(model=ModelConfig(dtype="bfloat16", cache_dir=tmp_path / "c"),
+                    lora=LoraConfig(adapters_dir=tmp_path, max_lora_rank=8, max_loras=2),
+                    cache=CacheConfig(kv_cache_tokens=1024))
+    serving = build_serving(config, LoadedModel(base, tok, "tiny", tmp_path))
+    serving.engine.start()
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        sinks = [eng.submit(serving, f"q{i}", tok("hello world")["input_ids"], name, params)
+                 for i, name in enumerate(["b", None, "b"])]
+        for s in sinks:
+            assert s.done.wait(30) and s.last.error is None and len(s.token_ids) == 6
+        assert sinks[0].token_ids == sinks[2].token_ids
+    finally:
+        serving.engine.stop()
