@@ -120,7 +120,7 @@ class Engine:
         sampled: list[Request] = []
         for req, n in batch.steps:
             start = req.num_computed
-            tokens = req.all_ids()[start : start + n]
+            tokens = req.next_tokens(n)
             req.kv_positions.extend(self.scheduler.blocks.positions(req.blocks, start, start + n))
             done_prompt = start + n >= req.num_tokens
             seqs.append(SeqStep(tokens, start, req.kv_positions, req.slot, done_prompt))

@@ -101,6 +101,3 @@ class Request:
         if self.in_prefill:
             return self.prompt_ids[self.num_computed : self.num_computed + budget]
         return [self.output_ids[-1]]
-
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
