@@ -114,31 +114,33 @@ def add_lora_sparse(
         )
     if not (y.is_cpu and x.is_cpu and a.is_cpu and bt.is_cpu and scale.is_cpu and rank.is_cpu and slots.is_cpu):
         raise ValueError("all tensors must be on the CPU")
-    x_shape, y_shape, a_shape = x.shape, y.shape, a.shape
-    if len(x_shape) != 2 or len(y_shape) != 2 or len(a_shape) != 3:
-        raise ValueError(
-            f"expected x, y 2-D and a 3-D, got shapes {tuple(x_shape)}, {tuple(y_shape)}, {tuple(a_shape)}"
-        )
-    t, d_in = x_shape
-    d_out = y_shape[1]
-    s, r = a_shape[0], a_shape[1]
+    try:
+        t, d_in = x.shape
+        t_y, d_out = y.shape
+        s, r, d_in_a = a.shape
+        s_bt, r_bt, d_out_bt = bt.shape
+        (s_scale,) = scale.shape
+        (s_rank,) = rank.shape
+        (t_slots,) = slots.shape
+    except ValueError:
+        raise ValueError(_shape_message(y, x, a, bt, scale, rank, slots)) from None
     if (
-        y_shape[0] != t
-        or a_shape[2] != d_in
-        or bt.shape != (s, r, d_out)
-        or scale.shape != (s,)
-        or rank.shape != (s,)
-        or slots.shape != (t,)
+        t_y != t
+        or t_slots != t
+        or d_in_a != d_in
+        or d_out_bt != d_out
+        or s_bt != s
+        or r_bt != r
+        or s_scale != s
+        or s_rank != s
     ):
-        raise ValueError(
-            f"inconsistent shapes: y {tuple(y_shape)}, x {tuple(x_shape)}, a {tuple(a_shape)}, "
-            f"bt {tuple(bt.shape)}, scale {tuple(scale.shape)}, rank {tuple(rank.shape)}, "
-            f"slots {tuple(slots.shape)}"
-        )
+        raise ValueError(_shape_message(y, x, a, bt, scale, rank, slots))
     ldx, x_col = x.stride()
     ldy, y_col = y.stride()
-    if (x_col != 1 and d_in > 1) or (y_col != 1 and d_out > 1):
-        raise ValueError(f"x and y need unit column stride, got strides {x.stride()} and {y.stride()}")
+    if (x_col != 1 and d_in > 1) or (y_col != 1 and d_out > 1) or (ldy < d_out and t > 1):
+        raise ValueError(
+            f"x and y need unit column stride and y rows that do not overlap, got strides {x.stride()} and {y.stride()}"
+        )
     if not (
         a.is_contiguous()
         and bt.is_contiguous()
@@ -171,20 +173,28 @@ def add_lora_sparse(
         raise ValueError(f"add_lora_sparse: {_ERRORS.get(err, f'error {err}')}")
 
 
+def _shape_message(*tensors: torch.Tensor) -> str:
+    names = ("y", "x", "a", "bt", "scale", "rank", "slots")
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors, strict=True))
+    want = "y [T, d_out], x [T, d_in], a [S, R, d_in], bt [S, R, d_out], scale [S], rank [S], slots [T]"
+    return f"expected {want}; got {shapes}"
+
+
 def _load() -> None:
     global _tried, _fn
     with _lock:
         if _tried:
             return
         try:
-            lib = ctypes.CDLL(str(_build()))
+            path = _build()
+            lib = ctypes.CDLL(str(path))
             fn = lib.loraplex_add_lora_sparse_packed
             fn.argtypes = [ctypes.c_char_p]  # the packed int64 arguments, passed without a copy
             fn.restype = ctypes.c_int
             _fn = fn
-            _log.debug("loaded CPU LoRA kernel %s (AVX-512: %s)", lib._name, bool(lib.loraplex_kernel_isa()))
-        except Exception as exc:  # a missing or failing compiler must not take the server down
-            _log.warning("CPU LoRA kernel unavailable, falling back to torch ops: %s", exc)
+            _log.debug("loaded CPU LoRA kernel %s (AVX-512: %s)", path, bool(lib.loraplex_kernel_isa()))
+        except Exception as exc:  # a missing compiler or a failed build must not take the server down
+            _log.warning("CPU LoRA kernel unavailable: %s", exc)
         finally:
             _tried = True
 
