@@ -90,7 +90,6 @@ def eos_ids(loaded: LoadedModel) -> frozenset[int]:
 def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     """Load the model (unless given) and assemble an engine, not yet started."""
     started = time.monotonic()
-    cpu_kernel.set_cache_dir(config.model.cache_dir / "kernels")
     native.set_cache_dir(config.model.cache_dir / "kernels")
     loaded = loaded or load_model(config.model.model, config.model.cache_dir)
     device = resolve_device(config.model.device)

@@ -1,31 +1,24 @@
 """The C/OpenMP mixed-adapter LoRA kernel for CPU (fp32 and bf16), built on first use.
 
-The source (``_lora_kernel.c``) is compiled with gcc into a cache directory,
-under a name keyed by the source, the flags, the compiler version and the
-CPU's feature flags, then loaded with ctypes. torch is imported first so the
-library binds to the ``libgomp.so.1`` torch already loaded and shares its
-OpenMP thread pool.
+``_lora_kernel.c`` is compiled and cached by :mod:`server.native` and loaded
+with ctypes, sharing torch's OpenMP thread pool.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
 import struct
-import subprocess
-import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from server.native import NativeLibrary
+
 _log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("_lora_kernel.c")
-_CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-shared", "-fPIC")
+_LIB = NativeLibrary(Path(__file__).with_name("_lora_kernel.c"), "lora_kernel")
 _F32, _BF16, _I32 = torch.float32, torch.bfloat16, torch.int32
 # {bf16, y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, threads}: see the C source
 _pack = struct.Struct("16q").pack
@@ -35,29 +28,22 @@ _ERRORS = {
     3: "could not allocate the kernel's scratch buffer",
     4: "invalid sizes",
 }
-
-_cache_dir = Path.home() / ".cache" / "loraplex" / "kernels"
-_lock = threading.Lock()
-_tried = False
 _fn: Callable[[bytes], int] | None = None  # the packed entry point, once loaded
-
-
-def set_cache_dir(path: str | os.PathLike[str]) -> None:
-    """Build into ``path`` instead of ``~/.cache/loraplex/kernels`` (takes effect before first use)."""
-    global _cache_dir
-    _cache_dir = Path(path)
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded; builds it on first call. Never raises."""
-    if not _tried:
-        _load()
-    return _fn is not None
-
-
-def _library_path() -> Path:
-    """Where the shared library for this source, compiler and CPU lives (built or not)."""
-    return _cache_dir / f"lora_kernel-{_build_key()}.so"
+    global _fn
+    if _fn is None:
+        lib = _LIB.load()
+        if lib is None:
+            return False
+        fn = lib.loraplex_add_lora_sparse_packed
+        fn.argtypes = [ctypes.c_char_p]  # the packed int64 arguments, passed without a copy
+        fn.restype = ctypes.c_int
+        _fn = fn
+        _log.debug("loaded CPU LoRA kernel (AVX-512: %s)", bool(lib.loraplex_kernel_isa()))
+    return True
 
 
 def add_lora_sparse(
@@ -178,67 +164,3 @@ def _shape_message(*tensors: torch.Tensor) -> str:
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors, strict=True))
     want = "y [T, d_out], x [T, d_in], a [S, R, d_in], bt [S, R, d_out], scale [S], rank [S], slots [T]"
     return f"expected {want}; got {shapes}"
-
-
-def _load() -> None:
-    global _tried, _fn
-    with _lock:
-        if _tried:
-            return
-        try:
-            path = _build()
-            lib = ctypes.CDLL(str(path))
-            fn = lib.loraplex_add_lora_sparse_packed
-            fn.argtypes = [ctypes.c_char_p]  # the packed int64 arguments, passed without a copy
-            fn.restype = ctypes.c_int
-            _fn = fn
-            _log.debug("loaded CPU LoRA kernel %s (AVX-512: %s)", path, bool(lib.loraplex_kernel_isa()))
-        except Exception as exc:  # a missing compiler or a failed build must not take the server down
-            _log.warning("CPU LoRA kernel unavailable: %s", exc)
-        finally:
-            _tried = True
-
-
-def _build() -> Path:
-    """Compile the kernel unless this exact build is cached; return the library's path."""
-    path = _library_path()
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".so.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run(["gcc", *_CFLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"gcc failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, path)  # atomic: a concurrent build of the same key writes identical bytes
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _log.info("built CPU LoRA kernel %s", path)
-    return path
-
-
-def _build_key() -> str:
-    h = hashlib.sha256()
-    h.update(_SOURCE.read_bytes())
-    h.update("\0".join(_CFLAGS).encode())
-    h.update(b"\0" + _gcc_version().encode())
-    h.update(b"\0" + _cpu_flags().encode())
-    return h.hexdigest()[:24]
-
-
-def _gcc_version() -> str:
-    proc = subprocess.run(["gcc", "-dumpfullversion"], capture_output=True, text=True, check=True)
-    return proc.stdout.strip()
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.strip()
-    except OSError:
-        pass
-    return ""

@@ -33,9 +33,11 @@ class Segment:
 class LoraBatch:
     """Which adapter slot each token of a packed batch uses.
 
-    Runs of at least ``dense_min_tokens`` equal slots (prefill chunks) are
-    computed as two dense matmuls each; every other adapter token goes
-    through one gathered call per layer (``sparse_slots``).
+    With the torch backend, runs of at least ``dense_min_tokens`` equal slots
+    (prefill chunks) are computed as two dense matmuls each; every other
+    adapter token goes through one gathered call per layer (``sparse_slots``).
+    The CPU kernel takes every token in one call: it groups tokens by slot
+    itself and beat the dense matmuls on this CPU even for long runs.
     """
 
     token_slots: torch.Tensor  # [T] int32 on device; -1 = base model only
@@ -62,7 +64,7 @@ class LoraBatch:
     ) -> LoraBatch:
         if dense_min_tokens < 1:
             raise ValueError("dense_min_tokens must be at least 1")
-        segments = _runs(token_slots)
+        segments = _runs(token_slots) if backend is LoraBackend.TORCH else []
         dense = tuple(s for s in segments if s.slot >= 0 and s.length >= dense_min_tokens)
         sparse = list(token_slots)
         for seg in dense:

@@ -262,7 +262,8 @@ def test_add_lora_dense_segments_mixed_with_sparse_tokens(backend, dtype):
     before = y_wide.clone()
     ref = expected(y, x, w, token_slots)
     batch = LoraBatch.build(token_slots, torch.device("cpu"), backend, dense_min_tokens=16)
-    assert backend is LoraBackend.REFERENCE or len(batch.dense_segments) == 3
+    # Only the torch backend splits long runs off as dense matmuls; the kernel takes every token.
+    assert len(batch.dense_segments) == (3 if backend is LoraBackend.TORCH else 0)
     add_lora(y, x, w, batch)
     assert_matches(y, ref, dtype, loose=backend is not LoraBackend.REFERENCE)
     assert_untouched(y_wide, before, token_slots, ranks)
