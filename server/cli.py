@@ -123,10 +123,10 @@ def serve(config: Config) -> int:
     import uvicorn
 
     from server.api.app import create_app
-    from server.engine.builder import build_serving
+    from server.engine.builder import build_serving_in_fresh_thread
 
     config.lora.adapters_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(lambda: build_serving(config))
+    app = create_app(lambda: build_serving_in_fresh_thread(config))
     uvicorn.run(app, host=config.http.host, port=config.http.port, log_level=config.http.log_level)
     return 0
 

@@ -24,6 +24,7 @@ def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # make_serving builds on its own short-lived thread; this worker only waits for it.
         serving = await asyncio.to_thread(make_serving)
         resolver = AdapterResolver(serving.store, serving.spec, serving.model_name, serving.max_lora_rank)
         state = AppState(serving=serving, client=EngineClient(serving.engine), adapters=resolver)

@@ -9,7 +9,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.config import CacheConfig, Config, LoraConfig, ModelConfig
-from server.engine.builder import Serving, build_serving
+from server.engine.builder import Serving, build_serving_in_fresh_thread
 from server.engine.messages import RequestOutput
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import SchedulerConfig
@@ -35,7 +35,7 @@ def build(
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
     )
     loaded = LoadedModel(hf_model=hf_model, tokenizer=tokenizer, name="tiny", source=adapters_dir)
-    return build_serving(config, loaded)
+    return build_serving_in_fresh_thread(config, loaded)
 
 
 @dataclass
