@@ -40,6 +40,15 @@ class NativeLibrary:
         self._tried = False
         self._lib: ctypes.CDLL | None = None
 
+    def function(self, symbol: str, argtypes: list, restype=ctypes.c_int):
+        """The C function ``symbol`` with its ctypes signature set, or None when the library is unavailable."""
+        lib = self.load()
+        if lib is None:
+            return None
+        fn = getattr(lib, symbol)
+        fn.argtypes, fn.restype = argtypes, restype
+        return fn
+
     def load(self) -> ctypes.CDLL | None:
         if not self._tried:
             with self._lock:

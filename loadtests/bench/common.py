@@ -7,10 +7,8 @@ import os
 import platform
 import shlex
 import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -18,8 +16,8 @@ from typing import TypeVar
 import torch
 
 from server.engine.engine import Engine
-from server.engine.messages import RequestOutput
 from server.model.loading import LoadedModel, load_model
+from tests.helpers.engine import Collected
 from tests.helpers.tiny import AdapterSpec, make_adapter
 
 T = TypeVar("T")
@@ -49,27 +47,7 @@ def make_adapters(loaded: LoadedModel, folder: Path, count: int, rank: int, seed
     return names
 
 
-@dataclass
-class TimedSink:
-    """An engine output sink that records when each output arrived (``time.perf_counter``)."""
-
-    times: list[float] = field(default_factory=list)
-    outputs: list[RequestOutput] = field(default_factory=list)
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def __call__(self, out: RequestOutput) -> None:
-        self.times.append(time.perf_counter())
-        self.outputs.append(out)
-        if out.finished:
-            self.done.set()
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [t for o in self.outputs for t in o.token_ids]
-
-    @property
-    def error(self) -> str | None:
-        return self.outputs[-1].error if self.outputs else None
+TimedSink = Collected  # outputs with their arrival times
 
 
 def _cpu_seconds() -> tuple[float, float]:

@@ -7,7 +7,6 @@ with ctypes, sharing torch's OpenMP thread pool.
 from __future__ import annotations
 
 import ctypes
-import logging
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +14,6 @@ from pathlib import Path
 import torch
 
 from server.native import NativeLibrary
-
-_log = logging.getLogger(__name__)
 
 _LIB = NativeLibrary(Path(__file__).with_name("_lora_kernel.c"), "lora_kernel")
 _F32, _BF16, _I32 = torch.float32, torch.bfloat16, torch.int32
@@ -35,15 +32,9 @@ def available() -> bool:
     """Whether the kernel is built and loaded; builds it on first call. Never raises."""
     global _fn
     if _fn is None:
-        lib = _LIB.load()
-        if lib is None:
-            return False
-        fn = lib.loraplex_add_lora_sparse_packed
-        fn.argtypes = [ctypes.c_char_p]  # the packed int64 arguments, passed without a copy
-        fn.restype = ctypes.c_int
-        _fn = fn
-        _log.debug("loaded CPU LoRA kernel (AVX-512: %s)", bool(lib.loraplex_kernel_isa()))
-    return True
+        # The packed int64 arguments, passed without a copy.
+        _fn = _LIB.function("loraplex_add_lora_sparse_packed", [ctypes.c_char_p])
+    return _fn is not None
 
 
 def add_lora_sparse(

@@ -14,16 +14,12 @@ _fn = None
 
 
 def available() -> bool:
+    """Whether the kernel is built and loaded; builds it on first call. Never raises."""
     global _fn
     if _fn is None:
-        lib = _LIB.load()
-        if lib is None:
-            return False
-        fn = lib.loraplex_decode_attention_f32
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
-        _fn = fn
-    return True
+        argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+        _fn = _LIB.function("loraplex_decode_attention_f32", argtypes)
+    return _fn is not None
 
 
 def decode_attention(

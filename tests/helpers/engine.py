@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,13 +41,21 @@ def build(
 
 @dataclass
 class Collected:
+    """An engine output sink that keeps every output and when it arrived (``time.perf_counter``)."""
+
     outputs: list[RequestOutput] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
 
     def __call__(self, out: RequestOutput) -> None:
+        self.times.append(time.perf_counter())
         self.outputs.append(out)
         if out.finished:
             self.done.set()
+
+    @property
+    def error(self) -> str | None:
+        return self.outputs[-1].error if self.outputs else None
 
     @property
     def token_ids(self) -> list[int]:
