@@ -66,6 +66,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--max-loras", "device adapter slots (distinct adapters in one step)", 16, type=int)
     opt("--host-cache", "host-memory adapter cache bound (bytes, or 512M, 2G)", "2G", type=_size)
     opt("--lora-backend", "batched LoRA op; auto = the CPU kernel on CPU", "auto", choices=LORA_BACKENDS)
+    opt(
+        "--lora-dtype",
+        "adapter weights in device slots; auto = the serving dtype (exact). bfloat16 under float32 serving "
+        "halves the adapter bytes each step reads (CPU kernel only; rounds adapter weights to bf16)",
+        "auto",
+        choices=DTYPES,
+    )
     opt("--kv-cache-tokens", "KV-cache capacity in tokens", 32768, type=int)
     opt("--block-size", "tokens per KV-cache block", 16, type=int)
     opt("--max-num-seqs", "running sequences per step", 64, type=int)
@@ -93,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_loras=args.max_loras,
             host_cache_bytes=args.host_cache,
             backend=args.lora_backend,
+            dtype=args.lora_dtype,
         ),
         cache=CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size),
         scheduler=SchedulerConfig(

@@ -39,8 +39,11 @@ class LoraConfig:
     max_loras: int = 16  # device slots: distinct adapters in one step
     host_cache_bytes: int = 2 << 30  # host-memory tier bound
     backend: str = "auto"  # auto: the CPU kernel on CPU when it builds, torch otherwise
+    dtype: str = "auto"  # adapter weights in the slots; auto = the serving dtype (exact)
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"lora dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 1 <= self.max_lora_rank <= 1024:
             raise ValueError(f"max_lora_rank must be 1..1024, got {self.max_lora_rank}")
         if not 1 <= self.max_loras <= 4096:

@@ -60,6 +60,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backends", default="cpu,torch")
+    p.add_argument("--lora-dtype", default="auto", help="adapter slot dtype (bfloat16: bf16 adapters, fp32 serving)")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/decode_step.json"))
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -74,7 +75,7 @@ def main() -> None:
             continue
         config = Config(
             lora=LoraConfig(adapters_dir=Path("/nonexistent"), max_lora_rank=args.rank,
-                            max_loras=n_adapters, backend=backend),
+                            max_loras=n_adapters, backend=backend, dtype=args.lora_dtype),
             cache=CacheConfig(kv_cache_tokens=args.batch * (args.context + 16)),
         )
         runner = build_serving(config, load_model(None, CACHE)).engine.runner
@@ -89,8 +90,9 @@ def main() -> None:
             base_t.append(time_steps(runner, base, args.reps))
             lora_t.append(time_steps(runner, mixed, args.reps))
         b, m = statistics.median(base_t), statistics.median(lora_t)
-        results["backends"][backend] = {"base_ms": b * 1e3, "lora_ms": m * 1e3, "ratio": m / b}
-        print(f"{backend:6s} base {b * 1e3:7.1f} ms   {n_adapters} adapters {m * 1e3:7.1f} ms   ratio {m / b:.3f}")
+        results["backends"][f"{backend}/{args.lora_dtype}"] = {"base_ms": b * 1e3, "lora_ms": m * 1e3, "ratio": m / b}
+        print(f"{backend:6s} lora dtype {args.lora_dtype:8s} base {b * 1e3:7.1f} ms   "
+              f"{n_adapters} adapters {m * 1e3:7.1f} ms   ratio {m / b:.3f}")
         del runner
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

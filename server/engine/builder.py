@@ -122,6 +122,14 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     model = CausalLM(loaded.hf_model, device, dtype)
     shape = model.shape
     backend = resolve_backend(config.lora.backend, device, dtype)
+    lora_dtype = dtype if config.lora.dtype == "auto" else getattr(torch, config.lora.dtype)
+    if lora_dtype != dtype and not (
+        backend is LoraBackend.CPU_KERNEL and dtype == torch.float32 and lora_dtype == torch.bfloat16
+    ):
+        raise ValueError(
+            f"--lora-dtype {config.lora.dtype} with serving dtype {str(dtype).removeprefix('torch.')} "
+            "is only supported as bfloat16 adapters under float32 serving with --lora-backend cpu"
+        )
     cache = config.cache
     max_len = min(shape.max_positions, cache.num_blocks * cache.block_size, shape.sliding_window or 1 << 30)
     if config.scheduler.max_model_len:
@@ -135,7 +143,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     decode_kernel = device.type == "cpu" and dtype == torch.float32 and cpu_attention.available()
     runner = ModelRunner(
         model, cache.num_blocks, cache.block_size, config.lora.max_loras, config.lora.max_lora_rank, backend,
-        decode_kernel,
+        decode_kernel, lora_dtype,
     )
     spec = base_model_spec(shape)
     engine_box: list[Engine] = []
@@ -144,7 +152,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         runner.slots,
         config.lora.host_cache_bytes,
         config.lora.max_lora_rank,
-        dtype,
+        lora_dtype,
         on_loaded=lambda: engine_box[0].wake() if engine_box else None,
     )
     scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), adapters)

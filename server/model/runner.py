@@ -36,6 +36,7 @@ class ModelRunner:
         max_rank: int,
         backend: LoraBackend,
         decode_kernel: bool = False,
+        lora_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -48,7 +49,7 @@ class ModelRunner:
             for i in range(model.shape.n_layers)
             for proj in dims
         }
-        self.slots = SlotPool(modules, num_slots, max_rank, model.dtype, model.device)
+        self.slots = SlotPool(modules, num_slots, max_rank, lora_dtype or model.dtype, model.device)
         for i, layer in enumerate(model.layers):
             layer.lora = {proj: self.slots.modules[model.shape.module_name(i, proj)] for proj in dims}
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from server.engine.client import EngineClient
 from server.engine.request import FinishReason, Request, SamplingParams
@@ -104,3 +105,39 @@ def test_bfloat16_serving_runs_mixed_batches(tmp_path):
         assert sinks[0].token_ids == sinks[2].token_ids
     finally:
         serving.engine.stop()
+
+
+def test_bf16_adapters_under_fp32_serving(tmp_path):
+    """--lora-dtype bfloat16: the adapter slots hold bf16, activations stay fp32; logits stay close to PEFT."""
+    from server.config import CacheConfig, Config, LoraConfig, ModelConfig
+    from server.engine.builder import build_serving
+    from server.model.loading import LoadedModel
+    from server.model.runner import SeqStep
+    from tests.helpers.reference import last_logits, peft_model
+
+    tok = make_tokenizer()
+    base = make_model("llama", len(tok), seed=8)
+    path = make_adapter(base, AdapterSpec("m", 8, 16, ("q_proj", "up_proj", "down_proj")), tmp_path, seed=6)
+
+    def config(backend):
+        return Config(model=ModelConfig(cache_dir=tmp_path / "c"),
+                      lora=LoraConfig(adapters_dir=tmp_path, max_lora_rank=8, max_loras=2, backend=backend,
+                                      dtype="bfloat16"),
+                      cache=CacheConfig(kv_cache_tokens=1024))
+
+    with pytest.raises(ValueError, match="--lora-backend cpu"):
+        build_serving(config("torch"), LoadedModel(base, tok, "tiny", tmp_path))
+    serving = build_serving(config("cpu"), LoadedModel(base, tok, "tiny", tmp_path))
+    assert serving.engine.runner.slots.modules["model.layers.0.mlp.up_proj"].a.dtype == torch.bfloat16
+    cache = serving.engine.scheduler.adapters
+    stored = serving.store.get("m")
+    deadline = time.monotonic() + 30
+    while (got := cache.acquire(stored)).slot < 0:
+        assert got.error is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    ids = tok("hello world, this is")["input_ids"]
+    logits = serving.engine.runner.execute([SeqStep(ids, 0, list(range(len(ids))), got.slot, True)])[0]
+    ref = last_logits(peft_model(base, path), ids)
+    base_logits = last_logits(base, ids)
+    # bf16 rounding of the adapter weights moves the logits a little; the adapter's effect is far larger.
+    assert (logits - ref).abs().max() < 0.05 * (ref - base_logits).abs().max()
