@@ -72,7 +72,7 @@ class Engine:
             except Exception:
                 log.exception("engine step failed; failing the running requests")
                 for req in list(self.scheduler.running):
-                    self._finish(req, FinishReason.ERROR, error="internal error in the engine step")
+                    self._finish(req, FinishReason.ERROR, error="internal error in the engine step", internal=True)
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(req, FinishReason.ABORT, error="server shutting down")
 
@@ -151,12 +151,17 @@ class Engine:
             self._finish(req, reason, last_token=token)
 
     def _finish(
-        self, req: Request, reason: FinishReason, error: str | None = None, last_token: int | None = None
+        self,
+        req: Request,
+        reason: FinishReason,
+        error: str | None = None,
+        last_token: int | None = None,
+        internal: bool = False,
     ) -> None:
         self.scheduler.finish(req, reason)
         detok = self._detok.get(req.request_id)
         text = detok.delta(final=True) if detok and reason is not FinishReason.ABORT else ""
-        self._emit(req, text, () if last_token is None else (last_token,), finished=True, error=error)
+        self._emit(req, text, () if last_token is None else (last_token,), True, error, internal)
         self._forget(req)
 
     def _forget(self, req: Request) -> None:
@@ -164,7 +169,15 @@ class Engine:
         self._detok.pop(req.request_id, None)
         self.sampler.forget(req.request_id)
 
-    def _emit(self, req: Request, text: str, token_ids: tuple[int, ...], finished: bool, error: str | None = None):
+    def _emit(
+        self,
+        req: Request,
+        text: str,
+        token_ids: tuple[int, ...],
+        finished: bool,
+        error: str | None = None,
+        internal: bool = False,
+    ) -> None:
         sink = self._sinks.get(req.request_id)
         if sink is None:
             return
@@ -178,6 +191,7 @@ class Engine:
             completion_tokens=len(req.output_ids),
             adapter_tier=req.adapter_tier,
             error=error,
+            internal=internal,
         )
         try:
             sink(out)

@@ -21,6 +21,7 @@ class RequestOutput:
     completion_tokens: int
     adapter_tier: str | None = None
     error: str | None = None
+    internal: bool = False  # the error is the server's fault (a failed step), not the request's
 
 
 OutputSink = Callable[[RequestOutput], None]

@@ -1,7 +1,7 @@
 /*
  * Mixed-adapter LoRA for the short runs of a batch (decode tokens), on CPU.
  *
- * Semantics (fp32 and bf16 entry points alike):
+ * Semantics (all three dtype combinations alike):
  *
  *     for t in range(T):
  *         s = slots[t]
@@ -13,9 +13,16 @@
  * Shapes: x [T, d_in] (row stride ldx), y [T, d_out] (row stride ldy; often a
  * column slice of a fused projection's output), A [S, R, d_in] and
  * BT [S, R, d_out] contiguous, scale [S] float32, rank [S] int32, slots [T]
- * int32. Strides count elements; columns are unit-stride. In the bf16 entry
- * point x, y, A, BT hold bf16 bit patterns (uint16); products are accumulated
- * in fp32 and y is rounded to nearest even, once, when stored.
+ * int32. Strides count elements; columns are unit-stride.
+ *
+ * Dtype code (`dt` below, the first packed argument):
+ *   0 = fp32:  x, y, A, BT all float32;
+ *   1 = bf16:  x, y, A, BT all bf16 bit patterns (uint16); y is rounded to
+ *              nearest even, once, when stored;
+ *   2 = mixed: x, y float32, A and BT bf16 (uint16). Weights are widened
+ *              exactly to fp32, so the result is the fp32 one on A, BT taken
+ *              as their bf16 values; the point is half the adapter bytes read.
+ * Products are accumulated in fp32 in every case.
  *
  * Plan: tokens are grouped by slot (a stable counting sort) into blocks of up
  * to MT tokens, so tokens sharing an adapter read its rows once. One OpenMP
@@ -32,7 +39,10 @@
  * fp32 a pair is elements [0, 16) and [16, 32); for bf16 it is one 64-byte
  * load split into the even and the odd elements (one shift or mask each, no
  * widening shuffles). Dot products pair x and A the same way, and the expand
- * re-interleaves before it stores, so the split never shows.
+ * re-interleaves before it stores, so the split never shows. In the mixed
+ * path the activations are fp32, so the bf16 weights are widened instead
+ * (two 32-byte loads, zero-extend, shift) into the fp32 order [0, 16),
+ * [16, 32) that x and y use.
  *
  * Return value: 0 on success, 1 if a slot is >= S, 2 if a used slot's rank is
  * outside [0, R], 3 if the scratch buffer could not be allocated, 4 on bad
@@ -104,14 +114,30 @@ static void *scratch(size_t bytes) {
 /* Mask of the first n (0..32) of 32 elements. */
 LP_INLINE uint32_t first_n(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (uint32_t)((1u << n) - 1u); }
 
-static inline int64_t esize(int bf16) { return bf16 ? 2 : 4; }
+/* Dtype codes (see the top): activations x, y are bf16 only for code 1, weights for codes 1 and 2. */
+enum { DT_F32 = 0, DT_BF16 = 1, DT_MIXED = 2 };
+/* Load modes of ld_pair: fp32, bf16 split into even/odd, bf16 widened in order. */
+enum { LD_F32 = 0, LD_SPLIT = 1, LD_WIDEN = 2 };
+static inline int act_bf16(int dt) { return dt == DT_BF16; }
+static inline int64_t act_esize(int dt) { return dt == DT_BF16 ? 2 : 4; }
+static inline int64_t w_esize(int dt) { return dt == DT_F32 ? 4 : 2; }
+static inline int act_mode(int dt) { return dt == DT_BF16 ? LD_SPLIT : LD_F32; }
+static inline int w_mode(int dt) { return dt == DT_BF16 ? LD_SPLIT : dt == DT_MIXED ? LD_WIDEN : LD_F32; }
 
 /* ------------------------------------------------------------- AVX-512 */
 #if LP_AVX512
 
-/* Elements [k, k + 32) of a row as two vectors (see "Vectors" above); m masks the elements read. */
-LP_INLINE void ld_pair(const void *base, int64_t k, uint32_t m, int masked, __m512 *lo, __m512 *hi, int bf16) {
-    if (bf16) {
+/* Elements [k, k + 32) of a row as two vectors (see "Vectors" above, `mode` is an LD_*); m masks
+ * the elements read. */
+LP_INLINE void ld_pair(const void *base, int64_t k, uint32_t m, int masked, __m512 *lo, __m512 *hi, int mode) {
+    if (mode == LD_WIDEN) {
+        const uint16_t *p = (const uint16_t *)base + k;
+        __m256i v0 = masked ? _mm256_maskz_loadu_epi16((__mmask16)m, p) : _mm256_loadu_si256((const __m256i *)p);
+        __m256i v1 = masked ? _mm256_maskz_loadu_epi16((__mmask16)(m >> 16), p + 16)
+                            : _mm256_loadu_si256((const __m256i *)(p + 16));
+        *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v0), 16));
+        *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v1), 16));
+    } else if (mode == LD_SPLIT) {
         const uint16_t *p = (const uint16_t *)base + k;
         __m512i v = masked ? _mm512_maskz_loadu_epi16(m, p) : _mm512_loadu_si512(p);
         *lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -163,12 +189,12 @@ LP_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 /* acc += the products of the pairs at element k of the rows xr[i] and ar[q]. */
 LP_INLINE void shrink_step(__m512 acc[2][MT][MJ], const void *const *xr, const void *const *ar, int64_t k,
-                           uint32_t m, int masked, int NT, int NJ, int U, int bf16) {
+                           uint32_t m, int masked, int NT, int NJ, int U, int dt) {
     __m512 xl[MT], xh[MT];
-    for (int i = 0; i < NT; ++i) ld_pair(xr[i], k, m, masked, &xl[i], &xh[i], bf16);
+    for (int i = 0; i < NT; ++i) ld_pair(xr[i], k, m, masked, &xl[i], &xh[i], act_mode(dt));
     for (int q = 0; q < NJ; ++q) {
         __m512 al, ah;
-        ld_pair(ar[q], k, m, masked, &al, &ah, bf16);
+        ld_pair(ar[q], k, m, masked, &al, &ah, w_mode(dt));
         for (int i = 0; i < NT; ++i) {
             acc[0][i][q] = _mm512_fmadd_ps(xl[i], al, acc[0][i][q]);
             acc[U - 1][i][q] = _mm512_fmadd_ps(xh[i], ah, acc[U - 1][i][q]);
@@ -178,20 +204,20 @@ LP_INLINE void shrink_step(__m512 acc[2][MT][MJ], const void *const *xr, const v
 
 /* h[p + i, j0 + q] = x[tok[p + i]] . A[slot, j0 + q] for i < NT, q < NJ. Small tiles keep the two
  * halves of each pair in separate accumulators, to have enough independent FMA chains. */
-LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int bf16) {
-    const int64_t d = jb->d_in, es = esize(bf16);
+LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt) {
+    const int64_t d = jb->d_in, xs = act_esize(dt), ws = w_esize(dt);
     const void *xr[MT];
     const void *ar[MJ];
-    for (int i = 0; i < NT; ++i) xr[i] = (const char *)jb->x + jb->tok[p + i] * jb->ldx * es;
-    for (int q = 0; q < NJ; ++q) ar[q] = (const char *)jb->a + ((int64_t)b->slot * jb->R + j0 + q) * d * es;
+    for (int i = 0; i < NT; ++i) xr[i] = (const char *)jb->x + jb->tok[p + i] * jb->ldx * xs;
+    for (int q = 0; q < NJ; ++q) ar[q] = (const char *)jb->a + ((int64_t)b->slot * jb->R + j0 + q) * d * ws;
     const int U = NT * NJ <= 4 ? 2 : 1;
     __m512 acc[2][MT][MJ];
     for (int u = 0; u < U; ++u)
         for (int i = 0; i < NT; ++i)
             for (int q = 0; q < NJ; ++q) acc[u][i][q] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + GW <= d; k += GW) shrink_step(acc, xr, ar, k, 0xFFFFFFFFu, 0, NT, NJ, U, bf16);
-    if (k < d) shrink_step(acc, xr, ar, k, first_n(d - k), 1, NT, NJ, U, bf16); /* the rest, as zeros */
+    for (; k + GW <= d; k += GW) shrink_step(acc, xr, ar, k, 0xFFFFFFFFu, 0, NT, NJ, U, dt);
+    if (k < d) shrink_step(acc, xr, ar, k, first_n(d - k), 1, NT, NJ, U, dt); /* the rest, as zeros */
     for (int i = 0; i < NT; ++i) {
         __m512 v[MJ];
         for (int q = 0; q < MJ; ++q)
@@ -207,22 +233,22 @@ LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, in
  * `last` masks the columns of the last group. BT is read row by row, so a tile spanning a whole
  * output row streams the adapter's block of BT in order. */
 LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, uint32_t last, int NT, int NG,
-                           int bf16) {
-    const int64_t d = jb->d_out, es = esize(bf16);
+                           int dt) {
+    const int64_t d = jb->d_out, ys = act_esize(dt), ws = w_esize(dt);
     const int r = b->r;
-    const char *btr = (const char *)jb->bt + ((int64_t)b->slot * jb->R * d + c0) * es;
+    const char *btr = (const char *)jb->bt + ((int64_t)b->slot * jb->R * d + c0) * ws;
     const float *hr[MT];
     for (int i = 0; i < NT; ++i) hr[i] = jb->h + (int64_t)(p + i) * jb->R;
     __m512 acc[MT][MAX_NG][2];
     for (int i = 0; i < NT; ++i)
         for (int g = 0; g < NG; ++g) acc[i][g][0] = acc[i][g][1] = _mm512_setzero_ps();
     for (int j = 0; j < r; ++j) {
-        const char *row = btr + j * d * es;
+        const char *row = btr + j * d * ws;
         __m512 hv[MT];
         for (int i = 0; i < NT; ++i) hv[i] = _mm512_set1_ps(hr[i][j]);
         for (int g = 0; g < NG; ++g) {
             __m512 lo, hi;
-            ld_pair(row, (int64_t)g * GW, last, g == NG - 1, &lo, &hi, bf16);
+            ld_pair(row, (int64_t)g * GW, last, g == NG - 1, &lo, &hi, w_mode(dt));
             for (int i = 0; i < NT; ++i) {
                 acc[i][g][0] = _mm512_fmadd_ps(hv[i], lo, acc[i][g][0]);
                 acc[i][g][1] = _mm512_fmadd_ps(hv[i], hi, acc[i][g][1]);
@@ -231,10 +257,10 @@ LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0
     }
     const __m512 sc = _mm512_set1_ps(jb->scale[b->slot]);
     for (int i = 0; i < NT; ++i) {
-        char *yr = (char *)jb->y + (jb->tok[p + i] * jb->ldy + c0) * es;
+        char *yr = (char *)jb->y + (jb->tok[p + i] * jb->ldy + c0) * ys;
         for (int g = 0; g < NG; ++g)
             add_pair(yr, (int64_t)g * GW, g == NG - 1 ? last : 0xFFFFFFFFu, _mm512_mul_ps(sc, acc[i][g][0]),
-                     _mm512_mul_ps(sc, acc[i][g][1]), bf16);
+                     _mm512_mul_ps(sc, acc[i][g][1]), act_bf16(dt));
     }
 }
 
@@ -260,25 +286,27 @@ LP_INLINE float ld1(const void *base, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
-LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int bf16) {
-    const int64_t d = jb->d_in, es = esize(bf16);
+LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt) {
+    const int64_t d = jb->d_in, xs = act_esize(dt), ws = w_esize(dt);
+    const int xb = act_bf16(dt), wb = dt != DT_F32;
     for (int i = 0; i < NT; ++i) {
-        const void *xr = (const char *)jb->x + jb->tok[p + i] * jb->ldx * es;
+        const void *xr = (const char *)jb->x + jb->tok[p + i] * jb->ldx * xs;
         for (int q = 0; q < NJ; ++q) {
-            const void *ar = (const char *)jb->a + ((int64_t)b->slot * jb->R + j0 + q) * d * es;
+            const void *ar = (const char *)jb->a + ((int64_t)b->slot * jb->R + j0 + q) * d * ws;
             float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t k = 0; k < d; ++k) acc += ld1(xr, k, bf16) * ld1(ar, k, bf16);
+            for (int64_t k = 0; k < d; ++k) acc += ld1(xr, k, xb) * ld1(ar, k, wb);
             jb->h[(int64_t)(p + i) * jb->R + j0 + q] = acc;
         }
     }
 }
 
 LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, uint32_t last, int NT, int NG,
-                           int bf16) {
+                           int dt) {
     (void)last;
-    const int64_t d = jb->d_out, es = esize(bf16);
-    const char *btr = (const char *)jb->bt + (int64_t)b->slot * jb->R * d * es;
+    const int64_t d = jb->d_out, ys = act_esize(dt), ws = w_esize(dt);
+    const int wb = dt != DT_F32;
+    const char *btr = (const char *)jb->bt + (int64_t)b->slot * jb->R * d * ws;
     const float sc = jb->scale[b->slot];
     const int64_t w = (c0 + (int64_t)NG * GW < d ? c0 + (int64_t)NG * GW : d) - c0;
     for (int i = 0; i < NT; ++i) {
@@ -286,14 +314,14 @@ LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0
         float acc[MAX_NG * GW];
         for (int64_t c = 0; c < w; ++c) acc[c] = 0.0f;
         for (int j = 0; j < b->r; ++j) {
-            const void *row = btr + j * d * es;
+            const void *row = btr + j * d * ws;
             const float hj = hr[j];
 #pragma omp simd
-            for (int64_t c = 0; c < w; ++c) acc[c] += hj * ld1(row, c0 + c, bf16);
+            for (int64_t c = 0; c < w; ++c) acc[c] += hj * ld1(row, c0 + c, wb);
         }
-        char *yr = (char *)jb->y + jb->tok[p + i] * jb->ldy * es;
+        char *yr = (char *)jb->y + jb->tok[p + i] * jb->ldy * ys;
         for (int64_t c = 0; c < w; ++c) {
-            if (bf16) {
+            if (act_bf16(dt)) {
                 uint16_t *yp = (uint16_t *)yr + c0 + c;
                 *yp = f32_to_bf16(bf16_to_f32(*yp) + sc * acc[c]);
             } else {
@@ -309,9 +337,9 @@ LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0
 
 /* Turn the runtime tile sizes into calls with constant sizes, so each instance is fully
  * unrolled with its accumulators in registers. */
-LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int nj, int bf16) {
+LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int nj, int dt) {
 #define LP_S(NT_, NJ_) \
-    case (NT_) * 8 + (NJ_): shrink_tile(jb, b, b->p0, j0, NT_, NJ_, bf16); break;
+    case (NT_) * 8 + (NJ_): shrink_tile(jb, b, b->p0, j0, NT_, NJ_, dt); break;
     switch (b->nt * 8 + nj) {
         LP_S(1, 1) LP_S(1, 2) LP_S(1, 3) LP_S(1, 4)
         LP_S(2, 1) LP_S(2, 2) LP_S(2, 3) LP_S(2, 4)
@@ -325,11 +353,11 @@ LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int n
 /* Column groups per expand tile, so that tokens x groups x 2 accumulators stay about 16. */
 static inline int expand_groups(int nt) { return nt == 1 ? 8 : nt == 2 ? 4 : nt == 3 ? 3 : 2; }
 
-LP_INLINE void expand_dispatch(const job_t *jb, const tblock_t *b, int64_t g0, int ng, int bf16) {
+LP_INLINE void expand_dispatch(const job_t *jb, const tblock_t *b, int64_t g0, int ng, int dt) {
     const int64_t c0 = g0 * GW;
     const uint32_t last = first_n(jb->d_out - (c0 + (int64_t)(ng - 1) * GW));
 #define LP_E(NT_, NG_) \
-    case (NT_) * 16 + (NG_): expand_tile(jb, b, b->p0, c0, last, NT_, NG_, bf16); break;
+    case (NT_) * 16 + (NG_): expand_tile(jb, b, b->p0, c0, last, NT_, NG_, dt); break;
     switch (b->nt * 16 + ng) {
         LP_E(1, 1) LP_E(1, 2) LP_E(1, 3) LP_E(1, 4) LP_E(1, 5) LP_E(1, 6) LP_E(1, 7) LP_E(1, 8)
         LP_E(2, 1) LP_E(2, 2) LP_E(2, 3) LP_E(2, 4)
@@ -370,14 +398,14 @@ static inline int first_block(const job_t *jb, int64_t at, int expand) {
     return lo;
 }
 
-LP_INLINE void run(const job_t *jb, int tid, int nth, int bf16) {
+LP_INLINE void run(const job_t *jb, int tid, int nth, int dt) {
     {
         const int64_t lo = jb->ws_total * tid / nth, hi = jb->ws_total * (tid + 1) / nth;
         for (int t = first_block(jb, lo, 0); t < jb->n_tb && jb->tb[t].ws < hi; ++t) {
             const tblock_t *b = &jb->tb[t];
             int64_t i0, i1;
             unit_range(b->ws, shrink_unit(b), b->r, lo, hi, &i0, &i1);
-            for (int64_t j = i0; j < i1; j += MJ) shrink_dispatch(jb, b, (int)j, (int)(i1 - j < MJ ? i1 - j : MJ), bf16);
+            for (int64_t j = i0; j < i1; j += MJ) shrink_dispatch(jb, b, (int)j, (int)(i1 - j < MJ ? i1 - j : MJ), dt);
         }
     }
 #pragma omp barrier
@@ -389,19 +417,21 @@ LP_INLINE void run(const job_t *jb, int tid, int nth, int bf16) {
             const int w = expand_groups(b->nt);
             int64_t i0, i1;
             unit_range(b->we, expand_unit(b), ngroups, lo, hi, &i0, &i1);
-            for (int64_t g = i0; g < i1; g += w) expand_dispatch(jb, b, g, (int)(i1 - g < w ? i1 - g : w), bf16);
+            for (int64_t g = i0; g < i1; g += w) expand_dispatch(jb, b, g, (int)(i1 - g < w ? i1 - g : w), dt);
         }
     }
 }
 
-static void run_f32(const job_t *jb, int tid, int nth) { run(jb, tid, nth, 0); }
-static void run_bf16(const job_t *jb, int tid, int nth) { run(jb, tid, nth, 1); }
+static void run_f32(const job_t *jb, int tid, int nth) { run(jb, tid, nth, DT_F32); }
+static void run_bf16(const job_t *jb, int tid, int nth) { run(jb, tid, nth, DT_BF16); }
+static void run_mixed(const job_t *jb, int tid, int nth) { run(jb, tid, nth, DT_MIXED); }
 
 /* ---------------------------------------------------------------- entry */
 
 static int add_lora_sparse(void *y, int64_t ldy, const void *x, int64_t ldx, const void *a, const void *bt,
                            const float *scale, const int32_t *rank, const int32_t *slots, int64_t T, int64_t d_in,
-                           int64_t d_out, int64_t S, int64_t R, int nthreads, int bf16) {
+                           int64_t d_out, int64_t S, int64_t R, int nthreads, int64_t dt) {
+    if (dt < DT_F32 || dt > DT_MIXED) return 4;
     if (T < 0 || d_in < 0 || d_out < 0 || S < 0 || R < 0 || T > INT32_MAX / 2 || S > INT32_MAX - 1) return 4;
     /* Scratch: count[S + 1] | tok[T] | tb[T] | h[T * R], each 64-byte aligned. */
     const size_t off_tok = ((size_t)(S + 1) * 4 + 63) & ~(size_t)63;
@@ -436,7 +466,7 @@ static int add_lora_sparse(void *y, int64_t ldy, const void *x, int64_t ldx, con
     int64_t ws = 0, we = 0, fmas = 0, bytes = 0;
     for (int32_t p = 0; p < n;) {
         const int32_t s = slots[tok[p]], end = count[s];
-        bytes += (int64_t)rank[s] * (d_in + d_out) * esize(bf16);
+        bytes += (int64_t)rank[s] * (d_in + d_out) * w_esize((int)dt);
         while (p < end) {
             tblock_t *b = &tb[n_tb++];
             b->slot = s;
@@ -452,7 +482,7 @@ static int add_lora_sparse(void *y, int64_t ldy, const void *x, int64_t ldx, con
         }
     }
     const job_t jb = {x, y, a, bt, scale, ldx, ldy, d_in, d_out, R, tok, h, tb, n_tb, ws, we};
-    void (*fn)(const job_t *, int, int) = bf16 ? run_bf16 : run_f32;
+    void (*fn)(const job_t *, int, int) = dt == DT_BF16 ? run_bf16 : dt == DT_MIXED ? run_mixed : run_f32;
     const int64_t est_ns = bytes / BYTES_PER_NS > fmas / FMAS_PER_NS ? bytes / BYTES_PER_NS : fmas / FMAS_PER_NS;
     if (nthreads <= 1 || est_ns < MIN_PAR_NS || omp_in_parallel()) {
         fn(&jb, 0, 1);
@@ -466,26 +496,35 @@ static int add_lora_sparse(void *y, int64_t ldy, const void *x, int64_t ldx, con
 int loraplex_add_lora_sparse_f32(float *y, int64_t ldy, const float *x, int64_t ldx, const float *a,
                                  const float *bt, const float *scale, const int32_t *rank, const int32_t *slots,
                                  int64_t T, int64_t d_in, int64_t d_out, int64_t S, int64_t R, int nthreads) {
-    return add_lora_sparse(y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, nthreads, 0);
+    return add_lora_sparse(y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, nthreads, DT_F32);
 }
 
 int loraplex_add_lora_sparse_bf16(uint16_t *y, int64_t ldy, const uint16_t *x, int64_t ldx, const uint16_t *a,
                                   const uint16_t *bt, const float *scale, const int32_t *rank,
                                   const int32_t *slots, int64_t T, int64_t d_in, int64_t d_out, int64_t S,
                                   int64_t R, int nthreads) {
-    return add_lora_sparse(y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, nthreads, 1);
+    return add_lora_sparse(y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, nthreads, DT_BF16);
 }
 
-/* Both entry points behind one pointer argument, which is cheaper to call through ctypes than
- * fifteen converted arguments: args = {bf16, y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in,
- * d_out, S, R, nthreads}, pointers as integers. */
+/* fp32 activations x, y with bf16 weights a, bt (dtype code 2). */
+int loraplex_add_lora_sparse_f32_bf16w(float *y, int64_t ldy, const float *x, int64_t ldx, const uint16_t *a,
+                                       const uint16_t *bt, const float *scale, const int32_t *rank,
+                                       const int32_t *slots, int64_t T, int64_t d_in, int64_t d_out, int64_t S,
+                                       int64_t R, int nthreads) {
+    return add_lora_sparse(y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, nthreads, DT_MIXED);
+}
+
+/* All entry points behind one pointer argument, which is cheaper to call through ctypes than
+ * fifteen converted arguments: args = {dt, y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in,
+ * d_out, S, R, nthreads}, pointers as integers; dt is the dtype code (0 = fp32, 1 = bf16,
+ * 2 = fp32 activations with bf16 weights; anything else returns 4). */
 int loraplex_add_lora_sparse_packed(const void *packed) {
     int64_t v[16];
     memcpy(v, packed, sizeof v); /* the caller's buffer need not be aligned */
     return add_lora_sparse((void *)(intptr_t)v[1], v[2], (const void *)(intptr_t)v[3], v[4],
                            (const void *)(intptr_t)v[5], (const void *)(intptr_t)v[6], (const float *)(intptr_t)v[7],
                            (const int32_t *)(intptr_t)v[8], (const int32_t *)(intptr_t)v[9], v[10], v[11], v[12],
-                           v[13], v[14], (int)v[15], v[0] != 0);
+                           v[13], v[14], (int)v[15], v[0]);
 }
 
 /* Which code path this build compiled: 1 = AVX-512, 0 = portable loops. */

@@ -141,3 +141,25 @@ def test_bf16_adapters_under_fp32_serving(tmp_path):
     base_logits = last_logits(base, ids)
     # bf16 rounding of the adapter weights moves the logits a little; the adapter's effect is far larger.
     assert (logits - ref).abs().max() < 0.05 * (ref - base_logits).abs().max()
+
+
+def test_a_failing_step_fails_its_batch_and_the_engine_keeps_serving(world, monkeypatch):
+    serving, tok = world
+    runner = serving.engine.runner
+    real = runner.execute
+    calls = {"n": 0}
+
+    def flaky(seqs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device fault")
+        return real(seqs)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    failed = eng.submit(serving, "boom", tok("hello")["input_ids"], None, params)
+    assert failed.done.wait(30)
+    assert failed.last.internal and failed.last.finish_reason is FinishReason.ERROR
+    ok = eng.submit(serving, "after", tok("hello")["input_ids"], "a", params)
+    assert ok.done.wait(30) and ok.last.error is None and len(ok.token_ids) == 4
+    _wait_idle(serving)

@@ -109,6 +109,8 @@ async def _first_output(outputs: AsyncIterator[RequestOutput], http: HttpRequest
         raise ApiError(499, "client disconnected", "client_closed_request")
     if out.error is not None:
         await outputs.aclose()
+        if out.internal:
+            raise ApiError(500, out.error, "internal_error")
         raise ApiError(400, out.error, "request_failed")
     return out
 
