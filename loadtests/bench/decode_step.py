@@ -76,14 +76,14 @@ def main() -> None:
         config = Config(
             lora=LoraConfig(adapters_dir=Path("/nonexistent"), max_lora_rank=args.rank,
                             max_loras=n_adapters, backend=backend, dtype=args.lora_dtype),
-            cache=CacheConfig(kv_cache_tokens=args.batch * (args.context + 16)),
+            cache=CacheConfig(kv_cache_tokens=args.batch * (args.context + 32)),
         )
         runner = build_serving(config, load_model(None, CACHE)).engine.runner
         fill_slots(runner, n_adapters, args.rank)
-        span = args.context + 16
-        ctx = [list(range(i * span, i * span + args.context + 1)) for i in range(args.batch)]
-        base = [SeqStep([100 + i], args.context, ctx[i], -1, True) for i in range(args.batch)]
-        mixed = [SeqStep([100 + i], args.context, ctx[i], i % n_adapters, True) for i in range(args.batch)]
+        per_seq = -(-(args.context + 1) // 16)  # KV blocks of 16 tokens
+        tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(args.batch)]
+        base = [SeqStep([100 + i], args.context, tables[i], -1, True) for i in range(args.batch)]
+        mixed = [SeqStep([100 + i], args.context, tables[i], i % n_adapters, True) for i in range(args.batch)]
         mixed.sort(key=lambda s: s.slot)
         base_t, lora_t = [], []
         for _ in range(args.rounds):

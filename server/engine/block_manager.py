@@ -36,8 +36,3 @@ class BlockManager:
 
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
-
-    def positions(self, blocks: list[int], start: int, end: int) -> list[int]:
-        """Flat cache positions of token positions ``start:end`` of a sequence."""
-        bs = self.block_size
-        return [blocks[p // bs] * bs + p % bs for p in range(start, end)]

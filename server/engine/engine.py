@@ -121,9 +121,8 @@ class Engine:
         for req, n in batch.steps:
             start = req.num_computed
             tokens = req.next_tokens(n)
-            req.kv_positions.extend(self.scheduler.blocks.positions(req.blocks, start, start + n))
             done_prompt = start + n >= req.num_tokens
-            seqs.append(SeqStep(tokens, start, req.kv_positions, req.slot, done_prompt))
+            seqs.append(SeqStep(tokens, start, req.blocks, req.slot, done_prompt))
             if done_prompt:
                 sampled.append(req)
         logits = self.runner.execute(seqs)

@@ -70,7 +70,6 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
-    kv_positions: list[int] = field(default_factory=list)
     slot: int = -1  # adapter slot while running; -1 = base model
     adapter_tier: str | None = None  # where the adapter was found when the request arrived
     finish_reason: FinishReason | None = None

@@ -1,4 +1,4 @@
-"""The C/OpenMP mixed-adapter LoRA kernel for CPU (fp32 and bf16), built on first use.
+"""The C/OpenMP mixed-adapter LoRA kernel for CPU (fp32, bf16, or fp32 with bf16 weights), built on first use.
 
 ``_lora_kernel.c`` is compiled and cached by :mod:`server.native` and loaded
 with ctypes, sharing torch's OpenMP thread pool.
@@ -17,7 +17,9 @@ from server.native import NativeLibrary
 
 _LIB = NativeLibrary(Path(__file__).with_name("_lora_kernel.c"), "lora_kernel")
 _F32, _BF16, _I32 = torch.float32, torch.bfloat16, torch.int32
-# {bf16, y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, threads}: see the C source
+# {dtype code, y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, threads}: see the C source
+# Dtype codes by (activation dtype of x and y, weight dtype of a and bt).
+_DT_CODES = {(_F32, _F32): 0, (_BF16, _BF16): 1, (_F32, _BF16): 2}
 _pack = struct.Struct("16q").pack
 _ERRORS = {
     1: "a slot index is >= the number of slots",
@@ -46,13 +48,15 @@ def add_lora_sparse(
     rank: torch.Tensor,
     slots: torch.Tensor,
 ) -> None:
-    """Add each token's low-rank term into ``y`` in place (CPU, fp32 or bf16).
+    """Add each token's low-rank term into ``y`` in place (CPU, fp32, bf16, or fp32 with bf16 weights).
 
     Shapes: ``y [T, d_out]`` and ``x [T, d_in]`` with unit column stride (any
     row stride, so ``y`` may be a column slice of a wider output);
     ``a [S, R, d_in]``, ``bt [S, R, d_out]`` (B transposed), ``scale [S]``
     float32, ``rank [S]`` int32 and ``slots [T]`` int32, all contiguous.
-    ``x``, ``y``, ``a`` and ``bt`` share one dtype, float32 or bfloat16.
+    Dtypes: ``x`` and ``y`` share one dtype and ``a`` and ``bt`` another, one
+    of (activations, weights) = (float32, float32), (bfloat16, bfloat16), or
+    (float32, bfloat16), the last reading half the adapter bytes.
 
     Semantics::
 
@@ -62,32 +66,26 @@ def add_lora_sparse(
             r = rank[s]
             y[t] += scale[s] * (x[t] @ a[s, :r].T) @ bt[s, :r]
 
-    Accumulated in fp32; bf16 ``y`` is rounded to nearest even once, when
-    stored. Raises ValueError on bad arguments (checked before ``y`` is touched).
+    Accumulated in fp32 (bf16 weights widen exactly, so the mixed case is
+    the fp32 result on ``a.float()``, ``bt.float()``); bf16 ``y`` is rounded
+    to nearest even once, when stored. Raises ValueError on bad arguments
+    (checked before ``y`` is touched).
     """
     fn = _fn
     if fn is None:
         if not available():
             raise RuntimeError("the CPU LoRA kernel is not available (see the logged build warning)")
         fn = _fn
-    dt = x.dtype
-    if dt is _F32:
-        bf16 = 0
-    elif dt is _BF16:
-        bf16 = 1
-    else:
-        raise ValueError(f"x must be float32 or bfloat16, got {dt}")
-    if not (
-        y.dtype is dt
-        and a.dtype is dt
-        and bt.dtype is dt
-        and scale.dtype is _F32
-        and rank.dtype is _I32
-        and slots.dtype is _I32
-    ):
+    code = _DT_CODES.get((x.dtype, a.dtype))
+    if code is None or y.dtype is not x.dtype or bt.dtype is not a.dtype:
         raise ValueError(
-            f"expected y, a, bt of x's dtype {dt}, scale float32, rank and slots int32; got y {y.dtype}, "
-            f"a {a.dtype}, bt {bt.dtype}, scale {scale.dtype}, rank {rank.dtype}, slots {slots.dtype}"
+            "expected x, y and a, bt as float32/float32, bfloat16/bfloat16 or float32/bfloat16 "
+            f"(x and y alike, a and bt alike); got x {x.dtype}, y {y.dtype}, a {a.dtype}, bt {bt.dtype}"
+        )
+    if not (scale.dtype is _F32 and rank.dtype is _I32 and slots.dtype is _I32):
+        raise ValueError(
+            f"expected scale float32, rank and slots int32; got scale {scale.dtype}, rank {rank.dtype}, "
+            f"slots {slots.dtype}"
         )
     if not (y.is_cpu and x.is_cpu and a.is_cpu and bt.is_cpu and scale.is_cpu and rank.is_cpu and slots.is_cpu):
         raise ValueError("all tensors must be on the CPU")
@@ -128,7 +126,7 @@ def add_lora_sparse(
         raise ValueError("a, bt, scale, rank and slots must be contiguous")
     err = fn(
         _pack(
-            bf16,
+            code,
             y.data_ptr(),
             ldy,
             x.data_ptr(),

@@ -41,37 +41,42 @@ class AttentionBatch:
     @classmethod
     def build(
         cls,
-        seqs: list[tuple[list[int], int]],
+        seqs: list[tuple[list[int], int, int]],
+        block_size: int,
         device: torch.device,
         decode_kernel: bool = False,
     ) -> AttentionBatch:
-        """``seqs``: per sequence, in packed order: (flat cache positions of its whole
-        context including this step's tokens, number of this step's tokens)."""
+        """``seqs``: per sequence, in packed order: (its block table, tokens already cached,
+        tokens this step). Cache positions are computed from block tables with tensor ops,
+        so the Python work per step grows with blocks, not with context length."""
+        bs = block_size
         slot_mapping: list[int] = []
         decode_rows: list[int] = []
-        decode_ctx: list[list[int]] = []
+        decode: list[tuple[list[int], int]] = []
         prefills: list[PrefillSpan] = []
         row = 0
-        for positions, new in seqs:
-            cached = len(positions) - new
-            slot_mapping.extend(positions[cached:])
+        for blocks, cached, new in seqs:
+            slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(cached, cached + new))
             if new == 1 and cached > 0:
                 decode_rows.append(row)
-                decode_ctx.append(positions)
+                decode.append((blocks, cached + 1))
             elif cached == 0:
                 prefills.append(PrefillSpan(row, row + new, None, None))
             else:
-                idx = torch.tensor(positions, dtype=torch.int64, device=device)
-                q_pos = torch.arange(cached, cached + new, device=device).unsqueeze(1)
-                k_pos = torch.arange(cached + new, device=device).unsqueeze(0)
+                length = cached + new
+                idx = _positions(torch.tensor([blocks], device=device), length, bs)[0]
+                q_pos = torch.arange(cached, length, device=device).unsqueeze(1)
+                k_pos = torch.arange(length, device=device).unsqueeze(0)
                 prefills.append(PrefillSpan(row, row + new, idx, k_pos <= q_pos))
             row += new
         d_rows = d_idx = d_mask = lengths = None
         if decode_rows:
-            longest = max(len(c) for c in decode_ctx)
+            longest = max(n for _, n in decode)
+            width = -(-longest // bs)
+            table = torch.tensor([b[:width] + [0] * (width - len(b[:width])) for b, _ in decode], device=device)
             d_rows = torch.tensor(decode_rows, dtype=torch.int64, device=device)
-            d_idx = torch.tensor([c + [0] * (longest - len(c)) for c in decode_ctx], device=device)
-            lengths = torch.tensor([len(c) for c in decode_ctx], dtype=torch.int32, device=device)
+            d_idx = _positions(table, longest, bs)
+            lengths = torch.tensor([n for _, n in decode], dtype=torch.int32, device=device)
             if not decode_kernel:
                 d_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
         return cls(
@@ -83,6 +88,12 @@ class AttentionBatch:
             prefills=tuple(prefills),
             decode_kernel=decode_kernel,
         )
+
+
+def _positions(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    """Flat cache positions ``[rows, length]`` of token positions ``0..length-1`` from block tables."""
+    p = torch.arange(length, device=table.device)
+    return table[:, p // block_size] * block_size + p % block_size
 
 
 def attend(

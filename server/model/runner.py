@@ -19,7 +19,7 @@ class SeqStep:
 
     token_ids: list[int]  # tokens fed this step (a prompt chunk, or the last sampled token)
     start: int  # position of token_ids[0] in the sequence
-    kv_positions: list[int]  # flat cache positions of the whole context through this step
+    blocks: list[int]  # the sequence's KV block table
     slot: int  # adapter slot, -1 for the base model
     sample: bool  # whether the logits of the last token are needed
 
@@ -39,6 +39,7 @@ class ModelRunner:
         lora_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
+        self.block_size = block_size
         self.device = model.device
         self.backend = backend
         self.decode_kernel = decode_kernel
@@ -71,7 +72,7 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             attention=AttentionBatch.build(
-                [(s.kv_positions, len(s.token_ids)) for s in seqs], dev, self.decode_kernel
+                [(s.blocks, s.start, len(s.token_ids)) for s in seqs], self.block_size, dev, self.decode_kernel
             ),
             lora=LoraBatch.build(token_slots, dev, self.backend),
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
@@ -83,5 +84,4 @@ class ModelRunner:
 
         It writes K/V into the first block only, which any later owner overwrites.
         """
-        positions = list(range(4))
-        self.execute([SeqStep([0, 1], 0, positions[:2], -1, True), SeqStep([0], 2, positions[:3], 0, True)])
+        self.execute([SeqStep([0, 1], 0, [0], -1, True), SeqStep([0], 2, [0], 0, True)])

@@ -107,9 +107,9 @@ def test_mixed_prefill_logits_match_peft(arch_setup, tokenizer, tmp_path):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             slot = got.slot
-        positions = list(range(offset, offset + len(ids)))
-        offset += 256
-        seqs.append(SeqStep(ids, 0, positions, slot, True))
+        blocks = list(range(offset, offset + 16))  # 16 blocks of 16 tokens, disjoint per sequence
+        offset += 16
+        seqs.append(SeqStep(ids, 0, blocks, slot, True))
         refs.append(last_logits(peft_model(base, paths[adapter] if adapter else None), ids))
     logits = runner.execute(seqs)
     for i, ref in enumerate(refs):

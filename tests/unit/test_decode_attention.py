@@ -19,20 +19,15 @@ def test_kernel_equals_sdpa_on_ragged_paged_contexts(heads, kv_heads, head_dim):
     v_cache = torch.randn(n_slots, kv_heads, head_dim, generator=g)
     # Five sequences with scattered, non-contiguous blocks and ragged lengths (1 to 70).
     perm = torch.randperm(n_slots // block, generator=g).tolist()
-    seqs = []
-    for i, length in enumerate([1, 17, 70, 33, 5]):
-        blocks = perm[i * 5 : i * 5 + 5]
-        positions = [blocks[p // block] * block + p % block for p in range(length)]
-        seqs.append((positions, 1))
+    # (block table, cached tokens, new tokens); the first has no cached prefix, so it is a prefill.
+    seqs = [(perm[i * 5 : i * 5 + 5], length - 1, 1) for i, length in enumerate([1, 17, 70, 33, 5])]
     t = len(seqs)
     q = torch.randn(t, heads, head_dim, generator=g)
     k = torch.randn(t, kv_heads, head_dim, generator=g)
     v = torch.randn(t, kv_heads, head_dim, generator=g)
-    seqs[0] = (seqs[0][0], 1)
     outs = []
     for kernel in (False, True):
         kc, vc = k_cache.clone(), v_cache.clone()
-        batch = AttentionBatch.build(seqs, torch.device("cpu"), decode_kernel=kernel)
-        # the first sequence has no cached prefix, so it is a one-token prefill
+        batch = AttentionBatch.build(seqs, block, torch.device("cpu"), decode_kernel=kernel)
         outs.append(attend(q, k, v, kc, vc, batch, head_dim**-0.5))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

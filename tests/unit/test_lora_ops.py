@@ -222,6 +222,118 @@ def test_kernel_builds_where_gcc_exists_and_shares_torchs_openmp():
     assert len(gomps) == 1, gomps  # bound to the libgomp torch loaded, not a second runtime
 
 
+# --------------------------------------------------------------------------- the kernel, mixed precision
+# The oracle is the fp32 reference on a.float(), bt.float(): bf16 widens to fp32 exactly.
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("rank_set", list(RANKS))
+@pytest.mark.parametrize("mix", MIXES)
+def test_kernel_mixed_precision_matches_reference(shape, rank_set, mix):
+    d_in, d_out = shape
+    ranks = list(RANKS[rank_set])
+    if mix == "rank0":
+        ranks[4::6] = [0] * len(ranks[4::6])
+    gen = seed("mixed", shape, rank_set, mix)
+    w = make_slots(d_in, d_out, ranks, torch.bfloat16, gen)
+    for t in TOKENS:
+        token_slots = make_token_slots(mix, t, ranks, gen)
+        x, y_wide, y = make_io(t, d_in, d_out, torch.float32, gen)
+        before = y_wide.clone()
+        ref = expected(y, x, w, token_slots)
+        slots = torch.tensor(token_slots, dtype=torch.int32)
+        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots)
+        assert y.dtype is torch.float32
+        assert_matches(y, ref, torch.float32)
+        assert_untouched(y_wide, before, token_slots, ranks)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("t", [1, 8, 33, 256])
+def test_kernel_mixed_precision_decode_shapes_and_threads(threads, t):
+    """The multi-threaded sizes, R = 64 with mixed ranks; also bit-for-bit the fp32 path on the widened weights."""
+    gen = torch.Generator().manual_seed(t * 10 + threads + 5)
+    ranks = [64, 16, 8, 0, 33, 1, 64, 12] * 4
+    w = make_slots(576, 1536, ranks, torch.bfloat16, gen)
+    token_slots = torch.randint(-1, len(ranks), (t,), generator=gen).tolist()
+    slots = torch.tensor(token_slots, dtype=torch.int32)
+    x, y_wide, y = make_io(t, 576, 1536, torch.float32, gen)
+    before = y_wide.clone()
+    ref = expected(y, x, w, token_slots)
+    y32_wide = y_wide.clone()
+    y32 = y32_wide[:, PAD[0] : PAD[0] + 1536]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots)
+        cpu_kernel.add_lora_sparse(y32, x, w.a.float(), w.bt.float(), w.scale, w.rank, slots)
+    finally:
+        torch.set_num_threads(old)
+    assert_matches(y, ref, torch.float32)
+    assert_untouched(y_wide, before, token_slots, ranks)
+    assert torch.equal(y_wide, y32_wide)  # same fp32 products in the same order
+
+
+@needs_kernel
+def test_kernel_mixed_precision_exact_weights():
+    """Weights that are exact in bf16 give exactly the fp32 kernel's result (small sizes: one thread)."""
+    gen = torch.Generator().manual_seed(21)
+    w = make_slots(67, 130, [16, 1, 3, 0, 5], torch.bfloat16, gen)
+    token_slots = [0, 1, -1, 2, 3, 4, 0, 0, 2]
+    slots = torch.tensor(token_slots, dtype=torch.int32)
+    x, y_wide, y = make_io(len(token_slots), 67, 130, torch.float32, gen)
+    y32_wide = y_wide.clone()
+    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots)
+    y32 = y32_wide[:, PAD[0] : PAD[0] + 130]
+    cpu_kernel.add_lora_sparse(y32, x, w.a.float(), w.bt.float(), w.scale, w.rank, slots)
+    assert torch.equal(y_wide, y32_wide)
+
+
+@needs_kernel
+def test_kernel_rejects_other_dtype_combinations_without_touching_y():
+    gen = torch.Generator().manual_seed(5)
+    w = make_slots(64, 32, [4, 4], torch.bfloat16, gen)
+    x, y = torch.randn(3, 64), torch.randn(3, 32)
+    slots = torch.tensor([0, 1, -1], dtype=torch.int32)
+    before = y.clone()
+    bad = [
+        dict(x=x.to(torch.bfloat16)),  # bf16 x, fp32 y
+        dict(x=x.to(torch.bfloat16), y=y.to(torch.bfloat16), a=w.a.float(), bt=w.bt.float()),  # bf16 act, fp32 w
+        dict(bt=w.bt.float()),  # a and bt differ
+        dict(a=w.a.float()),
+        dict(a=w.a.half(), bt=w.bt.half()),
+        dict(y=y.double(), x=x.double()),
+    ]
+    for override in bad:
+        args = dict(y=y, x=x, a=w.a, bt=w.bt, scale=w.scale, rank=w.rank, slots=slots) | override
+        with pytest.raises(ValueError, match="float32/bfloat16"):
+            cpu_kernel.add_lora_sparse(**args)
+        assert torch.equal(y, before), override.keys()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("mix", MIXES)
+def test_add_lora_cpu_kernel_mixed_precision(shape, mix):
+    """ops.add_lora on fp32 activations with bf16 slot buffers (CPU kernel only; TORCH needs one dtype)."""
+    d_in, d_out = shape
+    ranks = RANKS["mixed"]
+    gen = seed("ops-mixed", shape, mix)
+    w = make_slots(d_in, d_out, ranks, torch.bfloat16, gen)
+    for t in TOKENS:
+        token_slots = make_token_slots(mix, t, ranks, gen)
+        x, y_wide, y = make_io(t, d_in, d_out, torch.float32, gen)
+        before = y_wide.clone()
+        ref = expected(y, x, w, token_slots)
+        batch = LoraBatch.build(token_slots, torch.device("cpu"), LoraBackend.CPU_KERNEL, dense_min_tokens=16)
+        assert not batch.dense_segments  # the kernel takes every token
+        add_lora(y, x, w, batch)
+        assert_matches(y, ref, torch.float32)
+        assert_untouched(y_wide, before, token_slots, ranks)
+
+
 # --------------------------------------------------------------------------- ops.add_lora, every backend
 
 BACKENDS = [LoraBackend.REFERENCE, LoraBackend.TORCH]
