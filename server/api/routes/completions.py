@@ -35,16 +35,18 @@ async def create_completion(body: CompletionRequest, state: State, http: HttpReq
     headers = _adapter_headers(adapter, first)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _sse(first, outputs, request_id, body.model, include_usage)
+        stream = _sse(first, outputs, request_id, body.model or state.serving.model_name, include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
     text, last = first.text, first
     async for out in _until_disconnect(outputs, http):
         text += out.text
         last = out
+    if last.error is not None:
+        raise ApiError(500 if last.internal else 400, last.error, "request_failed")
     response = CompletionResponse(
         id=request_id,
         created=int(time.time()),
-        model=body.model,
+        model=body.model or state.serving.model_name,
         choices=[CompletionChoice(text=text, finish_reason=_reason(last))],
         usage=_usage(last),
     )
