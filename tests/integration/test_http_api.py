@@ -29,6 +29,17 @@ def world(tmp_path_factory):
     key = next(k for k in tensors if "lora_A" in k)
     tensors[key] = tensors[key][:, :10].contiguous()
     save_file(tensors, bad / "adapter_model.safetensors")
+    # More adapters that must be refused at load, each with a message naming its problem.
+    make_adapter(base, AdapterSpec("rank-32", 32, 32, ("q_proj",)), store, seed=2)  # the server allows 16
+    pickled = store / "pickled"
+    shutil.copytree(good, pickled)
+    (pickled / "adapter_model.safetensors").unlink()
+    (pickled / "adapter_model.bin").write_bytes(b"not even read")
+    alien = store / "alien-module"
+    shutil.copytree(good, alien)
+    tensors = load_file(alien / "adapter_model.safetensors")
+    tensors = {k.replace("layers.1.", "layers.9."): v for k, v in tensors.items()}
+    save_file(tensors, alien / "adapter_model.safetensors")
     cache = tmp_path_factory.mktemp("cache")
     app = create_app(lambda: eng.build(base, tok, store, cache, kv_tokens=2048))
     with TestClient(app) as client:
@@ -45,7 +56,8 @@ def test_health_ready_and_models(world):
     assert client.get("/ready").status_code == 200
     models = client.get("/v1/models").json()["data"]
     assert models[0]["id"] == "tiny" and models[0]["parent"] is None
-    assert {m["id"]: m["parent"] for m in models[1:]} == {"bad-shape": "tiny", "good": "tiny"}
+    names = ["alien-module", "bad-shape", "good", "pickled", "rank-32"]
+    assert [m["id"] for m in models[1:]] == names and {m["parent"] for m in models[1:]} == {"tiny"}
 
 
 def test_completion_with_adapter_equals_peft(world):
@@ -96,6 +108,9 @@ def test_streaming_equals_non_streaming(world):
         ({"model": "no-such-adapter", "prompt": "x"}, 404, "does not exist"),
         ({"model": "../../etc/passwd", "prompt": "x"}, 404, "does not exist"),
         ({"model": "bad-shape", "prompt": "x"}, 400, "shape mismatch"),
+        ({"model": "rank-32", "prompt": "x"}, 400, "rank 32 at model.layers.0.self_attn.q_proj exceeds"),
+        ({"model": "pickled", "prompt": "x"}, 400, "pickle"),
+        ({"model": "alien-module", "prompt": "x"}, 400, "model.layers.9.mlp.down_proj' does not exist"),
         ({"model": "good", "prompt": ""}, 400, "prompt is empty"),
         ({"model": "good", "prompt": []}, 400, "prompt is empty"),
         ({"model": "good", "prompt": "hello " * 3000}, 400, "context limit is 512"),
