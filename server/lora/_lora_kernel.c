@@ -41,8 +41,14 @@
  * widening shuffles). Dot products pair x and A the same way, and the expand
  * re-interleaves before it stores, so the split never shows. In the mixed
  * path the activations are fp32, so the bf16 weights are widened instead
- * (two 32-byte loads, zero-extend, shift) into the fp32 order [0, 16),
- * [16, 32) that x and y use.
+ * (one 64-byte load, then one zero-masked word permute per half) into the
+ * fp32 order [0, 16), [16, 32) that x and y use.
+ *
+ * Prefetch: each thread runs its tiles one behind the tile it has just
+ * worked out, and prefetches that next tile's adapter rows while computing
+ * (the weights are read once per call and come from DRAM in a real step); its
+ * first shrink tile is prefetched up front and its first expand tile during
+ * its last shrink tile, across the barrier.
  *
  * Return value: 0 on success, 1 if a slot is >= S, 2 if a used slot's rank is
  * outside [0, R], 3 if the scratch buffer could not be allocated, 4 on bad
@@ -131,12 +137,15 @@ static inline int w_mode(int dt) { return dt == DT_BF16 ? LD_SPLIT : dt == DT_MI
  * the elements read. */
 LP_INLINE void ld_pair(const void *base, int64_t k, uint32_t m, int masked, __m512 *lo, __m512 *hi, int mode) {
     if (mode == LD_WIDEN) {
+        /* One 64-byte load; each half widens with a single zero-masked word permute that puts
+         * element i in the high word of dword i (the low word zeroed): exact, and in order. */
         const uint16_t *p = (const uint16_t *)base + k;
-        __m256i v0 = masked ? _mm256_maskz_loadu_epi16((__mmask16)m, p) : _mm256_loadu_si256((const __m256i *)p);
-        __m256i v1 = masked ? _mm256_maskz_loadu_epi16((__mmask16)(m >> 16), p + 16)
-                            : _mm256_loadu_si256((const __m256i *)(p + 16));
-        *lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v0), 16));
-        *hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v1), 16));
+        __m512i v = masked ? _mm512_maskz_loadu_epi16(m, p) : _mm512_loadu_si512(p);
+        const __m512i idx_lo = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0,
+                                                4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
+        const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+        *lo = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx_lo, v));
+        *hi = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx_hi, v));
     } else if (mode == LD_SPLIT) {
         const uint16_t *p = (const uint16_t *)base + k;
         __m512i v = masked ? _mm512_maskz_loadu_epi16(m, p) : _mm512_loadu_si512(p);
@@ -204,7 +213,8 @@ LP_INLINE void shrink_step(__m512 acc[2][MT][MJ], const void *const *xr, const v
 
 /* h[p + i, j0 + q] = x[tok[p + i]] . A[slot, j0 + q] for i < NT, q < NJ. Small tiles keep the two
  * halves of each pair in separate accumulators, to have enough independent FMA chains. */
-LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt) {
+LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt,
+                           const char *pf, int pf_nj) {
     const int64_t d = jb->d_in, xs = act_esize(dt), ws = w_esize(dt);
     const void *xr[MT];
     const void *ar[MJ];
@@ -216,7 +226,20 @@ LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, in
         for (int i = 0; i < NT; ++i)
             for (int q = 0; q < NJ; ++q) acc[u][i][q] = _mm512_setzero_ps();
     int64_t k = 0;
-    for (; k + GW <= d; k += GW) shrink_step(acc, xr, ar, k, 0xFFFFFFFFu, 0, NT, NJ, U, dt);
+    if (pf) {
+        /* Stream the next tile's rows in while this one computes: one row's worth of lines per step. */
+        for (; k + GW <= d; k += GW) {
+            for (int q = 0; q < MJ; ++q) {
+                if (q >= pf_nj) break;
+                const char *pq = pf + (q * d + k) * ws;
+                _mm_prefetch(pq, _MM_HINT_T0);
+                if (ws == 4) _mm_prefetch(pq + 64, _MM_HINT_T0);
+            }
+            shrink_step(acc, xr, ar, k, 0xFFFFFFFFu, 0, NT, NJ, U, dt);
+        }
+    } else {
+        for (; k + GW <= d; k += GW) shrink_step(acc, xr, ar, k, 0xFFFFFFFFu, 0, NT, NJ, U, dt);
+    }
     if (k < d) shrink_step(acc, xr, ar, k, first_n(d - k), 1, NT, NJ, U, dt); /* the rest, as zeros */
     for (int i = 0; i < NT; ++i) {
         __m512 v[MJ];
@@ -233,7 +256,7 @@ LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, in
  * `last` masks the columns of the last group. BT is read row by row, so a tile spanning a whole
  * output row streams the adapter's block of BT in order. */
 LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, uint32_t last, int NT, int NG,
-                           int dt) {
+                           int dt, const char *pf, int pf_r, int pf_lines) {
     const int64_t d = jb->d_out, ys = act_esize(dt), ws = w_esize(dt);
     const int r = b->r;
     const char *btr = (const char *)jb->bt + ((int64_t)b->slot * jb->R * d + c0) * ws;
@@ -244,6 +267,8 @@ LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0
         for (int g = 0; g < NG; ++g) acc[i][g][0] = acc[i][g][1] = _mm512_setzero_ps();
     for (int j = 0; j < r; ++j) {
         const char *row = btr + j * d * ws;
+        if (pf && j < pf_r)
+            for (int l = 0; l < pf_lines; ++l) _mm_prefetch(pf + j * d * ws + l * 64, _MM_HINT_T0);
         __m512 hv[MT];
         for (int i = 0; i < NT; ++i) hv[i] = _mm512_set1_ps(hr[i][j]);
         for (int g = 0; g < NG; ++g) {
@@ -286,7 +311,10 @@ LP_INLINE float ld1(const void *base, int64_t i, int bf16) {
     return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
-LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt) {
+LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt,
+                           const char *pf, int pf_nj) {
+    (void)pf;
+    (void)pf_nj;
     const int64_t d = jb->d_in, xs = act_esize(dt), ws = w_esize(dt);
     const int xb = act_bf16(dt), wb = dt != DT_F32;
     for (int i = 0; i < NT; ++i) {
@@ -302,8 +330,11 @@ LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, in
 }
 
 LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, uint32_t last, int NT, int NG,
-                           int dt) {
+                           int dt, const char *pf, int pf_r, int pf_lines) {
     (void)last;
+    (void)pf;
+    (void)pf_r;
+    (void)pf_lines;
     const int64_t d = jb->d_out, ys = act_esize(dt), ws = w_esize(dt);
     const int wb = dt != DT_F32;
     const char *btr = (const char *)jb->bt + (int64_t)b->slot * jb->R * d * ws;
@@ -337,9 +368,10 @@ LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0
 
 /* Turn the runtime tile sizes into calls with constant sizes, so each instance is fully
  * unrolled with its accumulators in registers. */
-LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int nj, int dt) {
+LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int nj, int dt, const char *pf,
+                                int pf_nj) {
 #define LP_S(NT_, NJ_) \
-    case (NT_) * 8 + (NJ_): shrink_tile(jb, b, b->p0, j0, NT_, NJ_, dt); break;
+    case (NT_) * 8 + (NJ_): shrink_tile(jb, b, b->p0, j0, NT_, NJ_, dt, pf, pf_nj); break;
     switch (b->nt * 8 + nj) {
         LP_S(1, 1) LP_S(1, 2) LP_S(1, 3) LP_S(1, 4)
         LP_S(2, 1) LP_S(2, 2) LP_S(2, 3) LP_S(2, 4)
@@ -353,11 +385,12 @@ LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int n
 /* Column groups per expand tile, so that tokens x groups x 2 accumulators stay about 16. */
 static inline int expand_groups(int nt) { return nt == 1 ? 8 : nt == 2 ? 4 : nt == 3 ? 3 : 2; }
 
-LP_INLINE void expand_dispatch(const job_t *jb, const tblock_t *b, int64_t g0, int ng, int dt) {
+LP_INLINE void expand_dispatch(const job_t *jb, const tblock_t *b, int64_t g0, int ng, int dt, const char *pf,
+                                int pf_r, int pf_lines) {
     const int64_t c0 = g0 * GW;
     const uint32_t last = first_n(jb->d_out - (c0 + (int64_t)(ng - 1) * GW));
 #define LP_E(NT_, NG_) \
-    case (NT_) * 16 + (NG_): expand_tile(jb, b, b->p0, c0, last, NT_, NG_, dt); break;
+    case (NT_) * 16 + (NG_): expand_tile(jb, b, b->p0, c0, last, NT_, NG_, dt, pf, pf_r, pf_lines); break;
     switch (b->nt * 16 + ng) {
         LP_E(1, 1) LP_E(1, 2) LP_E(1, 3) LP_E(1, 4) LP_E(1, 5) LP_E(1, 6) LP_E(1, 7) LP_E(1, 8)
         LP_E(2, 1) LP_E(2, 2) LP_E(2, 3) LP_E(2, 4)
@@ -398,27 +431,83 @@ static inline int first_block(const job_t *jb, int64_t at, int expand) {
     return lo;
 }
 
+/* Prefetch n rows of `lines` cache lines each, `stride` bytes apart. */
+LP_INLINE void prefetch_rows(const char *p, int64_t n, int64_t stride, int64_t lines) {
+#if LP_AVX512
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t l = 0; l < lines; ++l) _mm_prefetch(p + i * stride + l * 64, _MM_HINT_T0);
+#else
+    (void)p, (void)n, (void)stride, (void)lines;
+#endif
+}
+
+/* Prefetch the first expand tile of the cost range [lo, hi), if any. */
+LP_INLINE void prefetch_first_expand(const job_t *jb, int64_t lo, int64_t hi, int dt) {
+    const int64_t ngroups = (jb->d_out + GW - 1) / GW, ws = w_esize(dt);
+    for (int t = first_block(jb, lo, 1); t < jb->n_tb && jb->tb[t].we < hi; ++t) {
+        const tblock_t *b = &jb->tb[t];
+        int64_t i0, i1;
+        unit_range(b->we, expand_unit(b), ngroups, lo, hi, &i0, &i1);
+        if (i0 >= i1) continue;
+        const int w = expand_groups(b->nt);
+        const int64_t ng = i1 - i0 < w ? i1 - i0 : w;
+        const int64_t c0 = i0 * GW, cw = (c0 + ng * GW < jb->d_out ? ng * GW : jb->d_out - c0);
+        prefetch_rows((const char *)jb->bt + ((int64_t)b->slot * jb->R * jb->d_out + c0) * ws, b->r, jb->d_out * ws,
+                      (cw * ws + 63) / 64);
+        return;
+    }
+}
+
 LP_INLINE void run(const job_t *jb, int tid, int nth, int dt) {
     {
         const int64_t lo = jb->ws_total * tid / nth, hi = jb->ws_total * (tid + 1) / nth;
+        const tblock_t *pb = NULL;
+        int pj = 0, pn = 0;
         for (int t = first_block(jb, lo, 0); t < jb->n_tb && jb->tb[t].ws < hi; ++t) {
             const tblock_t *b = &jb->tb[t];
             int64_t i0, i1;
             unit_range(b->ws, shrink_unit(b), b->r, lo, hi, &i0, &i1);
-            for (int64_t j = i0; j < i1; j += MJ) shrink_dispatch(jb, b, (int)j, (int)(i1 - j < MJ ? i1 - j : MJ), dt);
+            for (int64_t j = i0; j < i1; j += MJ) {
+                const int nj = (int)(i1 - j < MJ ? i1 - j : MJ);
+                /* Each tile prefetches the one run before it, so the pending tile runs once the next is known. */
+                const char *ptr = (const char *)jb->a + ((int64_t)b->slot * jb->R + j) * jb->d_in * w_esize(dt);
+                if (pb) shrink_dispatch(jb, pb, pj, pn, dt, ptr, nj);
+                else prefetch_rows(ptr, 1, 0, (nj * jb->d_in * w_esize(dt) + 63) / 64);
+                pb = b;
+                pj = (int)j;
+                pn = nj;
+            }
+        }
+        if (pb) {
+            /* The last tile prefetches this thread's first expand tile instead, to read it across the barrier. */
+            prefetch_first_expand(jb, jb->we_total * tid / nth, jb->we_total * (tid + 1) / nth, dt);
+            shrink_dispatch(jb, pb, pj, pn, dt, NULL, 0);
         }
     }
 #pragma omp barrier
     {
         const int64_t ngroups = (jb->d_out + GW - 1) / GW;
         const int64_t lo = jb->we_total * tid / nth, hi = jb->we_total * (tid + 1) / nth;
+        const tblock_t *pb = NULL;
+        int64_t pg = 0;
+        int pn = 0;
         for (int t = first_block(jb, lo, 1); t < jb->n_tb && jb->tb[t].we < hi; ++t) {
             const tblock_t *b = &jb->tb[t];
             const int w = expand_groups(b->nt);
             int64_t i0, i1;
             unit_range(b->we, expand_unit(b), ngroups, lo, hi, &i0, &i1);
-            for (int64_t g = i0; g < i1; g += w) expand_dispatch(jb, b, g, (int)(i1 - g < w ? i1 - g : w), dt);
+            for (int64_t g = i0; g < i1; g += w) {
+                const int ng = (int)(i1 - g < w ? i1 - g : w);
+                const int64_t c0 = g * GW, cw = (c0 + (int64_t)ng * GW < jb->d_out ? (int64_t)ng * GW : jb->d_out - c0);
+                const char *ptr = (const char *)jb->bt + ((int64_t)b->slot * jb->R * jb->d_out + c0) * w_esize(dt);
+                const int lines = (int)((cw * w_esize(dt) + 63) / 64);
+                if (pb) expand_dispatch(jb, pb, pg, pn, dt, ptr, b->r, lines);
+                pb = b;
+                pg = g;
+                pn = ng;
+            }
         }
+        if (pb) expand_dispatch(jb, pb, pg, pn, dt, NULL, 0, 0);
     }
 }
 
