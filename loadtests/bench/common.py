@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import platform
 import shlex
@@ -48,6 +50,17 @@ def make_adapters(loaded: LoadedModel, folder: Path, count: int, rank: int, seed
 
 
 TimedSink = Collected  # outputs with their arrival times
+
+
+def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` in a spawned process, as the server runs the engine.
+
+    A process whose main thread has run torch (the PEFT baselines) keeps an
+    OpenMP team alive, which would throttle the engine thread's.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def _cpu_seconds() -> tuple[float, float]:

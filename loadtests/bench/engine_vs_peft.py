@@ -28,8 +28,6 @@ Run: ``python -m loadtests.bench.engine_vs_peft [--requests 64] [--adapters 16] 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import multiprocessing
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from loadtests.bench.common import (
     CACHE_DIR,
     TimedSink,
     cpu_check,
+    in_fresh_process,
     load_default,
     make_adapters,
     quiet_run,
@@ -209,14 +208,8 @@ def run_loraplex(
 def run_loraplex_isolated(
     adapters_dir: Path, work: Work, rank: int, backend: str, runs: int, inline: bool
 ) -> Result:
-    """:func:`run_loraplex` in a fresh process, as the server runs it.
-
-    In this process the PEFT baselines have run torch on the main thread, which
-    keeps an OpenMP team alive and would throttle the engine thread's.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(_child, adapters_dir, work, rank, backend, runs, inline).result()
+    """:func:`run_loraplex` in a fresh process, as the server runs it."""
+    return in_fresh_process(_child, adapters_dir, work, rank, backend, runs, inline)
 
 
 def _child(adapters_dir: Path, work: Work, rank: int, backend: str, runs: int, inline: bool) -> Result:

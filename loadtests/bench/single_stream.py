@@ -22,8 +22,6 @@ Run: ``python -m loadtests.bench.single_stream [--max-tokens 128] [--runs 3]``
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import multiprocessing
 import statistics
 import tempfile
 import time
@@ -37,6 +35,7 @@ from loadtests.bench.common import (
     CACHE_DIR,
     TimedSink,
     cpu_check,
+    in_fresh_process,
     load_default,
     make_adapters,
     quiet_run,
@@ -209,9 +208,7 @@ def main() -> None:
 
         # The engine as served, in a fresh process (this one has run torch on its main thread, whose
         # live OpenMP team would throttle the engine thread's), then stepped inline (a diagnostic).
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            child = pool.submit(loraplex_rows, adapters_dir, prompt, name, args).result()
+        child = in_fresh_process(loraplex_rows, adapters_dir, prompt, name, args)
         results.update(child[0])
         outputs.update(child[1])
         backend = child[2]
