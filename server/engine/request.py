@@ -11,6 +11,8 @@ from adapters_store.local import StoredAdapter
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+GREEDY_BELOW = 1e-5  # temperatures this small sample greedily (dividing by them overflows)
+MAX_SEED = 2**63 - 1
 
 
 class RequestStatus(enum.Enum):
@@ -47,6 +49,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0")
+        if self.seed is not None and not (0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be between 0 and {MAX_SEED}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
@@ -54,7 +58,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 @dataclass

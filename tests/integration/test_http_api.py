@@ -116,6 +116,8 @@ def test_streaming_equals_non_streaming(world):
         ({"model": "good", "prompt": "hello " * 3000}, 400, "context limit is 512"),
         ({"model": "good", "prompt": "x", "max_tokens": 5000}, 400, "exceeds the context limit"),
         ({"model": "good", "prompt": [1, 99999]}, 400, "token ids"),
+        ({"model": "good", "prompt": "x", "seed": 2**70}, 400, "seed must be between"),
+        ({"model": "good", "prompt": "x", "stop": ["a"] * 17}, 400, "at most 16 stop strings"),
         ({"model": "good", "prompt": "x", "max_tokens": -1}, 422, "max_tokens"),
         ({"model": "good", "prompt": "x", "temperature": "hot"}, 422, "temperature"),
         ({"model": "good"}, 422, "prompt"),

@@ -56,6 +56,17 @@ def test_sampling_params_are_validated():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="stop"):
         SamplingParams(stop=("",))
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**70)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=-1)
+
+
+def test_tiny_temperatures_sample_greedily_instead_of_overflowing():
+    logits = torch.randn(2, 50) * 30
+    params = SamplingParams(temperature=1e-30, seed=1)
+    assert params.greedy
+    assert Sampler(torch.device("cpu")).sample(logits, [("t", params), ("u", params)]) == logits.argmax(-1).tolist()
 
 
 def test_greedy_rows_take_the_argmax_and_seeds_repeat():
