@@ -25,7 +25,8 @@ router = APIRouter()
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, state: State, http: HttpRequest):
     """Complete ``prompt`` with the base model or the adapter named by ``model``."""
-    adapter = state.adapters.resolve(body.model)
+    # File reads and hashing on first sight of an adapter version: off the event loop.
+    adapter = await asyncio.to_thread(state.adapters.resolve, body.model)
     prompt_ids = _prompt_ids(body, state)
     params = _sampling(body, len(prompt_ids), state.serving.max_model_len)
     request_id = f"cmpl-{uuid.uuid4().hex}"
