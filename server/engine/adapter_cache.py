@@ -109,7 +109,6 @@ class AdapterCache:
         self.slots.write(slot, weights)
         self._key_of[slot] = key
         self._slot_of[key] = slot
-        self._idle[slot] = None
         self._take(slot)
         return Acquired(Residency.READY, slot)
 
