@@ -1,0 +1,92 @@
+"""The adapter cache's tiers with a fake loader: LRU slots, references, host bound, failures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from adapters_store.base_model import BaseModelSpec
+from adapters_store.errors import InvalidAdapter
+from adapters_store.local import StoredAdapter
+from adapters_store.tensors import AdapterWeights
+from server.engine.adapter_cache import AdapterCache, Residency
+from server.lora.slots import SlotPool
+
+MODULE = "model.layers.0.self_attn.q_proj"
+
+
+def weights(value: float, rank: int = 2) -> AdapterWeights:
+    return AdapterWeights(
+        a={MODULE: torch.full((rank, 8), value)}, b={MODULE: torch.full((8, rank), value)}, scale={MODULE: 1.0}
+    )
+
+
+def make(slots: int = 2, host_bytes: int = 1 << 20, broken=()) -> AdapterCache:
+    spec = BaseModelSpec("llama", {MODULE: (8, 8)}, frozenset())
+    pool = SlotPool({MODULE: (8, 8)}, slots, 4, torch.float32, torch.device("cpu"))
+
+    def load(path: Path) -> AdapterWeights:
+        if path.name in broken:
+            raise InvalidAdapter(f"{path.name} is broken")
+        return weights(float(len(path.name)))
+
+    return AdapterCache(spec, pool, host_bytes, 4, torch.float32, loader=load)
+
+
+def adapter(name: str) -> StoredAdapter:
+    return StoredAdapter(name, Path("/store") / name, "v1")
+
+
+def ready(cache: AdapterCache, name: str) -> int:
+    deadline = time.monotonic() + 10
+    while (got := cache.acquire(adapter(name))).state is not Residency.READY:
+        assert got.state is Residency.LOADING, got
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return got.slot
+
+
+def test_cold_adapter_loads_off_thread_then_lands_in_a_slot():
+    cache = make()
+    assert cache.tier(adapter("a")) == "disk"
+    assert cache.acquire(adapter("a")).state is Residency.LOADING
+    slot = ready(cache, "a")
+    assert cache.tier(adapter("a")) == "device"
+    m = cache.slots.modules[MODULE]
+    assert m.host_rank[slot] == 2 and torch.all(m.a[slot, :2] == 1.0) and torch.all(m.a[slot, 2:] == 0)
+
+
+def test_least_recently_used_idle_slot_is_evicted_and_held_slots_never_are():
+    cache = make(slots=2)
+    sa, sb = ready(cache, "a"), ready(cache, "b")
+    cache.release(sa)
+    cache.release(sb)  # both idle; a is the least recently used
+    sc = ready(cache, "cc")
+    assert sc == sa and cache.tier(adapter("a")) == "host" and cache.tier(adapter("b")) == "device"
+    # b and cc now held: a third adapter must wait, not evict.
+    assert cache.acquire(adapter("b")).slot == sb
+    assert cache.acquire(adapter("a")).state is Residency.NO_SLOT
+    cache.release(sc)
+    assert cache.acquire(adapter("a")).slot == sc
+    assert torch.all(cache.slots.modules[MODULE].a[sc, :2] == 1.0)  # a's weights, cc's cleared
+
+
+def test_host_tier_stays_under_its_bound():
+    one = weights(1.0).nbytes
+    cache = make(slots=1, host_bytes=2 * one)
+    for name in ["a", "b", "c", "d"]:
+        cache.release(ready(cache, name))
+    assert cache.host_bytes <= 2 * one
+
+
+def test_a_broken_adapter_fails_without_touching_the_others():
+    cache = make(broken={"bad"})
+    cache.acquire(adapter("bad"))
+    deadline = time.monotonic() + 10
+    while (got := cache.acquire(adapter("bad"))).state is Residency.LOADING:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert got.state is Residency.FAILED and "broken" in got.error
+    assert ready(cache, "a") >= 0 and cache.slots_in_use == 1
