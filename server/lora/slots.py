@@ -40,6 +40,7 @@ class SlotPool:
                 host_scale=[0.0] * num_slots,
             )
         self._touched: list[set[str]] = [set() for _ in range(num_slots)]
+        self._projections: list[frozenset[str]] = [frozenset()] * num_slots
 
     @property
     def nbytes(self) -> int:
@@ -58,6 +59,11 @@ class SlotPool:
             m.host_rank[slot] = r
             m.host_scale[slot] = weights.scale[name]
         self._touched[slot] = set(weights.a)
+        self._projections[slot] = frozenset(name.rsplit(".", 1)[-1] for name in weights.a)
+
+    def projections(self, slot: int) -> frozenset[str]:
+        """Short names (``q_proj``, ...) of the projections the adapter in ``slot`` changes in some layer."""
+        return self._projections[slot]
 
     def clear(self, slot: int) -> None:
         """Zero what the slot's previous adapter wrote, so the slot contributes exactly zero."""
@@ -71,3 +77,4 @@ class SlotPool:
             m.host_rank[slot] = 0
             m.host_scale[slot] = 0.0
         self._touched[slot] = set()
+        self._projections[slot] = frozenset()

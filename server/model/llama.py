@@ -27,6 +27,7 @@ class StepInputs:
     positions: torch.Tensor  # [T] int64
     attention: AttentionBatch
     lora: LoraBatch
+    lora_projections: frozenset[str]  # projections some adapter of this step changes; the rest skip LoRA
     sample_rows: torch.Tensor  # [n] int64: rows whose next-token logits are needed
 
 
@@ -100,9 +101,9 @@ class CausalLM:
         x = self.embed.index_select(0, step.input_ids)
         cos = self.rope_cos.index_select(0, step.positions).unsqueeze(1)  # [T, 1, hd]
         sin = self.rope_sin.index_select(0, step.positions).unsqueeze(1)
-        use_lora = step.lora.has_lora
+        active = step.lora_projections if step.lora.has_lora else frozenset()
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
-            lora = layer.lora if use_lora else {}
+            lora = {name: slots for name, slots in layer.lora.items() if name in active}
             h = F.rms_norm(x, (s.hidden,), layer.ln_in, s.rms_eps)
             qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
             for name, (lo, hi) in self.qkv_slices.items():

@@ -75,9 +75,13 @@ class ModelRunner:
                 [(s.blocks, s.start, len(s.token_ids)) for s in seqs], self.block_size, dev, self.decode_kernel
             ),
             lora=LoraBatch.build(token_slots, dev, self.backend),
+            lora_projections=self._projections({seq.slot for seq in seqs}),
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
         return self.model.forward(step, self.kv_cache)
+
+    def _projections(self, slots: set[int]) -> frozenset[str]:
+        return frozenset().union(*(self.slots.projections(s) for s in slots if s >= 0))
 
     def warmup(self) -> None:
         """One small mixed step (base and slot 0) so the first request pays no first-call costs.
