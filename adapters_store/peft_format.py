@@ -74,9 +74,6 @@ class AdapterBinding:
     def target_modules(self) -> list[str]:
         return sorted({m.module.rsplit(".", 1)[-1] for m in self.modules})
 
-    def parameter_count(self, spec: BaseModelSpec) -> int:
-        return sum(m.rank * sum(spec.modules[m.module]) for m in self.modules)
-
 
 def read_manifest(folder: Path) -> AdapterManifest:
     """Parse ``adapter_config.json`` and the safetensors header of an adapter folder."""

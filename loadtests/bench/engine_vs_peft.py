@@ -50,7 +50,7 @@ from loadtests.bench.common import (
 )
 from server.engine.request import FinishReason, Request, SamplingParams
 from server.lora import cpu_kernel
-from server.model.loading import LoadedModel, load_model
+from server.model.loading import LoadedModel
 from tests.helpers import engine as eng
 
 
@@ -202,7 +202,7 @@ def run_loraplex(
         return result
     finally:
         if not inline:
-            serving.engine.stop()
+            serving.stop()
 
 
 def run_loraplex_isolated(
@@ -213,9 +213,8 @@ def run_loraplex_isolated(
 
 
 def _child(adapters_dir: Path, work: Work, rank: int, backend: str, runs: int, inline: bool) -> Result:
-    torch.set_num_threads(2)
-    loaded = load_model(None, CACHE_DIR)
-    return run_loraplex(loaded, adapters_dir, work, rank, backend, runs, inline)
+    setup_torch()
+    return run_loraplex(load_default(), adapters_dir, work, rank, backend, runs, inline)
 
 
 # -- PEFT -------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def loraplex_rows(adapters_dir: Path, prompt: list[int], name: str, args) -> tup
                 }
         finally:
             if not inline:
-                serving.engine.stop()
+                serving.stop()
 
     return results, outputs, backend
 

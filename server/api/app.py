@@ -36,7 +36,7 @@ def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
             yield
         finally:
             state.ready = False
-            await asyncio.to_thread(serving.engine.stop)
+            await asyncio.to_thread(serving.stop)
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -121,9 +121,6 @@ class AdapterCache:
         if self._refs[slot] == 0:
             self._idle[slot] = None  # most recently used end
 
-    def forget_failure(self, adapter: StoredAdapter) -> None:
-        self._failed.pop((adapter.name, adapter.version), None)
-
     def collect(self) -> None:
         """Move finished disk loads into the host tier."""
         while True:

@@ -35,6 +35,7 @@ class Serving:
     """What the HTTP side needs: the engine and the facts about the served model."""
 
     engine: Engine
+    adapters: AdapterCache
     tokenizer: PreTrainedTokenizerBase
     store: LocalAdapterStore
     spec: BaseModelSpec
@@ -42,6 +43,11 @@ class Serving:
     max_model_len: int
     max_lora_rank: int
     created: int
+
+    def stop(self) -> None:
+        """Stop the engine (aborting what still runs), then the adapter loader thread."""
+        self.engine.stop()
+        self.adapters.close()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -166,6 +172,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     )
     return Serving(
         engine=engine,
+        adapters=adapters,
         tokenizer=loaded.tokenizer,
         store=LocalAdapterStore(config.lora.adapters_dir),
         spec=spec,

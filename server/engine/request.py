@@ -95,10 +95,6 @@ class Request:
     def max_total_tokens(self) -> int:
         return len(self.prompt_ids) + self.params.max_tokens
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status is RequestStatus.FINISHED
-
     def next_tokens(self, budget: int) -> list[int]:
         """Tokens to feed next: a prompt chunk of at most ``budget``, or the last sampled token."""
         if self.in_prefill:

@@ -47,10 +47,6 @@ class LoraBatch:
     backend: LoraBackend
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.token_slots.shape[0])
-
-    @property
     def has_lora(self) -> bool:
         return bool(self.dense_segments) or self.sparse_rows is not None
 

@@ -23,7 +23,7 @@ def world(tmp_path_factory):
     serving = eng.build(base, tok, store, tmp_path_factory.mktemp("cache"), kv_tokens=2048)
     serving.engine.start()
     yield serving, tok
-    serving.engine.stop()
+    serving.stop()
 
 
 def _idle(serving) -> bool:
@@ -104,7 +104,7 @@ def test_bfloat16_serving_runs_mixed_batches(tmp_path):
             assert s.done.wait(30) and s.last.error is None and len(s.token_ids) == 6
         assert sinks[0].token_ids == sinks[2].token_ids
     finally:
-        serving.engine.stop()
+        serving.stop()
 
 
 def test_bf16_adapters_under_fp32_serving(tmp_path):

@@ -74,7 +74,7 @@ def test_concurrent_mixed_batch_matches_peft(arch_setup, tokenizer, tmp_path, ba
         for sink in sinks:
             assert sink.done.wait(60), "request did not finish"
     finally:
-        serving.engine.stop()
+        serving.stop()
     adapter_outputs = 0
     for i, sink in enumerate(sinks):
         assert sink.last.error is None, sink.last.error

@@ -193,7 +193,6 @@ def test_kernel_rejects_bad_arguments_without_touching_y():
     w = make_slots(64, 32, [4, 4], torch.float32, gen)
     x, y = torch.randn(3, 64), torch.randn(3, 32)
     slots = torch.tensor([0, 1, -1], dtype=torch.int32)
-    before = y.clone()
     bad = [
         dict(x=x.double()),
         dict(y=y.to(torch.bfloat16)),
@@ -207,11 +206,7 @@ def test_kernel_rejects_bad_arguments_without_touching_y():
         dict(rank=torch.tensor([4, 17], dtype=torch.int32)),  # rank above R
         dict(scale=w.scale.double()),
     ]
-    for override in bad:
-        args = dict(y=y, x=x, a=w.a, bt=w.bt, scale=w.scale, rank=w.rank, slots=slots) | override
-        with pytest.raises(ValueError):
-            cpu_kernel.add_lora_sparse(**args)
-        assert torch.equal(y, before), override.keys()
+    _assert_rejected(w, x, y, slots, bad)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
@@ -297,7 +292,6 @@ def test_kernel_rejects_other_dtype_combinations_without_touching_y():
     w = make_slots(64, 32, [4, 4], torch.bfloat16, gen)
     x, y = torch.randn(3, 64), torch.randn(3, 32)
     slots = torch.tensor([0, 1, -1], dtype=torch.int32)
-    before = y.clone()
     bad = [
         dict(x=x.to(torch.bfloat16)),  # bf16 x, fp32 y
         dict(x=x.to(torch.bfloat16), y=y.to(torch.bfloat16), a=w.a.float(), bt=w.bt.float()),  # bf16 act, fp32 w
@@ -306,11 +300,7 @@ def test_kernel_rejects_other_dtype_combinations_without_touching_y():
         dict(a=w.a.half(), bt=w.bt.half()),
         dict(y=y.double(), x=x.double()),
     ]
-    for override in bad:
-        args = dict(y=y, x=x, a=w.a, bt=w.bt, scale=w.scale, rank=w.rank, slots=slots) | override
-        with pytest.raises(ValueError, match="float32/bfloat16"):
-            cpu_kernel.add_lora_sparse(**args)
-        assert torch.equal(y, before), override.keys()
+    _assert_rejected(w, x, y, slots, bad, match="float32/bfloat16")
 
 
 @needs_kernel
@@ -389,3 +379,13 @@ def test_add_lora_without_adapters_is_a_no_op(backend):
     before = y_wide.clone()
     add_lora(y, x, w, LoraBatch.build([-1] * 9, torch.device("cpu"), backend))
     assert torch.equal(y_wide, before)
+
+
+def _assert_rejected(w, x, y, slots, bad: list[dict], match: str | None = None) -> None:
+    """Each override of the good arguments raises ValueError and leaves ``y`` as it was."""
+    before = y.clone()
+    for override in bad:
+        args = dict(y=y, x=x, a=w.a, bt=w.bt, scale=w.scale, rank=w.rank, slots=slots) | override
+        with pytest.raises(ValueError, match=match):
+            cpu_kernel.add_lora_sparse(**args)
+        assert torch.equal(y, before), override.keys()
