@@ -19,3 +19,13 @@ class InvalidAdapter(AdapterError):
     """The adapter's files are malformed, unsafe, or do not fit the served base model."""
 
     code = "invalid_adapter"
+
+
+class InvalidUpload(AdapterError):
+    """The upload itself is malformed: missing or unexpected files, an unsafe archive."""
+
+    code = "invalid_upload"
+
+
+class UploadTooLarge(AdapterError):
+    code = "upload_too_large"

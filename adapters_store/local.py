@@ -1,69 +1,270 @@
-"""The local-directory store: one folder per adapter name under a root directory."""
+"""The local-directory store.
+
+Layout under ``root``::
+
+    <name> -> .objects/<version>     a name written through the store: a symlink, swapped atomically
+    <name>/                          a folder an operator placed by hand (read as is)
+    .objects/<version>/              the files of one version, content-addressed, never modified
+    .staging/<random>/               uploads being assembled (+ <random>.lock while a process works on it)
+    .trash/                          things on their way out
+    .lock                            serialises writers, across processes too
+
+An upload is assembled and fsynced under ``.staging``, renamed into
+``.objects/<version>`` (atomic), and published by renaming a new symlink over
+``<name>`` (atomic). A crash before the last rename leaves the old state; after
+it, the new one. :meth:`LocalAdapterStore.recover` removes what a crash left.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import fcntl
+import os
+import re
+import shutil
 import threading
-from dataclasses import dataclass
+import uuid
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
+from adapters_store.backend import ADAPTER_FILES, PutResult, StoredAdapter, content_digest
 from adapters_store.errors import AdapterNotFound
 from adapters_store.names import check_name
-from adapters_store.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from adapters_store.peft_format import CONFIG_FILE
 
-
-@dataclass(frozen=True)
-class StoredAdapter:
-    name: str
-    path: Path
-    version: str  # sha256 of the config and weights files
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version[:12]}"
+OBJECTS, STAGING, TRASH, LOCK = ".objects", ".staging", ".trash", ".lock"
+_VERSION = re.compile(r"[0-9a-f]{64}")
+_REPLACED = ".replaced"  # suffix of a hand-placed folder moved aside while a symlink replaces it
 
 
 class LocalAdapterStore:
-    """Adapters as folders ``root/<name>/`` in PEFT format."""
+    """Adapters as folders under ``root`` in PEFT format; see the module docstring for the layout."""
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self._digests: dict[Path, tuple[tuple[int, int, int, int], str]] = {}
+        self.root = Path(root)
+        self._objects = self.root / OBJECTS
         self._lock = threading.Lock()
+        self._digests: dict[Path, tuple[tuple[int, ...], str]] = {}
 
-    def get(self, name: str) -> StoredAdapter:
-        """The stored adapter called ``name``; :class:`AdapterNotFound` if there is none."""
-        check_name(name)
-        path = self.root / name
-        if not path.is_dir() or not (path / CONFIG_FILE).is_file():
-            raise AdapterNotFound(f"adapter {name!r} not found")
-        return StoredAdapter(name=name, path=path, version=self._digest(path))
+    # -- reading --------------------------------------------------------------
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(
-            p.name
-            for p in self.root.iterdir()
-            if not p.name.startswith(".") and p.is_dir() and (p / CONFIG_FILE).is_file()
-        )
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
 
-    def _digest(self, path: Path) -> str:
-        files = [path / CONFIG_FILE, path / WEIGHTS_FILE]
-        stats = [f.stat() if f.exists() else None for f in files]
-        key = tuple(v for s in stats for v in ((s.st_size, s.st_mtime_ns) if s else (-1, -1)))
+    def get(self, name: str) -> StoredAdapter:
+        """The current version of ``name``; :class:`AdapterNotFound` if there is none."""
+        check_name(name)
+        adapter = self._lookup(name)
+        if adapter is None:
+            raise AdapterNotFound(f"adapter {name!r} not found")
+        return adapter
+
+    def locate(self, adapter: StoredAdapter) -> Path:
+        obj = self._objects / adapter.version
+        if (obj / CONFIG_FILE).is_file():
+            return obj
+        path = self.root / adapter.name
+        if self._linked_version(path) is None and path.is_dir() and self._digest(path) == adapter.version:
+            return path
+        raise AdapterNotFound(f"version {adapter.version[:12]} of adapter {adapter.name!r} is no longer stored")
+
+    # -- writing --------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        area = self.root / STAGING
+        area.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        path, lock_path = area / token, area / f"{token}.lock"
+        with lock_path.open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # tells recover() a live process owns this folder
+            path.mkdir()
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
+                lock_path.unlink(missing_ok=True)
+
+    def put(self, name: str, staged: Path) -> PutResult:
+        check_name(name)
+        version = content_digest(staged)
+        for f in ADAPTER_FILES:
+            if (staged / f).exists():
+                _fsync(staged / f)
+        with self._write_lock():
+            obj = self._objects / version
+            if obj.exists():
+                shutil.rmtree(staged)
+            else:
+                self._objects.mkdir(exist_ok=True)
+                os.rename(staged, obj)
+                _fsync(self._objects)
+            previous = self._lookup(name)
+            path = self.root / name
+            if previous is not None and self._linked_version(path) == version:
+                return PutResult(StoredAdapter(name, version, obj), previous)
+            link = self.root / STAGING / f"link-{uuid.uuid4().hex}"
+            os.symlink(f"{OBJECTS}/{version}", link)
+            aside = None
+            if previous is not None and self._linked_version(path) is None:
+                aside = self._move_aside(path, name + _REPLACED)
+            os.replace(link, path)
+            _fsync(self.root)
+            if aside is not None and previous is not None:
+                self._retire_folder(aside, previous.version)
+        return PutResult(StoredAdapter(name, version, obj), previous)
+
+    def delete(self, name: str) -> StoredAdapter:
+        check_name(name)
+        with self._write_lock():
+            adapter = self._lookup(name)
+            if adapter is None:
+                raise AdapterNotFound(f"adapter {name!r} not found")
+            path = self.root / name
+            if path.is_symlink():
+                path.unlink()
+            else:
+                self._retire_folder(path, adapter.version)
+            _fsync(self.root)
+        return adapter
+
+    def collect_garbage(self, in_use: Collection[str]) -> list[str]:
+        with self._write_lock():
+            return self._collect(set(in_use))
+
+    def recover(self) -> list[str]:
+        """Remove unfinished uploads, undo an interrupted replacement, drop unreferenced versions."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        report: list[str] = []
+        with self._write_lock():
+            staging = self.root / STAGING
+            for p in sorted(staging.iterdir()) if staging.is_dir() else []:
+                if p.suffix == ".lock":
+                    if not (staging / p.stem).exists() and _unowned(p):
+                        p.unlink(missing_ok=True)
+                    continue
+                if not _unowned(staging / f"{p.name}.lock"):
+                    continue
+                report.append(f"removed an unfinished upload ({_size(p)} bytes): {p.name}")
+                _remove(p)
+                (staging / f"{p.name}.lock").unlink(missing_ok=True)
+            trash = self.root / TRASH
+            for p in sorted(trash.iterdir()) if trash.is_dir() else []:
+                name = p.name.removesuffix(_REPLACED)
+                target = self.root / name
+                if p.name.endswith(_REPLACED) and not target.exists() and not target.is_symlink():
+                    os.rename(p, target)
+                    report.append(f"restored adapter {name!r}: its replacement was interrupted")
+                else:
+                    _remove(p)
+                    report.append(f"finished removing {p.name}")
+            for p in sorted(self.root.iterdir()):
+                if not p.name.startswith(".") and p.is_symlink() and not p.exists():
+                    report.append(f"adapter {p.name!r} points to missing files ({os.readlink(p)}); not served")
+            report += self._collect(set())
+            _fsync(self.root)
+        return report
+
+    # -- internals ------------------------------------------------------------
+
+    def _lookup(self, name: str) -> StoredAdapter | None:
+        path = self.root / name
+        version = self._linked_version(path)
+        if version is not None:
+            obj = self._objects / version
+            return StoredAdapter(name, version, obj) if (obj / CONFIG_FILE).is_file() else None
+        if path.is_dir() and (path / CONFIG_FILE).is_file():
+            return StoredAdapter(name, self._digest(path), path)
+        return None
+
+    def _linked_version(self, path: Path) -> str | None:
+        """The version a name's symlink points to, or None if ``path`` is not one of our symlinks."""
+        if not path.is_symlink():
+            return None
+        target = os.readlink(path)
+        head, _, version = target.partition("/")
+        return version if head == OBJECTS and _VERSION.fullmatch(version) else None
+
+    def _move_aside(self, path: Path, as_name: str) -> Path:
+        trash = self.root / TRASH
+        trash.mkdir(exist_ok=True)
+        aside = trash / as_name
+        _remove(aside)
+        os.rename(path, aside)
+        return aside
+
+    def _retire_folder(self, folder: Path, version: str) -> None:
+        """Keep a hand-placed folder's files readable as ``.objects/<version>`` until garbage collection."""
+        obj = self._objects / version
+        if obj.exists():
+            _remove(self._move_aside(folder, f"{version}-{uuid.uuid4().hex}"))
+        else:
+            self._objects.mkdir(exist_ok=True)
+            os.rename(folder, obj)
+            _fsync(self._objects)
+
+    def _collect(self, in_use: set[str]) -> list[str]:
+        if not self._objects.is_dir():
+            return []
+        referenced = {v for p in self.root.iterdir() if (v := self._linked_version(p)) is not None}
+        removed = []
+        for obj in sorted(self._objects.iterdir()):
+            if obj.name in referenced or obj.name in in_use:
+                continue
+            _remove(self._move_aside(obj, f"{obj.name}-{uuid.uuid4().hex}"))
+            removed.append(f"removed unreferenced version {obj.name[:12]}")
+        return removed
+
+    def _digest(self, folder: Path) -> str:
+        stats = [(folder / f).stat() if (folder / f).exists() else None for f in ADAPTER_FILES]
+        key = tuple(v for s in stats for v in ((s.st_ino, s.st_size, s.st_mtime_ns) if s else (-1, -1, -1)))
         with self._lock:
-            cached = self._digests.get(path)
-            if cached and cached[0] == key:
-                return cached[1]
-        h = hashlib.sha256()
-        for f in files:
-            if f.exists():
-                h.update(f.name.encode() + b"\0")
-                with f.open("rb") as fh:
-                    for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                        h.update(chunk)
-        digest = h.hexdigest()
+            cached = self._digests.get(folder)
+        if cached and cached[0] == key:
+            return cached[1]
+        digest = content_digest(folder)
         with self._lock:
-            self._digests[path] = (key, digest)  # type: ignore[assignment]
+            self._digests[folder] = (key, digest)
         return digest
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock, (self.root / LOCK).open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unowned(lock_path: Path) -> bool:
+    """True unless a live process holds the lock (a crashed one's lock is gone with it)."""
+    if not lock_path.exists():
+        return True
+    with lock_path.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

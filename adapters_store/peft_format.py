@@ -26,6 +26,20 @@ MAX_HEADER_BYTES = 64 << 20
 FLOAT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 _KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[A-Za-z0-9_\-]+)?\.weight")
+# Config fields that change what a LoRA layer computes, refused when set: (field, feature).
+_UNSUPPORTED_CONFIG = (
+    ("use_dora", "DoRA"),
+    ("modules_to_save", "modules_to_save (fully trained extra modules)"),
+    ("trainable_token_indices", "trainable tokens (embedding changes)"),
+    ("lora_bias", "LoRA bias"),
+    ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"),
+    ("layer_replication", "layer replication"),
+    ("target_parameters", "LoRA on parameters (target_parameters)"),
+    ("alora_invocation_tokens", "activated LoRA (alora_invocation_tokens)"),
+    ("use_qalora", "QA-LoRA"),
+    ("use_bdlora", "block-diagonal LoRA"),
+    ("arrow_config", "Arrow routing"),
+)
 _UNSUPPORTED_KEYS = (
     ("lora_magnitude_vector", "DoRA (use_dora)"),
     ("lora_embedding_A", "embedding LoRA"),
@@ -102,14 +116,13 @@ def parse_config(raw: bytes) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must hold a JSON object")
     peft_type = config.get("peft_type")
-    if peft_type is not None and str(peft_type).upper() != "LORA":
+    if peft_type is None:
+        raise InvalidAdapter(f'{CONFIG_FILE} has no peft_type (expected "LORA")')
+    if str(peft_type).upper() != "LORA":
         raise InvalidAdapter(f"peft_type {peft_type!r} is not supported (LORA only)")
-    if config.get("use_dora"):
-        raise InvalidAdapter("DoRA (use_dora) adapters are not supported")
-    if config.get("modules_to_save"):
-        raise InvalidAdapter(f"modules_to_save is not supported: {config['modules_to_save']!r}")
-    if config.get("lora_bias"):
-        raise InvalidAdapter("lora_bias adapters are not supported")
+    for key, feature in _UNSUPPORTED_CONFIG:
+        if config.get(key):
+            raise InvalidAdapter(f"{feature} is not supported ({key}={_short(config[key])})")
     if config.get("bias", "none") not in ("none", None):
         raise InvalidAdapter(f"bias={config['bias']!r} is not supported (only 'none')")
     for key in ("r", "lora_alpha"):
@@ -198,6 +211,11 @@ def bind(manifest: AdapterManifest, spec: BaseModelSpec, max_rank: int) -> Adapt
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules.append(ModuleBinding(module, rank, scale, kinds["lora_A"], kinds["lora_B"]))
     return AdapterBinding(modules=tuple(modules))
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

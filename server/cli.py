@@ -9,7 +9,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from server.config import DEVICES, DTYPES, LORA_BACKENDS, CacheConfig, Config, HttpConfig, LoraConfig, ModelConfig
+from server.config import (
+    DEVICES,
+    DTYPES,
+    LORA_BACKENDS,
+    AdminConfig,
+    CacheConfig,
+    Config,
+    HttpConfig,
+    LoraConfig,
+    ModelConfig,
+)
 from server.engine.scheduler import SchedulerConfig
 
 _REPO_STORE = Path(__file__).resolve().parent.parent / "adapters_store" / "data"
@@ -79,6 +89,25 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--max-num-batched-tokens", "tokens per step (prefill chunks + decodes)", 512, type=int)
     opt("--max-model-len", "context limit per request (default: the model's, capped by the KV cache)", 0, type=int)
     opt("--cache-dir", "model conversion and kernel cache", str(Path.home() / ".cache" / "loraplex"), type=Path)
+    opt(
+        "--adapter-wait-timeout",
+        "seconds a request waits for its adapter's load or a free slot (then 503)",
+        30.0,
+        type=float,
+    )
+    opt(
+        "--admin-token",
+        "bearer token for /admin (prefer the env variable; without it the admin API only answers on a loopback bind)",
+    )
+    opt("--max-upload-size", "largest adapter upload, unpacked (bytes, or 512M, 2G)", "1G", type=_size)
+    opt("--allowed-lora-dirs", "comma-separated absolute directories POST /v1/load_lora_adapter may read from", "")
+    opt(
+        "--admin-timeout",
+        "seconds admin load/evict/delete wait for loads or running requests (then 409/503)",
+        60.0,
+        type=float,
+    )
+    opt("--max-request-size", "largest request body other than adapter uploads (bytes, or 16M)", "16M", type=_size)
     opt("--host", "bind address", "127.0.0.1")
     opt("--port", "bind port", 8000, type=int)
     opt("--log-level", "logging level", "info", choices=("debug", "info", "warning", "error"))
@@ -107,8 +136,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
+            adapter_wait_timeout=args.adapter_wait_timeout,
         ),
-        http=HttpConfig(host=args.host, port=args.port, log_level=args.log_level),
+        http=HttpConfig(
+            host=args.host, port=args.port, log_level=args.log_level, max_request_bytes=args.max_request_size
+        ),
+        admin=AdminConfig(
+            token=args.admin_token or None,
+            max_upload_bytes=args.max_upload_size,
+            allowed_lora_dirs=tuple(Path(d.strip()) for d in args.allowed_lora_dirs.split(",") if d.strip()),
+            operation_timeout=args.admin_timeout,
+        ),
     )
 
 
@@ -121,9 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if config.model.model is not None and not Path(config.model.model).expanduser().exists():
         parser.error(f"--model {config.model.model}: no such file or directory")
-    logging.basicConfig(
-        level=config.http.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=config.http.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(config)
 
 

@@ -73,10 +73,13 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    max_request_bytes: int = 16 << 20  # request bodies over this get 413 (adapter uploads have their own limit)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")
 
     @property
     def loopback(self) -> bool:
@@ -89,9 +92,29 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    token: str | None = None  # bearer token for /admin; None = admin routes only on a loopback bind
+    max_upload_bytes: int = 1 << 30  # an adapter upload (or an archive's unpacked files) larger than this gets 413
+    allowed_lora_dirs: tuple[Path, ...] = ()  # where POST /v1/load_lora_adapter may read from; empty = nowhere
+    operation_timeout: float = 60.0  # seconds admin load/evict/delete wait for loads or running requests
+
+    def __post_init__(self) -> None:
+        if self.token is not None and len(self.token) < 16:
+            raise ValueError("the admin token must be at least 16 characters")
+        if self.max_upload_bytes < 1:
+            raise ValueError("max_upload_bytes must be positive")
+        if not self.operation_timeout > 0:
+            raise ValueError("admin operation timeout must be positive")
+        for d in self.allowed_lora_dirs:
+            if not d.is_absolute():
+                raise ValueError(f"allowed LoRA directories must be absolute paths, got {str(d)!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from adapters_store.tensors import AdapterWeights
 from server.config import CacheConfig, Config, LoraConfig
 from server.engine.builder import build_serving
 from server.lora import cpu_kernel
+from server.lora.weights import AdapterWeights
 from server.model.loading import load_model
 from server.model.runner import ModelRunner, SeqStep
 

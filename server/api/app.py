@@ -8,15 +8,19 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Scope
 
-from server.api.adapters import AdapterResolver
+from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
-from server.api.routes import completions, health, models
+from server.api.registry import AdapterRegistry
+from server.api.routes import admin, completions, health, lora_compat, models
 from server.api.state import AppState
+from server.config import AdminConfig, HttpConfig
 from server.engine.builder import Serving
 from server.engine.client import EngineClient
 
 log = logging.getLogger(__name__)
+MULTIPART_OVERHEAD = 1 << 20  # room for form fields and part headers beside the adapter's files
 
 
 def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
@@ -26,21 +30,48 @@ def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # make_serving builds on its own short-lived thread; this worker only waits for it.
         serving = await asyncio.to_thread(make_serving)
-        resolver = AdapterResolver(serving.store, serving.spec, serving.model_name, serving.max_lora_rank)
-        state = AppState(serving=serving, client=EngineClient(serving.engine), adapters=resolver)
+        config = serving.config
+        registry = AdapterRegistry(
+            serving.store,
+            serving.spec,
+            serving.model_name,
+            serving.max_lora_rank,
+            serving.engine,
+            serving.adapters,
+            config.admin.max_upload_bytes,
+            config.admin.operation_timeout,
+        )
+        state = AppState(serving=serving, client=EngineClient(serving.engine), registry=registry)
         app.state.loraplex = state
         serving.engine.start()
         state.ready = True
+        if config.admin.token is None:
+            if config.http.loopback:
+                log.info("admin API open on the loopback bind (no admin token set)")
+            else:
+                log.warning("admin API disabled: bound to %s without LORAPLEX_ADMIN_TOKEN", config.http.host)
         log.info("ready: serving %s", serving.model_name)
         try:
             yield
         finally:
             state.ready = False
+            registry.close()
             await asyncio.to_thread(serving.stop)
+
+    def body_limit(scope: Scope) -> int:
+        state: AppState | None = getattr(app.state, "loraplex", None)
+        http = state.serving.config.http if state else HttpConfig()
+        admin_config = state.serving.config.admin if state else AdminConfig()
+        if scope["path"].rstrip("/") == "/admin/adapters":
+            return admin_config.max_upload_bytes + MULTIPART_OVERHEAD
+        return http.max_request_bytes
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, limit_for=body_limit)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(completions.router)
+    app.include_router(admin.router)
+    app.include_router(lora_compat.router)
     return app

@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.api.adapters import AdapterResolver
 from server.api.errors import ApiError
+from server.api.registry import AdapterRegistry
 from server.engine.builder import Serving
 from server.engine.client import EngineClient
 
@@ -17,7 +17,7 @@ from server.engine.client import EngineClient
 class AppState:
     serving: Serving
     client: EngineClient
-    adapters: AdapterResolver
+    registry: AdapterRegistry
     ready: bool = False
 
 

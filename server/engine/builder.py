@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from adapters_store.backend import AdapterStore
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.local import LocalAdapterStore
 from server import native
@@ -34,10 +35,11 @@ log = logging.getLogger(__name__)
 class Serving:
     """What the HTTP side needs: the engine and the facts about the served model."""
 
+    config: Config
     engine: Engine
     adapters: AdapterCache
     tokenizer: PreTrainedTokenizerBase
-    store: LocalAdapterStore
+    store: AdapterStore
     spec: BaseModelSpec
     model_name: str
     max_model_len: int
@@ -152,13 +154,16 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         decode_kernel, lora_dtype,
     )
     spec = base_model_spec(shape)
+    store = LocalAdapterStore(config.lora.adapters_dir)
+    for line in store.recover():
+        log.warning("adapter store %s: %s", config.lora.adapters_dir, line)
     engine_box: list[Engine] = []
     adapters = AdapterCache(
         spec,
         runner.slots,
         config.lora.host_cache_bytes,
         config.lora.max_lora_rank,
-        lora_dtype,
+        locate=store.locate,
         on_loaded=lambda: engine_box[0].wake() if engine_box else None,
     )
     scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), adapters)
@@ -171,10 +176,11 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         config.lora.max_loras, config.lora.max_lora_rank, cache.kv_cache_tokens, max_len,
     )
     return Serving(
+        config=config,
         engine=engine,
         adapters=adapters,
         tokenizer=loaded.tokenizer,
-        store=LocalAdapterStore(config.lora.adapters_dir),
+        store=store,
         spec=spec,
         model_name=config.model.served_name or loaded.name,
         max_model_len=max_len,

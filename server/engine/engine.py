@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.detokenizer import Detokenizer
-from server.engine.messages import Abort, Message, OutputSink, RequestOutput, Stop, Submit, Wake
-from server.engine.request import FinishReason, Request
+from server.engine.messages import Abort, Call, Message, OutputSink, RequestOutput, Stop, Submit, Wake
+from server.engine.request import ErrorKind, FinishReason, Request
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler
 from server.model.runner import ModelRunner, SeqStep
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+IDLE_POLL_S = 0.5  # how often an idle loop looks again (adapter wait bounds are checked then)
 
 
 class Engine:
@@ -51,6 +56,15 @@ class Engine:
     def wake(self) -> None:
         self.inbox.put(Wake())
 
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on the engine thread between two steps; the future holds its result or exception."""
+        future: Future[T] = Future()
+        if self._thread is None or not self._thread.is_alive() or self._stopping:
+            future.set_exception(RuntimeError("the engine is not running"))
+            return future
+        self.inbox.put(Call(fn, future))
+        return future
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
         self._thread.start()
@@ -72,18 +86,23 @@ class Engine:
             except Exception:
                 log.exception("engine step failed; failing the running requests")
                 for req in list(self.scheduler.running):
-                    self._finish(req, FinishReason.ERROR, error="internal error in the engine step", internal=True)
+                    self._finish(req, FinishReason.ERROR, "internal error in the engine step", kind=ErrorKind.INTERNAL)
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
             self._finish(req, FinishReason.ABORT, error="server shutting down")
+        while True:  # nobody will run what is still queued
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(msg, Call):
+                msg.future.set_exception(RuntimeError("the engine stopped"))
 
     def _drain(self, block: bool) -> None:
-        """Take new messages, waiting for the first one when ``block``."""
+        """Take new messages, waiting a little for the first one when ``block``."""
         while not self._stopping:
             try:
-                msg = self.inbox.get(timeout=1.0) if block else self.inbox.get_nowait()
+                msg = self.inbox.get(timeout=IDLE_POLL_S) if block else self.inbox.get_nowait()
             except queue.Empty:
-                if block:
-                    continue
                 return
             block = False
             if isinstance(msg, Stop):
@@ -94,6 +113,11 @@ class Engine:
                 req = self.scheduler.find(msg.request_id)
                 if req is not None:
                     self._finish(req, FinishReason.ABORT)
+            elif isinstance(msg, Call) and msg.future.set_running_or_notify_cancel():
+                try:
+                    msg.future.set_result(msg.fn())
+                except Exception as exc:
+                    msg.future.set_exception(exc)
 
     def _accept(self, req: Request, sink: OutputSink) -> None:
         self._sinks[req.request_id] = sink
@@ -101,7 +125,7 @@ class Engine:
             self.scheduler.add(req)
         except ValueError as exc:
             req.finish_reason = FinishReason.ERROR
-            self._emit(req, "", (), finished=True, error=str(exc))
+            self._emit(req, "", (), finished=True, error=str(exc), kind=ErrorKind.INVALID)
             self._sinks.pop(req.request_id, None)
             return
         self._detok[req.request_id] = Detokenizer(self.tokenizer, req.prompt_ids, req.params.stop)
@@ -110,7 +134,7 @@ class Engine:
         """Schedule, run one forward pass, sample, and emit outputs."""
         batch = self.scheduler.schedule()
         for req in batch.failed:
-            self._emit(req, "", (), finished=True, error=req.error)
+            self._emit(req, "", (), finished=True, error=req.error, kind=req.error_kind)
             self._forget(req)
         if batch.empty:
             if self.scheduler.has_work and not self._stopping:
@@ -155,12 +179,12 @@ class Engine:
         reason: FinishReason,
         error: str | None = None,
         last_token: int | None = None,
-        internal: bool = False,
+        kind: ErrorKind | None = None,
     ) -> None:
         self.scheduler.finish(req, reason)
         detok = self._detok.get(req.request_id)
         text = detok.delta(final=True) if detok and reason is not FinishReason.ABORT else ""
-        self._emit(req, text, () if last_token is None else (last_token,), True, error, internal)
+        self._emit(req, text, () if last_token is None else (last_token,), True, error, kind)
         self._forget(req)
 
     def _forget(self, req: Request) -> None:
@@ -175,7 +199,7 @@ class Engine:
         token_ids: tuple[int, ...],
         finished: bool,
         error: str | None = None,
-        internal: bool = False,
+        kind: ErrorKind | None = None,
     ) -> None:
         sink = self._sinks.get(req.request_id)
         if sink is None:
@@ -190,7 +214,7 @@ class Engine:
             completion_tokens=len(req.output_ids),
             adapter_tier=req.adapter_tier,
             error=error,
-            internal=internal,
+            error_kind=kind,
         )
         try:
             sink(out)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
-from server.engine.request import FinishReason, Request
+from server.engine.request import ErrorKind, FinishReason, Request
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class RequestOutput:
     completion_tokens: int
     adapter_tier: str | None = None
     error: str | None = None
-    internal: bool = False  # the error is the server's fault (a failed step), not the request's
+    error_kind: ErrorKind | None = None
 
 
 OutputSink = Callable[[RequestOutput], None]
@@ -44,8 +46,16 @@ class Wake:
 
 
 @dataclass(frozen=True)
+class Call:
+    """Run ``fn`` on the engine thread between steps (operator actions on engine-owned state)."""
+
+    fn: Callable[[], Any]
+    future: Future
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
 
-Message = Submit | Abort | Wake | Stop
+Message = Submit | Abort | Wake | Call | Stop

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from adapters_store.local import StoredAdapter
+from adapters_store.backend import StoredAdapter
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -26,6 +26,15 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens or the context limit
     ABORT = "abort"  # client gone, timeout, shutdown
     ERROR = "error"  # e.g. the adapter failed to load
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a request failed, which the HTTP side maps to a status code."""
+
+    INVALID = "invalid_request"  # the request itself (400)
+    ADAPTER = "adapter_failed"  # its adapter cannot be loaded (400)
+    UNAVAILABLE = "adapter_unavailable"  # no slot or load within the wait bound (503, retry later)
+    INTERNAL = "internal_error"  # the server's fault, e.g. a failed step (500)
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,8 @@ class Request:
     adapter_tier: str | None = None  # where the adapter was found when the request arrived
     finish_reason: FinishReason | None = None
     error: str | None = None
+    error_kind: ErrorKind | None = None
+    adapter_wait_since: float | None = None  # when it first waited for its adapter (load or slot)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from adapters_store.local import StoredAdapter
+from adapters_store.backend import StoredAdapter
 from server.engine.block_manager import BlockManager
-from server.engine.request import FinishReason, Request, RequestStatus
+from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus
 
 
 class AdapterSlots(Protocol):
@@ -33,10 +35,13 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # sequences in one step
     max_num_batched_tokens: int = 512  # tokens in one step (prefill chunks + decodes)
     max_model_len: int = 0  # prompt + output tokens of one request; 0 = the model's context, capped by the KV cache
+    adapter_wait_timeout: float = 30.0  # seconds a request may wait for its adapter's load or a free slot
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_num_batched_tokens) < 1 or self.max_model_len < 0:
             raise ValueError("scheduler limits must be positive")
+        if not self.adapter_wait_timeout > 0:
+            raise ValueError("adapter_wait_timeout must be positive")
 
 
 @dataclass
@@ -58,8 +63,15 @@ class Scheduler:
     held, waits without blocking the requests behind it.
     """
 
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters: AdapterSlots) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        adapters: AdapterSlots,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self.clock = clock
         self.blocks = blocks
         self.adapters = adapters
         self.waiting: deque[Request] = deque()
@@ -110,13 +122,15 @@ class Scheduler:
             if req.adapter is not None:
                 got = self.adapters.acquire(req.adapter)
                 if got.error is not None:
-                    req.error = got.error
-                    req.status = RequestStatus.FINISHED
-                    req.finish_reason = FinishReason.ERROR
-                    batch.failed.append(req)
+                    self._fail(req, batch, f"adapter {req.adapter.name!r} cannot be loaded: {got.error}")
                     continue
                 if got.slot < 0:
-                    still_waiting.append(req)
+                    now = self.clock()
+                    req.adapter_wait_since = req.adapter_wait_since or now
+                    if now - req.adapter_wait_since > self.config.adapter_wait_timeout:
+                        self._fail(req, batch, self._wait_message(req.adapter.name, got), ErrorKind.UNAVAILABLE)
+                    else:
+                        still_waiting.append(req)
                     continue
                 req.slot = got.slot
             req.blocks = self.blocks.allocate(req.max_total_tokens)
@@ -126,6 +140,17 @@ class Scheduler:
             batch.steps.append((req, n))
             budget -= n
         self.waiting = still_waiting
+
+    def _fail(self, req: Request, batch: ScheduledBatch, error: str, kind: ErrorKind = ErrorKind.ADAPTER) -> None:
+        req.error, req.error_kind = error, kind
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = FinishReason.ERROR
+        batch.failed.append(req)
+
+    def _wait_message(self, name: str, got: _Acquired) -> str:
+        loading = getattr(got.state, "value", None) == "loading"
+        why = "did not finish loading" if loading else "found no free device slot (all are held by running requests)"
+        return f"adapter {name!r} {why} within {self.config.adapter_wait_timeout:g} s; retry later"
 
     def finish(self, req: Request, reason: FinishReason) -> None:
         """Free what ``req`` holds; it leaves the running or waiting set."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from adapters_store.tensors import AdapterWeights
 from server import memory
 from server.lora.ops import ModuleSlots
+from server.lora.weights import AdapterWeights
 
 
 class SlotPool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.engine.client import EngineClient
-from server.engine.request import FinishReason, Request, SamplingParams
+from server.engine.request import ErrorKind, FinishReason, Request, SamplingParams
 from tests.helpers import engine as eng
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
 
@@ -159,7 +159,7 @@ def test_a_failing_step_fails_its_batch_and_the_engine_keeps_serving(world, monk
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     failed = eng.submit(serving, "boom", tok("hello")["input_ids"], None, params)
     assert failed.done.wait(30)
-    assert failed.last.internal and failed.last.finish_reason is FinishReason.ERROR
+    assert failed.last.error_kind is ErrorKind.INTERNAL and failed.last.finish_reason is FinishReason.ERROR
     ok = eng.submit(serving, "after", tok("hello")["input_ids"], "a", params)
     assert ok.done.wait(30) and ok.last.error is None and len(ok.token_ids) == 4
     _wait_idle(serving)

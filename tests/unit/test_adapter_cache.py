@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
+from adapters_store.backend import StoredAdapter
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import InvalidAdapter
-from adapters_store.local import StoredAdapter
-from adapters_store.tensors import AdapterWeights
 from server.engine.adapter_cache import AdapterCache, Residency
 from server.lora.slots import SlotPool
+from server.lora.weights import AdapterWeights
 
 MODULE = "model.layers.0.self_attn.q_proj"
 
@@ -36,7 +36,7 @@ def make(slots: int = 2, host_bytes: int = 1 << 20, broken=()) -> AdapterCache:
 
 
 def adapter(name: str) -> StoredAdapter:
-    return StoredAdapter(name, Path("/store") / name, "v1")
+    return StoredAdapter(name, "v1", Path("/store") / name)
 
 
 def ready(cache: AdapterCache, name: str) -> int:

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from adapters_store.errors import InvalidAdapter, InvalidAdapterName
 from adapters_store.names import check_name
 from adapters_store.peft_format import bind, read_manifest
-from adapters_store.tensors import load_weights
+from adapters_store.validation import validate
+from server.lora.weights import load_weights
 from server.engine.builder import base_model_spec
 from server.model.architecture import ModelShape
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model
@@ -109,6 +110,13 @@ def test_pickle_bin_is_refused(good, spec, tmp_path):
         (lambda c: c.update(use_dora=True), "DoRA"),
         (lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save"),
         (lambda c: c.update(peft_type="IA3"), "peft_type"),
+        (lambda c: c.pop("peft_type"), "no peft_type"),
+        (lambda c: c.update(alora_invocation_tokens=[1, 2]), "activated LoRA"),
+        (lambda c: c.update(target_parameters=["mlp.experts"]), "target_parameters"),
+        (lambda c: c.update(layer_replication=[[0, 2]]), "layer replication"),
+        (lambda c: c.update(trainable_token_indices=[5]), "trainable tokens"),
+        (lambda c: c.update(lora_bias=True), "LoRA bias"),
+        (lambda c: c.update(fan_in_fan_out=True), "fan_in_fan_out"),
         (lambda c: c.update(r=-1), "r must be a positive number"),
         (lambda c: c.update(r=4), "config declares rank 4"),
     ],
@@ -141,17 +149,38 @@ def test_unsupported_or_broken_tensors(good, spec, tmp_path, edit, message):
         bind(read_manifest(folder), spec, max_rank=64)
 
 
-def test_nan_weights_are_refused_at_load(good, spec, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(good, spec, tmp_path, dtype, bad):
     folder = _copy(good, tmp_path)
 
     def poison(t):
-        k = next(k for k in t if "lora_A" in k)
-        t[k][0, 0] = float("nan")
+        for k in t:
+            t[k] = t[k].to(dtype)
+        k = sorted(k for k in t if "lora_B" in k)[-1]
+        t[k][-1, -1] = bad
 
     _rewrite(folder, edit_tensors=poison)
-    binding = bind(read_manifest(folder), spec, max_rank=64)
     with pytest.raises(InvalidAdapter, match="NaN or Inf"):
-        load_weights(folder, binding, torch.float32)
+        validate(folder, spec, max_rank=64)
+    manifest = read_manifest(folder)
+    with pytest.raises(InvalidAdapter, match="NaN or Inf"):
+        load_weights(folder, manifest, bind(manifest, spec, max_rank=64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weights_load_exactly_in_their_stored_dtype(good, spec, tmp_path, dtype):
+    folder = _copy(good, tmp_path)
+    _rewrite(folder, edit_tensors=lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
+    stored = load_file(folder / "adapter_model.safetensors")
+    manifest = read_manifest(folder)
+    binding = bind(manifest, spec, max_rank=64)
+    weights = load_weights(folder, manifest, binding)
+    summary = validate(folder, spec, max_rank=64)
+    assert summary.rank == 8 and summary.target_modules == tuple(sorted(TARGETS)) and summary.modules == 6
+    for m in binding.modules:
+        assert weights.a[m.module].dtype == dtype and torch.equal(weights.a[m.module], stored[m.a_key])
+        assert torch.equal(weights.b[m.module], stored[m.b_key])
 
 
 def test_truncated_or_garbage_files(good, spec, tmp_path):

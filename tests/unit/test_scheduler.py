@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters_store.local import StoredAdapter
+from adapters_store.backend import StoredAdapter
 from server.engine.block_manager import BlockManager
 from server.engine.request import FinishReason, Request, RequestStatus, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig

@@ -12,12 +12,12 @@ from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from adapters_store.local import StoredAdapter
-from server.api.errors import ApiError, error_body
+from adapters_store.backend import StoredAdapter
+from server.api.errors import ApiError, error_body, unavailable
 from server.api.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from server.api.state import AppState, State
 from server.engine.messages import RequestOutput
-from server.engine.request import Request, SamplingParams
+from server.engine.request import ErrorKind, Request, SamplingParams
 
 router = APIRouter()
 
@@ -26,12 +26,18 @@ router = APIRouter()
 async def create_completion(body: CompletionRequest, state: State, http: HttpRequest):
     """Complete ``prompt`` with the base model or the adapter named by ``model``."""
     # File reads and hashing on first sight of an adapter version: off the event loop.
-    adapter = await asyncio.to_thread(state.adapters.resolve, body.model)
-    prompt_ids = _prompt_ids(body, state)
-    params = _sampling(body, len(prompt_ids), state.serving.max_model_len)
+    lease = await asyncio.to_thread(state.registry.resolve, body.model)
+    adapter = lease.adapter if lease else None
+    try:
+        prompt_ids = _prompt_ids(body, state)
+        params = _sampling(body, len(prompt_ids), state.serving.max_model_len)
+    except BaseException:
+        if lease:
+            lease.release()
+        raise
     request_id = f"cmpl-{uuid.uuid4().hex}"
     req = Request(request_id=request_id, prompt_ids=prompt_ids, params=params, adapter=adapter)
-    outputs = state.client.generate(req)
+    outputs = state.client.generate(req, on_finish=lease.release if lease else None)
     first = await _first_output(outputs, http)
     headers = _adapter_headers(adapter, first)
     if body.stream:
@@ -43,7 +49,7 @@ async def create_completion(body: CompletionRequest, state: State, http: HttpReq
         text += out.text
         last = out
     if last.error is not None:
-        raise ApiError(500 if last.internal else 400, last.error, "request_failed")
+        raise request_error(last)
     response = CompletionResponse(
         id=request_id,
         created=int(time.time()),
@@ -76,8 +82,7 @@ def _sampling(body: CompletionRequest, prompt_len: int, max_model_len: int) -> S
     if prompt_len >= max_model_len:
         raise ApiError(
             400,
-            f"the prompt has {prompt_len} tokens; the context limit is {max_model_len} tokens "
-            "(prompt + max_tokens)",
+            f"the prompt has {prompt_len} tokens; the context limit is {max_model_len} tokens (prompt + max_tokens)",
             "context_length_exceeded",
             "prompt",
         )
@@ -112,10 +117,17 @@ async def _first_output(outputs: AsyncIterator[RequestOutput], http: HttpRequest
         raise ApiError(499, "client disconnected", "client_closed_request")
     if out.error is not None:
         await outputs.aclose()
-        if out.internal:
-            raise ApiError(500, out.error, "internal_error")
-        raise ApiError(400, out.error, "request_failed")
+        raise request_error(out)
     return out
+
+
+def request_error(out: RequestOutput) -> ApiError:
+    """The HTTP error for a request the engine failed."""
+    message = out.error or "the request failed"
+    kind = out.error_kind or ErrorKind.INVALID
+    if kind is ErrorKind.UNAVAILABLE:
+        return unavailable(message, kind.value, retry_after=5)
+    return ApiError(500 if kind is ErrorKind.INTERNAL else 400, message, kind.value)
 
 
 async def _until_disconnect(outputs: AsyncIterator[RequestOutput], http: HttpRequest) -> AsyncIterator[RequestOutput]:

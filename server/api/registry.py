@@ -1,0 +1,272 @@
+"""The adapter registry: the HTTP side's view of the store and of the engine's adapter tiers.
+
+It resolves a request's ``model`` to a stored adapter version and hands out a
+lease for it, held until the engine finishes the request; leases are how an
+admin action knows which versions are in flight. Uploads, deletes, evictions
+and loads are coordinated here: store changes run on worker threads, tier
+changes run on the engine thread through :meth:`Engine.call`. Never touches torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO, TypeVar
+
+from adapters_store.backend import AdapterStore, PutResult, StoredAdapter, content_digest
+from adapters_store.base_model import BaseModelSpec
+from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName
+from adapters_store.names import check_name
+from adapters_store.upload import place_files
+from adapters_store.validation import AdapterSummary, inspect, summarize, validate
+from server.api.errors import ApiError, unavailable
+from server.engine.adapter_cache import AdapterCache, PinLimitReached, Residence, Residency
+from server.engine.engine import Engine
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+POLL_S = 0.02
+
+
+@dataclass
+class Lease:
+    """One request's hold on one adapter version; released once, when the engine is done with it."""
+
+    adapter: StoredAdapter
+    _release: Callable[[Lease], None]
+    _released: bool = field(default=False, repr=False)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._release(self)
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    adapter: StoredAdapter
+    summary: AdapterSummary
+    created: bool  # False when the same content was already the name's version (or a dry run)
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        spec: BaseModelSpec,
+        base_name: str,
+        max_rank: int,
+        engine: Engine,
+        cache: AdapterCache,
+        max_upload_bytes: int,
+        operation_timeout: float,
+    ) -> None:
+        self.store, self.spec, self.base_name, self.max_rank = store, spec, base_name, max_rank
+        self.engine, self.cache = engine, cache
+        self.max_upload_bytes = max_upload_bytes
+        self.operation_timeout = operation_timeout
+        self._lock = threading.Lock()  # leases are released on the engine thread
+        self._leases: Counter[tuple[str, str]] = Counter()
+        self._deleting: set[str] = set()
+        self._last_used: dict[str, float] = {}
+        self._summaries: dict[str, AdapterSummary | str] = {}  # version -> summary, or why it cannot be served
+        self._admin_locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- requests -------------------------------------------------------------
+
+    def resolve(self, model: str) -> Lease | None:
+        """``model`` as a leased adapter version; None for the base model. Runs on a worker thread."""
+        name = model.removeprefix(self.base_name + ":") if model.startswith(self.base_name + ":") else model
+        if name in ("", self.base_name):
+            return None
+        adapter = self.find(name, param="model")
+        summary = self.summary(adapter)
+        if isinstance(summary, str):
+            raise ApiError(400, f"adapter {adapter.name!r} cannot be served: {summary}", "invalid_adapter", "model")
+        with self._lock:
+            if name in self._deleting:
+                raise ApiError(404, f"adapter {name!r} is being deleted", "adapter_not_found", "model")
+            self._leases[adapter.key] += 1
+            self._last_used[name] = time.time()
+        return Lease(adapter, self._release)
+
+    def find(self, name: str, param: str | None = None) -> StoredAdapter:
+        try:
+            return self.store.get(name)
+        except (AdapterNotFound, InvalidAdapterName):
+            raise ApiError(
+                404, f"The model or adapter {name[:200]!r} does not exist", "adapter_not_found", param
+            ) from None
+
+    def summary(self, adapter: StoredAdapter) -> AdapterSummary | str:
+        """The adapter's summary, or why it does not fit the base model (headers only; cached per version)."""
+        cached = self._summaries.get(adapter.version)
+        if cached is not None:
+            return cached
+        try:
+            folder = self.store.locate(adapter)
+            manifest, binding = inspect(folder, self.spec, self.max_rank)
+            result: AdapterSummary | str = summarize(folder, manifest, binding)
+        except AdapterError as exc:
+            result = str(exc)
+        except OSError as exc:
+            result = f"unreadable: {exc}"
+        self._summaries[adapter.version] = result
+        return result
+
+    def in_flight(self, name: str) -> int:
+        with self._lock:
+            return sum(n for (lease_name, _), n in self._leases.items() if lease_name == name)
+
+    def leased_versions(self) -> set[str]:
+        with self._lock:
+            return {version for (_, version), n in self._leases.items() if n > 0}
+
+    def last_used(self, name: str) -> float | None:
+        return self._last_used.get(name)
+
+    def _release(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases[lease.adapter.key] -= 1
+            if self._leases[lease.adapter.key] <= 0:
+                del self._leases[lease.adapter.key]
+
+    # -- admin: store changes ---------------------------------------------------
+
+    def stage_upload(
+        self, name: str, files: list[tuple[str, BinaryIO]], dry_run: bool
+    ) -> tuple[Uploaded, PutResult | None]:
+        """Validate an upload completely, then store it (unless ``dry_run``). Runs on a worker thread."""
+        check_name(name)
+        with self.store.staging() as staged:
+            place_files(files, staged, self.max_upload_bytes)
+            summary = validate(staged, self.spec, self.max_rank)
+            if dry_run:
+                version = content_digest(staged)
+                return Uploaded(StoredAdapter(name, version, staged), summary, created=False), None
+            result = self.store.put(name, staged)
+        self._summaries[result.adapter.version] = summary
+        return Uploaded(result.adapter, summary, created=result.changed), result
+
+    async def upload(self, name: str, files: list[tuple[str, BinaryIO]], dry_run: bool) -> Uploaded:
+        async with self._admin_lock(name):
+            uploaded, result = await asyncio.to_thread(self.stage_upload, name, files, dry_run)
+            if result is not None and result.previous is not None and result.changed:
+                pinned = await self._on_engine(lambda: self.cache.pinned(name))
+                self._spawn(self._retire(result.previous, pin_next=result.adapter if pinned else None))
+            log.info("adapter %s %s", uploaded.adapter.ref, "validated (dry run)" if dry_run else "stored")
+            return uploaded
+
+    async def delete(self, name: str) -> StoredAdapter:
+        """Refuse new requests for ``name``, wait for its running ones, then remove it everywhere."""
+        async with self._admin_lock(name):
+            adapter = await asyncio.to_thread(self.find, name)
+            with self._lock:
+                self._deleting.add(name)
+            try:
+                await self._wait(lambda: self.in_flight(name) == 0, f"adapter {name!r} is used by running requests")
+                await asyncio.to_thread(self.store.delete, name)
+            finally:
+                with self._lock:
+                    self._deleting.discard(name)
+            await self._on_engine(lambda: self.cache.evict(name))
+            await asyncio.to_thread(self.store.collect_garbage, self.leased_versions())
+            self._last_used.pop(name, None)
+            log.info("adapter %s deleted", adapter.ref)
+            return adapter
+
+    # -- admin: tiers -------------------------------------------------------------
+
+    async def load(self, name: str, pin: bool) -> StoredAdapter:
+        """Bring ``name`` onto a device slot (and pin it): waits for the disk load and a free slot."""
+        adapter = await asyncio.to_thread(self.find, name)
+        summary = await asyncio.to_thread(self.summary, adapter)
+        if isinstance(summary, str):
+            raise ApiError(400, f"adapter {name!r} cannot be served: {summary}", "invalid_adapter")
+        deadline = time.monotonic() + self.operation_timeout
+        while True:
+            try:
+                got = await self._on_engine(lambda: self.cache.pin(adapter) if pin else self.cache.prefetch(adapter))
+            except PinLimitReached as exc:
+                raise ApiError(409, str(exc), "pin_limit_reached") from None
+            if got.state is Residency.READY:
+                return adapter
+            if got.state is Residency.FAILED:
+                raise ApiError(400, f"adapter {name!r} cannot be loaded: {got.error}", "adapter_load_failed")
+            if time.monotonic() > deadline:
+                why = "its load did not finish" if got.state is Residency.LOADING else "no device slot came free"
+                raise unavailable(f"adapter {name!r}: {why} within {self.operation_timeout:g} s", "adapter_busy")
+            await asyncio.sleep(POLL_S)
+
+    async def unpin(self, name: str) -> StoredAdapter:
+        adapter = await asyncio.to_thread(self.find, name)
+        await self._on_engine(lambda: self.cache.unpin(name))
+        return adapter
+
+    async def evict(self, name: str) -> StoredAdapter:
+        """Drop ``name`` from host memory and device slots (and unpin it); the store keeps it."""
+        adapter = await asyncio.to_thread(self.find, name)
+        box: list[int] = []
+
+        async def evicted() -> bool:
+            box[:] = [await self._on_engine(lambda: self.cache.evict(name))]
+            return box[0] == 0
+
+        await self._wait(evicted, f"adapter {name!r} is used by running requests")
+        return adapter
+
+    async def residence(self) -> dict[tuple[str, str], Residence]:
+        return await self._on_engine(self.cache.residence)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    # -- internals ----------------------------------------------------------------
+
+    async def _retire(self, old: StoredAdapter, pin_next: StoredAdapter | None) -> None:
+        """After a re-upload: carry a pin over, then free the old version once no request uses it."""
+        try:
+            if pin_next is not None:
+                try:
+                    await self.load(pin_next.name, pin=True)
+                except ApiError as exc:
+                    log.warning("could not pin the new version %s: %s", pin_next.ref, exc.message)
+            while True:
+                with self._lock:
+                    leased = self._leases.get(old.key, 0)
+                if not leased and await self._on_engine(lambda: self.cache.evict(old.name, old.version)) == 0:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(self.store.collect_garbage, self.leased_versions())
+        except Exception:
+            log.exception("retiring %s failed; its files are removed at the next start", old.ref)
+
+    async def _wait(self, done: Callable[[], bool | Awaitable[bool]], busy: str) -> None:
+        deadline = time.monotonic() + self.operation_timeout
+        while True:
+            result = done()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            if time.monotonic() > deadline:
+                raise ApiError(409, f"{busy} after {self.operation_timeout:g} s; retry later", "adapter_in_use")
+            await asyncio.sleep(POLL_S)
+
+    async def _on_engine(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wait_for(asyncio.wrap_future(self.engine.call(fn)), self.operation_timeout)
+
+    def _admin_lock(self, name: str) -> asyncio.Lock:
+        return self._admin_locks.setdefault(name, asyncio.Lock())
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,82 @@
+"""vLLM's ``POST /v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``, for tools that drive vLLM this way.
+
+Loading copies the adapter from a server-side directory into the store (fully
+validated, like an upload) and onto a device slot; it only reads from the
+directories the operator allowed with ``--allowed-lora-dirs``. Unloading
+deletes the adapter from the store. Both need the admin token.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import ExitStack
+from pathlib import Path
+from typing import BinaryIO
+
+from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
+
+from adapters_store.backend import ADAPTER_FILES
+from adapters_store.peft_format import PICKLE_FILE
+from server.api.admin_schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
+from server.api.auth import Admin
+from server.api.errors import ApiError
+from server.api.state import State
+
+router = APIRouter(tags=["admin"])
+
+
+@router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoraAdapterRequest, _: Admin, state: State) -> PlainTextResponse:
+    folder = _allowed_folder(body.lora_path, state.serving.config.admin.allowed_lora_dirs)
+    registry = state.registry
+    if not body.load_inplace and body.lora_name in registry.store.names():
+        raise ApiError(
+            400,
+            f"the LoRA adapter {body.lora_name!r} has already been loaded (pass load_inplace to replace it)",
+            "adapter_exists",
+            "lora_name",
+        )
+    with ExitStack() as stack:
+        files: list[tuple[str, BinaryIO]] = []
+        for name in ADAPTER_FILES:
+            if (folder / name).is_file():
+                files.append((name, stack.enter_context(_allowed_file(folder, name).open("rb"))))
+        if (folder / PICKLE_FILE).exists() and not (folder / ADAPTER_FILES[1]).exists():
+            files.append((PICKLE_FILE, io.BytesIO()))  # never read: validation names the problem
+        await registry.upload(body.lora_name, files, dry_run=False)
+    await registry.load(body.lora_name, pin=False)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/v1/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, _: Admin, state: State) -> PlainTextResponse:
+    await state.registry.delete(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _allowed_folder(lora_path: str, allowed: tuple[Path, ...]) -> Path:
+    if not allowed:
+        raise ApiError(
+            403,
+            "loading adapters from a server path is disabled; the operator allows directories with --allowed-lora-dirs",
+            "path_not_allowed",
+            "lora_path",
+        )
+    if not lora_path or "\0" in lora_path:
+        raise ApiError(400, "lora_path is empty or invalid", "invalid_request", "lora_path")
+    folder = Path(lora_path).expanduser().resolve()  # symlinks followed before the check
+    if not any(folder.is_relative_to(root.resolve()) for root in allowed):
+        raise ApiError(
+            403, "lora_path is outside the directories the operator allowed", "path_not_allowed", "lora_path"
+        )
+    if not folder.is_dir():
+        raise ApiError(400, f"lora_path {lora_path[:200]!r} is not a directory", "invalid_request", "lora_path")
+    return folder
+
+
+def _allowed_file(folder: Path, name: str) -> Path:
+    path = (folder / name).resolve()
+    if path.parent != folder:
+        raise ApiError(403, f"{name} in lora_path is a link leading elsewhere", "path_not_allowed", "lora_path")
+    return path
