@@ -136,10 +136,10 @@ class LocalAdapterStore:
 
     def recover(self) -> list[str]:
         """Remove unfinished uploads, undo an interrupted replacement, drop unreferenced versions."""
-        self.root.mkdir(parents=True, exist_ok=True)
         report: list[str] = []
         with self._write_lock():
             staging = self.root / STAGING
+            staging.mkdir(exist_ok=True)
             for p in sorted(staging.iterdir()) if staging.is_dir() else []:
                 if p.suffix == ".lock":
                     if not (staging / p.stem).exists() and _unowned(p):

@@ -93,10 +93,10 @@ def _extract_zip(stream: BinaryIO, dest: Path, max_bytes: int) -> None:
             members = []
             for info in infos:
                 path = _check_path(info.filename)
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode):
+                kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the archiver recorded no file type
+                if kind == stat.S_IFLNK:
                     raise InvalidUpload(f"the archive holds a link ({info.filename[:100]!r}); links are not accepted")
-                if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
                     raise InvalidUpload(f"the archive holds a special file ({info.filename[:100]!r})")
                 if info.flag_bits & 0x1:
                     raise InvalidUpload("encrypted archives are not accepted")

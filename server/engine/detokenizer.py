@@ -28,10 +28,15 @@ class Detokenizer:
     def push(self, token_id: int) -> None:
         """Add one sampled token; sets ``stopped`` when a stop string appears."""
         self._ids.append(token_id)
+        self._decode(final=False)
+
+    def _decode(self, final: bool) -> None:
+        if self._read_offset >= len(self._ids):
+            return
         prefix = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full = self._tok.decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return  # an incomplete character: wait for more tokens
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            return  # an incomplete character: wait for more tokens (at the end, emit it as decoded)
         before = len(self.text)
         self.text += full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
@@ -44,6 +49,8 @@ class Detokenizer:
 
     def delta(self, final: bool) -> str:
         """Text not emitted yet; unless ``final``, minus a tail that could start a stop string."""
+        if final and not self.stopped:
+            self._decode(final=True)
         end = len(self.text)
         if not final and not self.stopped:
             end -= self._held_back()

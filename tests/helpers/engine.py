@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server.config import CacheConfig, Config, LoraConfig, ModelConfig
+from server.config import AdminConfig, CacheConfig, Config, HttpConfig, LoraConfig, ModelConfig
 from server.engine.builder import Serving, build_serving_in_fresh_thread
 from server.engine.messages import RequestOutput
 from server.engine.request import Request, SamplingParams
@@ -28,12 +28,28 @@ def build(
     kv_tokens: int = 4096,
     max_num_batched_tokens: int = 512,
     max_num_seqs: int = 64,
+    host_cache_bytes: int = 1 << 30,
+    adapter_wait_timeout: float = 30.0,
+    admin: AdminConfig | None = None,
+    http: HttpConfig | None = None,
 ) -> Serving:
     config = Config(
         model=ModelConfig(cache_dir=cache_dir),
-        lora=LoraConfig(adapters_dir=adapters_dir, max_lora_rank=max_rank, max_loras=max_loras, backend=backend),
+        lora=LoraConfig(
+            adapters_dir=adapters_dir,
+            max_lora_rank=max_rank,
+            max_loras=max_loras,
+            backend=backend,
+            host_cache_bytes=host_cache_bytes,
+        ),
         cache=CacheConfig(kv_cache_tokens=kv_tokens),
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens),
+        scheduler=SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            adapter_wait_timeout=adapter_wait_timeout,
+        ),
+        http=http or HttpConfig(),
+        admin=admin or AdminConfig(),
     )
     loaded = LoadedModel(hf_model=hf_model, tokenizer=tokenizer, name="tiny", source=adapters_dir)
     return build_serving_in_fresh_thread(config, loaded)

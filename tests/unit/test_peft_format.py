@@ -15,8 +15,8 @@ from adapters_store.errors import InvalidAdapter, InvalidAdapterName
 from adapters_store.names import check_name
 from adapters_store.peft_format import bind, read_manifest
 from adapters_store.validation import validate
-from server.lora.weights import load_weights
 from server.engine.builder import base_model_spec
+from server.lora.weights import load_weights
 from server.model.architecture import ModelShape
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model
 

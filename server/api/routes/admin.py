@@ -42,12 +42,14 @@ async def upload_adapter(
         form = await http.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS)
     except (MultiPartException, MultipartParseError) as exc:
         raise ApiError(400, f"malformed multipart body: {exc}", "invalid_upload") from None
-    async with form:
+    try:
         name = form.get("name")
         if not isinstance(name, str) or not name:
             raise ApiError(400, "the upload needs a 'name' field", "invalid_upload", "name")
         files = [(f.filename or "", f.file) for _, f in form.multi_items() if isinstance(f, UploadFile)]
         uploaded = await state.registry.upload(name, files, dry_run)
+    finally:
+        await form.close()
     if dry_run:
         info = _info(uploaded.adapter, uploaded.summary, None, 0, None)
         body = UploadResult(**info.model_dump(), created=False, dry_run=True)
