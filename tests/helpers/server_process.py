@@ -14,6 +14,12 @@ from pathlib import Path
 import httpx
 
 
+class Running(str):
+    """The server's base URL, with the process id beside it."""
+
+    pid: int
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -27,7 +33,8 @@ def running_server(args: list[str], log_path: Path, timeout: float = 180.0):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        base = f"http://127.0.0.1:{port}"
+        base = Running(f"http://127.0.0.1:{port}")
+        base.pid = proc.pid
         try:
             deadline = time.monotonic() + timeout
             while True:
