@@ -251,9 +251,9 @@ class AdapterCache:
             stats = self._stats.setdefault(key, AdapterStats())
             stats.loads += 1
             stats.last_load_s = seconds
+            self._make_room(weights.nbytes)
             self._host[key] = weights
             self.host_bytes += weights.nbytes
-            self._shrink_host(keep=key)
 
     @property
     def slots_in_use(self) -> int:
@@ -290,14 +290,11 @@ class AdapterCache:
         if held:
             self._draining = min(held, key=lambda s: self._refs[s])
 
-    def _shrink_host(self, keep: AdapterKey) -> None:
-        """Evict least recently used host copies until under the bound; the newest stays (it is wanted now)."""
-        for key in list(self._host):
-            if self.host_bytes <= self.host_bytes_limit:
-                return
-            if key == keep:
-                continue
-            self.host_bytes -= self._host.pop(key).nbytes
+    def _make_room(self, nbytes: int) -> None:
+        """Evict least recently used host copies until ``nbytes`` more fit under the bound (or nothing is left)."""
+        while self._host and self.host_bytes + nbytes > self.host_bytes_limit:
+            _, old = self._host.popitem(last=False)
+            self.host_bytes -= old.nbytes
 
     def _load_from_disk(self, adapter: StoredAdapter) -> AdapterWeights:
         folder = self._locate(adapter)
