@@ -126,7 +126,8 @@ class Scheduler:
                     continue
                 if got.slot < 0:
                     now = self.clock()
-                    req.adapter_wait_since = req.adapter_wait_since or now
+                    if req.adapter_wait_since is None:
+                        req.adapter_wait_since = now
                     if now - req.adapter_wait_since > self.config.adapter_wait_timeout:
                         self._fail(req, batch, self._wait_message(req.adapter.name, got), ErrorKind.UNAVAILABLE)
                     else:
@@ -148,7 +149,7 @@ class Scheduler:
         batch.failed.append(req)
 
     def _wait_message(self, name: str, got: _Acquired) -> str:
-        loading = getattr(got.state, "value", None) == "loading"
+        loading = getattr(got.state, "value", got.state) == "loading"
         why = "did not finish loading" if loading else "found no free device slot (all are held by running requests)"
         return f"adapter {name!r} {why} within {self.config.adapter_wait_timeout:g} s; retry later"
 

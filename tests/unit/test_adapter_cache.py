@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from adapters_store.backend import StoredAdapter
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import InvalidAdapter
-from server.engine.adapter_cache import AdapterCache, Residency
+from server.engine.adapter_cache import AdapterCache, PinLimitReached, Residency
 from server.lora.slots import SlotPool
 from server.lora.weights import AdapterWeights
 
@@ -27,12 +28,12 @@ def make(slots: int = 2, host_bytes: int = 1 << 20, broken=()) -> AdapterCache:
     spec = BaseModelSpec("llama", {MODULE: (8, 8)}, frozenset())
     pool = SlotPool({MODULE: (8, 8)}, slots, 4, torch.float32, torch.device("cpu"))
 
-    def load(path: Path) -> AdapterWeights:
-        if path.name in broken:
-            raise InvalidAdapter(f"{path.name} is broken")
-        return weights(float(len(path.name)))
+    def load(stored: StoredAdapter) -> AdapterWeights:
+        if stored.name in broken:
+            raise InvalidAdapter(f"{stored.name} is broken")
+        return weights(float(len(stored.name)))
 
-    return AdapterCache(spec, pool, host_bytes, 4, torch.float32, loader=load)
+    return AdapterCache(spec, pool, host_bytes, 4, loader=load)
 
 
 def adapter(name: str) -> StoredAdapter:
@@ -90,3 +91,64 @@ def test_a_broken_adapter_fails_without_touching_the_others():
         time.sleep(0.005)
     assert got.state is Residency.FAILED and "broken" in got.error
     assert ready(cache, "a") >= 0 and cache.slots_in_use == 1
+
+
+def test_pinned_adapters_survive_churn_and_one_slot_stays_unpinned():
+    cache = make(slots=3)
+    cache.release(ready(cache, "p"))  # loaded, idle on a slot
+    got = cache.pin(adapter("p"))
+    assert got.state is Residency.READY and cache.pinned("p") and cache.slots_in_use == 1
+    for name in ["x1", "x22", "x333", "x4444"]:
+        cache.release(ready(cache, name))
+    assert cache.tier(adapter("p")) == "device"
+    cache.release(ready(cache, "q"))
+    cache.pin(adapter("q"))
+    with pytest.raises(PinLimitReached, match="2 of 3 slots are pinned"):
+        cache.pin(adapter("x1"))
+    assert cache.unpin("q") and not cache.pinned("q")
+    cache.release(ready(cache, "x1"))
+    cache.release(ready(cache, "x22"))  # q was unpinned: its slot is reused, p's never is
+    assert cache.tier(adapter("p")) == "device" and cache.tier(adapter("q")) == "host"
+
+
+def test_evict_refuses_while_running_then_clears_every_tier():
+    cache = make(slots=2)
+    slot = ready(cache, "a")
+    cache.pin(adapter("a"))
+    assert cache.evict("a") == 1  # one running request: nothing changes
+    assert cache.tier(adapter("a")) == "device" and cache.pinned("a")
+    cache.release(slot)
+    assert cache.evict("a") == 0
+    assert cache.tier(adapter("a")) == "disk" and not cache.pinned("a") and cache.host_bytes == 0
+    m = cache.slots.modules[MODULE]
+    assert m.host_rank[slot] == 0 and torch.all(m.a[slot] == 0) and cache.slots_in_use == 0
+    assert cache.residence() == {}
+
+
+def test_prefetch_leaves_the_adapter_idle_on_a_slot():
+    cache = make(slots=2)
+    deadline = time.monotonic() + 10
+    while cache.prefetch(adapter("a")).state is not Residency.READY:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert cache.tier(adapter("a")) == "device" and cache.slots_in_use == 0
+    where = cache.residence()[("a", "v1")]
+    assert where.state == "device" and where.running == 0 and where.stats.loads == 1 and where.stats.activations == 1
+
+
+def test_a_waiter_gets_the_slot_closest_to_free():
+    cache = make(slots=2)
+    sa = ready(cache, "a")
+    cache.acquire(adapter("a"))  # a: two running requests
+    sb = ready(cache, "bb")  # bb: one
+    cache.acquire(adapter("ccc"))  # start loading ccc
+    deadline = time.monotonic() + 10
+    while (got := cache.acquire(adapter("ccc"))).state is Residency.LOADING:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert got.state is Residency.NO_SLOT
+    # bb's slot drains: new requests for bb wait, a still admits.
+    assert cache.acquire(adapter("bb")).state is Residency.NO_SLOT
+    assert cache.acquire(adapter("a")).slot == sa
+    cache.release(sb)
+    assert cache.acquire(adapter("ccc")).slot == sb

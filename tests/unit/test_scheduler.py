@@ -9,7 +9,7 @@ import pytest
 
 from adapters_store.backend import StoredAdapter
 from server.engine.block_manager import BlockManager
-from server.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus, SamplingParams
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
 
@@ -61,8 +61,9 @@ def req(i: int, prompt: int = 4, max_tokens: int = 4, name: str | None = None) -
                    adapter=adapter(name) if name else None)
 
 
-def make(slots=2, blocks=64, block_size=4, **kw) -> Scheduler:
-    return Scheduler(SchedulerConfig(**kw), BlockManager(blocks, block_size), FakeAdapters(slots))
+def make(slots=2, blocks=64, block_size=4, clock=None, **kw) -> Scheduler:
+    extra = {"clock": clock} if clock else {}
+    return Scheduler(SchedulerConfig(**kw), BlockManager(blocks, block_size), FakeAdapters(slots), **extra)
 
 
 def test_prefill_is_chunked_under_the_token_budget_and_decodes_go_first():
@@ -148,3 +149,24 @@ def test_requests_beyond_the_context_or_the_cache_are_refused():
     s = make(blocks=2, max_model_len=100)
     with pytest.raises(ValueError, match="more KV cache"):
         s.add(req(0, prompt=8, max_tokens=4))
+
+
+@pytest.mark.parametrize("why", ["no free device slot", "did not finish loading"])
+def test_waiting_for_an_adapter_is_bounded(why):
+    now = [0.0]
+    s = make(slots=1, clock=lambda: now[0], adapter_wait_timeout=5.0)
+    s.add(req(0, name="a", max_tokens=50))
+    s.schedule()  # r0 holds the only slot for a long time
+    if why == "did not finish loading":
+        s.adapters.loading.add("b")
+    s.add(req(1, name="b"))
+    s.add(req(2))
+    assert sorted(r.request_id for r, _ in s.schedule().steps) == ["r0", "r2"]
+    now[0] = 4.9
+    assert not s.schedule().failed and [r.request_id for r in s.waiting] == ["r1"]
+    now[0] = 5.1
+    batch = s.schedule()
+    [failed] = batch.failed
+    assert failed.request_id == "r1" and failed.error_kind is ErrorKind.UNAVAILABLE
+    assert why in failed.error and "5 s" in failed.error
+    assert not s.waiting and [r.request_id for r in s.running] == ["r0", "r2"]
