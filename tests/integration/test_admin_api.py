@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import shutil
+import threading
+import time
 
 import pytest
 import torch
@@ -448,3 +450,35 @@ def test_admin_is_disabled_beyond_loopback_without_a_token(guarded, made):
     assert upload(client, "a", files_of(made[3])).status_code == 403
     assert client.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"}).status_code == 403
     assert client.get("/v1/models").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def cramped(made, tmp_path_factory):
+    """Two slots and a short adapter wait bound."""
+    tok, base, *_ = made
+    store, cache = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("cache")
+    app = create_app(lambda: eng.build(base, tok, store, cache, kv_tokens=4096, max_loras=2, adapter_wait_timeout=0.1))
+    with TestClient(app) as client:
+        yield client
+
+
+def test_every_slot_held_means_503_with_retry_after(cramped, made):
+    client = cramped
+    for name, folder in (("pinned", made[3]), ("long", made[4]), ("late", made[5])):
+        assert upload(client, name, files_of(folder)).status_code == 201
+    assert client.post("/admin/adapters/pinned/load", json={"pin": True}).status_code == 200
+    long_running = threading.Thread(
+        target=complete, args=(client, "long"), kwargs={"max_tokens": 500, "ignore_eos": True}
+    )
+    long_running.start()
+    for _ in range(100):  # until "long" holds the second slot
+        if client.get("/admin/adapters").json()["slots_in_use"] == 2:
+            break
+        time.sleep(0.02)
+    r = complete(client, "late")
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "5" and "no free device slot" in r.json()["error"]["message"]
+    assert complete(client, "pinned").status_code == 200  # adapters already on a slot still serve
+    assert long_running.is_alive()  # the 503 came from the wait bound, not from "long" finishing
+    long_running.join(60)
+    assert complete(client, "late").status_code == 200
