@@ -77,13 +77,13 @@ class AdapterStore(Protocol):
 
 
 def content_digest(folder: Path) -> str:
-    """The version of the adapter in ``folder``: sha256 over each file's name and bytes."""
+    """The version of the adapter in ``folder``: sha256 over each file's name, size (8 bytes LE) and bytes."""
     h = hashlib.sha256()
     for name in ADAPTER_FILES:
         path = folder / name
         if not path.exists():
             continue
-        h.update(name.encode() + b"\0")
+        h.update(name.encode() + b"\0" + path.stat().st_size.to_bytes(8, "little"))
         with path.open("rb") as f:
             for chunk in _chunks(f):
                 h.update(chunk)

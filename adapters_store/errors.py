@@ -29,3 +29,9 @@ class InvalidUpload(AdapterError):
 
 class UploadTooLarge(AdapterError):
     code = "upload_too_large"
+
+
+class StoreConflict(AdapterError):
+    """The store's state does not allow the change (e.g. a foreign folder under the name)."""
+
+    code = "store_conflict"

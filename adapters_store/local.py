@@ -28,7 +28,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from adapters_store.backend import ADAPTER_FILES, PutResult, StoredAdapter, content_digest
-from adapters_store.errors import AdapterNotFound
+from adapters_store.errors import AdapterNotFound, InvalidAdapterName, StoreConflict
 from adapters_store.names import check_name
 from adapters_store.peft_format import CONFIG_FILE
 
@@ -43,7 +43,8 @@ class LocalAdapterStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._objects = self.root / OBJECTS
-        self._lock = threading.Lock()
+        self._write_mutex = threading.Lock()  # with the flock on .lock: one writer at a time
+        self._digest_lock = threading.Lock()
         self._digests: dict[Path, tuple[tuple[int, ...], str]] = {}
 
     # -- reading --------------------------------------------------------------
@@ -89,6 +90,9 @@ class LocalAdapterStore:
 
     def put(self, name: str, staged: Path) -> PutResult:
         check_name(name)
+        path = self.root / name
+        if path.exists() and not path.is_symlink() and not (path / CONFIG_FILE).is_file():
+            raise StoreConflict(f"the store holds a folder {name!r} that is not an adapter; remove it first")
         version = content_digest(staged)
         for f in ADAPTER_FILES:
             if (staged / f).exists():
@@ -102,7 +106,6 @@ class LocalAdapterStore:
                 os.rename(staged, obj)
                 _fsync(self._objects)
             previous = self._lookup(name)
-            path = self.root / name
             if previous is not None and self._linked_version(path) == version:
                 return PutResult(StoredAdapter(name, version, obj), previous)
             link = self.root / STAGING / f"link-{uuid.uuid4().hex}"
@@ -220,21 +223,29 @@ class LocalAdapterStore:
     def _digest(self, folder: Path) -> str:
         stats = [(folder / f).stat() if (folder / f).exists() else None for f in ADAPTER_FILES]
         key = tuple(v for s in stats for v in ((s.st_ino, s.st_size, s.st_mtime_ns) if s else (-1, -1, -1)))
-        with self._lock:
+        with self._digest_lock:
             cached = self._digests.get(folder)
         if cached and cached[0] == key:
             return cached[1]
         digest = content_digest(folder)
-        with self._lock:
+        with self._digest_lock:
             self._digests[folder] = (key, digest)
         return digest
 
     @contextlib.contextmanager
     def _write_lock(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
-        with self._lock, (self.root / LOCK).open("a") as f:
+        with self._write_mutex, (self.root / LOCK).open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except InvalidAdapterName:
+        return False
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -14,6 +14,7 @@ import posixpath
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -62,10 +63,13 @@ def extract_archive(name: str, stream: BinaryIO, dest: Path, max_bytes: int) -> 
 def _extract_tar(stream: BinaryIO, dest: Path, max_bytes: int) -> None:
     try:
         with tarfile.open(fileobj=stream, mode="r:gz") as tar:
-            members = []
+            members, declared = [], 0
             for i, m in enumerate(tar):
                 if i >= MAX_ARCHIVE_MEMBERS:
                     raise InvalidUpload(f"the archive has more than {MAX_ARCHIVE_MEMBERS} entries")
+                declared += max(m.size, 0)
+                if declared > max_bytes:  # stop walking (and decompressing) as soon as it is too big
+                    raise UploadTooLarge(f"the archive unpacks to more than the limit of {max_bytes} bytes")
                 path = _check_path(m.name)
                 if m.issym() or m.islnk():
                     raise InvalidUpload(f"the archive holds a link ({m.name[:100]!r}); links are not accepted")
@@ -73,6 +77,12 @@ def _extract_tar(stream: BinaryIO, dest: Path, max_bytes: int) -> None:
                     raise InvalidUpload(f"the archive holds a special file ({m.name[:100]!r})")
                 if m.isfile():
                     members.append((path, m.size, m))
+            # The walk stopped at the end-of-archive block; read on so gzip checks its CRC and length.
+            rest = max_bytes  # what follows the last member is bounded like the files
+            while chunk := tar.fileobj.read(1 << 20):
+                rest -= len(chunk)
+                if rest < 0:
+                    raise UploadTooLarge(f"the archive unpacks to more than the limit of {max_bytes} bytes")
             chosen = _choose(members, max_bytes)
             budget = _Budget(max_bytes)
             for file_name, member in chosen.items():
@@ -80,7 +90,7 @@ def _extract_tar(stream: BinaryIO, dest: Path, max_bytes: int) -> None:
                 if source is None:
                     raise InvalidUpload(f"cannot read {member.name[:100]!r} from the archive")
                 budget.copy(source, dest / file_name)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise InvalidUpload(f"not a readable .tar.gz archive: {exc}") from None
 
 
@@ -107,7 +117,7 @@ def _extract_zip(stream: BinaryIO, dest: Path, max_bytes: int) -> None:
             for file_name, info in chosen.items():
                 with zf.open(info) as source:
                     budget.copy(source, dest / file_name)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, zlib.error) as exc:
         raise InvalidUpload(f"not a readable .zip archive: {exc}") from None
 
 
@@ -123,7 +133,7 @@ def _choose(members: Iterable[tuple[str, int, object]], max_bytes: int) -> dict[
                 raise InvalidUpload(f"{path[:100]!r} is nested too deep: put the adapter at the top or in one folder")
             by_dir.setdefault(folder, {})[base] = member
     if total > max_bytes:
-        raise UploadTooLarge(f"the archive unpacks to {total} bytes; the limit is {max_bytes}")
+        raise UploadTooLarge(f"the archive unpacks to more than the limit of {max_bytes} bytes ({total} bytes)")
     with_config = [d for d, files in by_dir.items() if CONFIG_FILE in files]
     if len(with_config) > 1:
         raise InvalidUpload("the archive holds more than one adapter; upload one per request")

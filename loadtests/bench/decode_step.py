@@ -38,7 +38,7 @@ def fill_slots(runner: ModelRunner, n: int, rank: int, seed: int = 0) -> None:
             for proj, (d_in, d_out) in dims.items():
                 name = shape.module_name(layer, proj)
                 a[name] = torch.randn(rank, d_in, generator=g) * 0.02
-                b[name] = torch.randn(d_out, rank, generator=g) * 0.02
+                b[name] = torch.randn(rank, d_out, generator=g) * 0.02  # B^T
                 scale[name] = 2.0
         runner.slots.write(slot, AdapterWeights(a, b, scale))
 

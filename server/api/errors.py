@@ -7,7 +7,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store.errors import AdapterError, AdapterNotFound, UploadTooLarge
+from adapters_store.errors import AdapterError, AdapterNotFound, StoreConflict, UploadTooLarge
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -55,7 +55,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
-        status = 404 if isinstance(exc, AdapterNotFound) else 413 if isinstance(exc, UploadTooLarge) else 400
+        status = {AdapterNotFound: 404, UploadTooLarge: 413, StoreConflict: 409}.get(type(exc), 400)
         return error_response(status, str(exc), exc.code)
 
     @app.exception_handler(RequestValidationError)

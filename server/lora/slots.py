@@ -30,12 +30,15 @@ class SlotPool:
             raise ValueError("num_slots and max_rank must be positive")
         self.num_slots, self.max_rank = num_slots, max_rank
         self.modules: dict[str, ModuleSlots] = {}
-        for name, (d_in, d_out) in module_dims.items():
+        # One [modules, slots] table each, so activating a slot sets a whole column in one op.
+        self._scale = torch.zeros(len(module_dims), num_slots, dtype=torch.float32, device=device)
+        self._rank = torch.zeros(len(module_dims), num_slots, dtype=torch.int32, device=device)
+        for i, (name, (d_in, d_out)) in enumerate(module_dims.items()):
             self.modules[name] = ModuleSlots(
                 a=memory.zeros((num_slots, max_rank, d_in), dtype, device),
                 bt=memory.zeros((num_slots, max_rank, d_out), dtype, device),
-                scale=torch.zeros(num_slots, dtype=torch.float32, device=device),
-                rank=torch.zeros(num_slots, dtype=torch.int32, device=device),
+                scale=self._scale[i],
+                rank=self._rank[i],
                 host_rank=[0] * num_slots,
                 host_scale=[0.0] * num_slots,
             )
@@ -47,17 +50,24 @@ class SlotPool:
         return sum(m.a.numel() * m.a.element_size() + m.bt.numel() * m.bt.element_size() for m in self.modules.values())
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy ``weights`` into ``slot``; modules the adapter does not target get rank 0."""
-        self.clear(slot)
-        for name, a in weights.a.items():
+        """Copy ``weights`` into ``slot``; rows the previous adapter left behind are zeroed.
+
+        Modules the adapter does not target get rank 0 and zero rows, so the slot contributes exactly zero there.
+        """
+        for name in self._touched[slot] | weights.a.keys():
             m = self.modules[name]
-            r = a.shape[0]
-            m.a[slot, :r].copy_(a, non_blocking=True)
-            m.bt[slot, :r].copy_(weights.b[name].T, non_blocking=True)
-            m.scale[slot] = weights.scale[name]
-            m.rank[slot] = r
+            old = m.host_rank[slot]
+            a = weights.a.get(name)
+            r = 0 if a is None else a.shape[0]
+            if a is not None:
+                m.a[slot, :r].copy_(a, non_blocking=True)
+                m.bt[slot, :r].copy_(weights.bt[name], non_blocking=True)
+            if old > r:
+                m.a[slot, r:old].zero_()
+                m.bt[slot, r:old].zero_()
             m.host_rank[slot] = r
-            m.host_scale[slot] = weights.scale[name]
+            m.host_scale[slot] = weights.scale[name] if a is not None else 0.0
+        self._sync_column(slot)
         self._touched[slot] = set(weights.a)
         self._projections[slot] = frozenset(name.rsplit(".", 1)[-1] for name in weights.a)
 
@@ -66,15 +76,20 @@ class SlotPool:
         return self._projections[slot]
 
     def clear(self, slot: int) -> None:
-        """Zero what the slot's previous adapter wrote, so the slot contributes exactly zero."""
+        """Zero what the slot's adapter wrote, so the slot contributes exactly zero."""
         for name in self._touched[slot]:
             m = self.modules[name]
             r = m.host_rank[slot]
             m.a[slot, :r].zero_()
             m.bt[slot, :r].zero_()
-            m.scale[slot] = 0.0
-            m.rank[slot] = 0
             m.host_rank[slot] = 0
             m.host_scale[slot] = 0.0
+        self._sync_column(slot)
         self._touched[slot] = set()
         self._projections[slot] = frozenset()
+
+    def _sync_column(self, slot: int) -> None:
+        """Device scale and rank of ``slot`` for every module, from the host mirrors, in two copies."""
+        modules = self.modules.values()
+        self._scale[:, slot].copy_(torch.tensor([m.host_scale[slot] for m in modules], dtype=torch.float32))
+        self._rank[:, slot].copy_(torch.tensor([m.host_rank[slot] for m in modules], dtype=torch.int32))

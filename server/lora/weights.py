@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adapters_store.peft_format import AdapterBinding, AdapterManifest
@@ -18,31 +19,33 @@ class AdapterWeights:
     Casting to the slot dtype happens in the copy into a slot, on the engine thread.
     """
 
-    a: dict[str, torch.Tensor]  # module -> [r, d_in]
-    b: dict[str, torch.Tensor]  # module -> [d_out, r]
+    a: dict[str, torch.Tensor]  # module -> A [r, d_in]
+    bt: dict[str, torch.Tensor]  # module -> B^T [r, d_out], contiguous, as the slots hold it
     scale: dict[str, float]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.b.values()))
+        return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
 
 
 def load_weights(folder: Path, manifest: AdapterManifest, binding: AdapterBinding) -> AdapterWeights:
     """Read the tensors ``binding`` names (checked finite) without running a torch op.
 
-    Only numpy and zero-copy views: a torch op on the loader thread would give
-    that thread an OpenMP team and slow the engine thread's parallel ops.
+    Only numpy (B is transposed here, so activating a slot is a plain copy) and
+    zero-copy views: a torch op on the loader thread would give that thread an
+    OpenMP team and slow the engine thread's parallel ops.
     """
     keys = [k for m in binding.modules for k in (m.a_key, m.b_key)]
     arrays = read_tensors(folder, manifest, keys)
     bf16 = {k for k in keys if manifest.tensors[k].dtype == "BF16"}
 
-    def tensor(key: str) -> torch.Tensor:
-        t = torch.from_numpy(arrays[key])
+    def tensor(key: str, transpose: bool = False) -> torch.Tensor:
+        array = np.ascontiguousarray(arrays[key].T) if transpose else arrays[key]
+        t = torch.from_numpy(array)
         return t.view(torch.bfloat16) if key in bf16 else t
 
     return AdapterWeights(
         a={m.module: tensor(m.a_key) for m in binding.modules},
-        b={m.module: tensor(m.b_key) for m in binding.modules},
+        bt={m.module: tensor(m.b_key, transpose=True) for m in binding.modules},
         scale={m.module: m.scale for m in binding.modules},
     )

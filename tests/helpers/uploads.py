@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
@@ -56,3 +57,12 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
             else:
                 out[rel] = path.read_bytes()
     return out
+
+
+def version_of(folder: Path) -> str:
+    """The version the store must give these files, computed here independently of the store's code."""
+    h = hashlib.sha256()
+    for n in ADAPTER_FILES:
+        data = (folder / n).read_bytes()
+        h.update(n.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from server.config import AdminConfig, HttpConfig
 from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
-from tests.helpers.uploads import files_of, folder_members, snapshot, tar_gz, zip_bytes
+from tests.helpers.uploads import files_of, folder_members, snapshot, tar_gz, version_of, zip_bytes
 
 TOKEN = "admin-token-for-tests-0123456789"
 MAX_UPLOAD = 2 << 20
@@ -140,12 +139,6 @@ def expected_text(made, folder):
     return tok.decode(ids, skip_special_tokens=True)
 
 
-def digest(folder):
-    h = hashlib.sha256()
-    for n in ("adapter_config.json", "adapter_model.safetensors"):
-        h.update(n.encode() + b"\0" + (folder / n).read_bytes())
-    return h.hexdigest()
-
 
 def test_upload_then_serve_equals_peft(world, made):
     client, store = world
@@ -153,7 +146,7 @@ def test_upload_then_serve_equals_peft(world, made):
     r = upload(client, "good", files_of(good))
     assert r.status_code == 201, r.text
     info = r.json()
-    assert info["created"] and info["version"] == digest(good)
+    assert info["created"] and info["version"] == version_of(good)
     assert (info["rank"], info["alpha"], info["target_modules"]) == (8, 16.0, ["down_proj", "q_proj", "v_proj"])
     assert info["state"] == "stored" and info["tier"] == "disk" and not info["pinned"]
     assert os.readlink(store / "good") == f".objects/{info['version']}"
@@ -180,7 +173,7 @@ def test_archives_are_accepted(world, made, packing):
     blob = tar_gz(members) if kind == "tar.gz" else zip_bytes(members)
     r = upload(client, f"arch-{packing}", [("files", (f"adapter.{kind}", blob))])
     assert r.status_code == 201, r.text
-    assert r.json()["version"] == digest(other)
+    assert r.json()["version"] == version_of(other)
     assert complete(client, f"arch-{packing}").json()["choices"][0]["text"] == expected_text(made, other)
 
 
@@ -312,7 +305,7 @@ def test_dry_run_validates_without_storing(world, made):
     before = snapshot(store)
     r = upload(client, "dry", files_of(made[4]), dry_run=True)
     assert r.status_code == 200, r.text
-    assert r.json()["dry_run"] and r.json()["version"] == digest(made[4]) and r.json()["rank"] == 4
+    assert r.json()["dry_run"] and r.json()["version"] == version_of(made[4]) and r.json()["rank"] == 4
     assert snapshot(store) == before
     assert client.get("/admin/adapters/dry").status_code == 404
 
@@ -325,9 +318,9 @@ def test_reupload_makes_a_new_version_and_identical_content_changes_nothing(worl
     same = upload(client, "versioned", files_of(good))
     assert same.status_code == 200 and not same.json()["created"]
     r = upload(client, "versioned", files_of(good2))
-    assert r.status_code == 201 and r.json()["version"] == digest(good2)
+    assert r.status_code == 201 and r.json()["version"] == version_of(good2)
     after = complete(client, "versioned")
-    assert after.headers["x-loraplex-adapter"] == f"versioned@{digest(good2)[:12]}"
+    assert after.headers["x-loraplex-adapter"] == f"versioned@{version_of(good2)[:12]}"
     assert after.json()["choices"][0]["text"] == expected_text(made, good2)
 
 

@@ -18,7 +18,7 @@ from server.api.app import create_app
 from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
-from tests.helpers.uploads import files_of
+from tests.helpers.uploads import files_of, version_of
 
 PROMPT = "a b c d e f"
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
@@ -35,21 +35,13 @@ def world(tmp_path_factory):
     expected = {}
     for folder in versions + others:
         text = tok.decode(greedy(peft_model(base, folder), ids, 6, eos_token_id=0), skip_special_tokens=True)
-        expected[_digest(folder)[:12]] = text
+        expected[version_of(folder)[:12]] = text
     store, cache = tmp_path_factory.mktemp("store"), tmp_path_factory.mktemp("cache")
     one = sum((versions[0] / f).stat().st_size for f in ("adapter_model.safetensors",))
     app = create_app(lambda: eng.build(base, tok, store, cache, kv_tokens=4096, max_loras=2, host_cache_bytes=3 * one))
     with TestClient(app) as client:
         yield client, store, versions, others, expected
 
-
-def _digest(folder):
-    import hashlib
-
-    h = hashlib.sha256()
-    for n in ("adapter_config.json", "adapter_model.safetensors"):
-        h.update(n.encode() + b"\0" + (folder / n).read_bytes())
-    return h.hexdigest()
 
 
 def _complete(client, model, stream):

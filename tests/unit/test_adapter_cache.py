@@ -20,7 +20,7 @@ MODULE = "model.layers.0.self_attn.q_proj"
 
 def weights(value: float, rank: int = 2) -> AdapterWeights:
     return AdapterWeights(
-        a={MODULE: torch.full((rank, 8), value)}, b={MODULE: torch.full((8, rank), value)}, scale={MODULE: 1.0}
+        a={MODULE: torch.full((rank, 8), value)}, bt={MODULE: torch.full((rank, 8), value)}, scale={MODULE: 1.0}
     )
 
 

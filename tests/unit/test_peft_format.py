@@ -180,7 +180,7 @@ def test_weights_load_exactly_in_their_stored_dtype(good, spec, tmp_path, dtype)
     assert summary.rank == 8 and summary.target_modules == tuple(sorted(TARGETS)) and summary.modules == 6
     for m in binding.modules:
         assert weights.a[m.module].dtype == dtype and torch.equal(weights.a[m.module], stored[m.a_key])
-        assert torch.equal(weights.b[m.module], stored[m.b_key])
+        assert torch.equal(weights.bt[m.module], stored[m.b_key].T)
 
 
 def test_truncated_or_garbage_files(good, spec, tmp_path):
