@@ -212,11 +212,9 @@ class AdapterRegistry:
     async def evict(self, name: str) -> StoredAdapter:
         """Drop ``name`` from host memory and device slots (and unpin it); the store keeps it."""
         adapter = await asyncio.to_thread(self.find, name)
-        box: list[int] = []
 
         async def evicted() -> bool:
-            box[:] = [await self._on_engine(lambda: self.cache.evict(name))]
-            return box[0] == 0
+            return await self._on_engine(lambda: self.cache.evict(name)) == 0
 
         await self._wait(evicted, f"adapter {name!r} is used by running requests")
         return adapter
