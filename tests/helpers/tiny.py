@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
@@ -103,3 +106,16 @@ MIXED_ADAPTERS = (
     AdapterSpec("r1", 1, 2, ("v_proj", "up_proj")),
     AdapterSpec("r3-pattern", 3, 5, ("q_proj", "o_proj", "gate_proj"), rank_pattern={"o_proj": 6}),
 )
+
+
+def edit_adapter(folder: Path, tensors: Callable[[dict], object] | None = None, config=None) -> Path:
+    """Edit a saved adapter in place: ``tensors`` and ``config`` are called on the loaded dicts, then saved back."""
+    if tensors:
+        t = load_file(folder / "adapter_model.safetensors")
+        tensors(t)
+        save_file(t, folder / "adapter_model.safetensors")
+    if config:
+        c = json.loads((folder / "adapter_config.json").read_text())
+        config(c)
+        (folder / "adapter_config.json").write_text(json.dumps(c))
+    return folder

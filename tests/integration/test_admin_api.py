@@ -11,13 +11,12 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from safetensors.torch import load_file, save_file
 
 from server.api.app import create_app
 from server.config import AdminConfig, HttpConfig
 from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
-from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
+from tests.helpers.tiny import AdapterSpec, edit_adapter, make_adapter, make_model, make_tokenizer
 from tests.helpers.uploads import files_of, folder_members, snapshot, tar_gz, version_of, zip_bytes
 
 TOKEN = "admin-token-for-tests-0123456789"
@@ -27,15 +26,7 @@ PROMPT = "the quick brown fox"
 
 def _edit(src, dst, tensors=None, config=None):
     shutil.copytree(src, dst)
-    if tensors:
-        t = load_file(dst / "adapter_model.safetensors")
-        tensors(t)
-        save_file(t, dst / "adapter_model.safetensors")
-    if config:
-        c = json.loads((dst / "adapter_config.json").read_text())
-        config(c)
-        (dst / "adapter_config.json").write_text(json.dumps(c))
-    return dst
+    return edit_adapter(dst, tensors, config)
 
 
 @pytest.fixture(scope="module")

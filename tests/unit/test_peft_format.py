@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_store.errors import InvalidAdapter, InvalidAdapterName
@@ -18,7 +17,7 @@ from adapters_store.validation import validate
 from server.engine.builder import base_model_spec
 from server.lora.weights import load_weights
 from server.model.architecture import ModelShape
-from tests.helpers.tiny import AdapterSpec, make_adapter, make_model
+from tests.helpers.tiny import AdapterSpec, edit_adapter, make_adapter, make_model
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 
@@ -42,17 +41,6 @@ def _copy(good, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(good, out)
     return out
-
-
-def _rewrite(folder, edit_tensors=None, edit_config=None):
-    if edit_tensors:
-        tensors = load_file(folder / "adapter_model.safetensors")
-        edit_tensors(tensors)
-        save_file(tensors, folder / "adapter_model.safetensors")
-    if edit_config:
-        config = json.loads((folder / "adapter_config.json").read_text())
-        edit_config(config)
-        (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
 def test_good_adapter_binds_with_peft_scaling(good, spec):
@@ -91,7 +79,7 @@ def test_module_the_base_model_lacks(good, spec, tmp_path):
             if "layers.1." in k:
                 t[k.replace("layers.1.", "layers.7.")] = t[k].clone()
 
-    _rewrite(folder, edit_tensors=add_layer)
+    edit_adapter(folder, tensors=add_layer)
     with pytest.raises(InvalidAdapter, match=r"model\.layers\.7\..* does not exist"):
         bind(read_manifest(folder), spec, max_rank=16)
 
@@ -123,7 +111,7 @@ def test_pickle_bin_is_refused(good, spec, tmp_path):
 )
 def test_unsupported_config_features(good, spec, tmp_path, edit, message):
     folder = _copy(good, tmp_path)
-    _rewrite(folder, edit_config=edit)
+    edit_adapter(folder, config=edit)
     with pytest.raises(InvalidAdapter, match=message):
         bind(read_manifest(folder), spec, max_rank=64)
 
@@ -144,7 +132,7 @@ def test_unsupported_config_features(good, spec, tmp_path, edit, message):
 )
 def test_unsupported_or_broken_tensors(good, spec, tmp_path, edit, message):
     folder = _copy(good, tmp_path)
-    _rewrite(folder, edit_tensors=edit)
+    edit_adapter(folder, tensors=edit)
     with pytest.raises(InvalidAdapter, match=message):
         bind(read_manifest(folder), spec, max_rank=64)
 
@@ -160,7 +148,7 @@ def test_non_finite_weights_are_refused(good, spec, tmp_path, dtype, bad):
         k = sorted(k for k in t if "lora_B" in k)[-1]
         t[k][-1, -1] = bad
 
-    _rewrite(folder, edit_tensors=poison)
+    edit_adapter(folder, tensors=poison)
     with pytest.raises(InvalidAdapter, match="NaN or Inf"):
         validate(folder, spec, max_rank=64)
     manifest = read_manifest(folder)
@@ -171,7 +159,7 @@ def test_non_finite_weights_are_refused(good, spec, tmp_path, dtype, bad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weights_load_exactly_in_their_stored_dtype(good, spec, tmp_path, dtype):
     folder = _copy(good, tmp_path)
-    _rewrite(folder, edit_tensors=lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
+    edit_adapter(folder, tensors=lambda t: t.update({k: v.to(dtype) for k, v in t.items()}))
     stored = load_file(folder / "adapter_model.safetensors")
     manifest = read_manifest(folder)
     binding = bind(manifest, spec, max_rank=64)
