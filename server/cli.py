@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from server.api.keys import load_keys
 from server.config import (
     DEVICES,
     DTYPES,
     LORA_BACKENDS,
     AdminConfig,
+    AuthConfig,
     CacheConfig,
     Config,
     HttpConfig,
+    LimitsConfig,
     LoraConfig,
     ModelConfig,
 )
@@ -55,7 +59,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def opt(flag: str, help: str, default=None, **kw) -> None:
+    def opt(flag: str, help: str, default=None, secret: bool = False, **kw) -> None:
         var = "LORAPLEX_" + flag.lstrip("-").upper().replace("-", "_")
         value = env.get(var, default)
         if value is not None and "type" in kw and isinstance(value, str):
@@ -65,7 +69,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 parser.error(f"{var}={env[var]!r}: {exc}")
         if "choices" in kw and value is not None and value not in kw["choices"]:
             parser.error(f"{var}={value!r}: choose from {', '.join(kw['choices'])}")
-        serve.add_argument(flag, default=value, help=f"{help} [env {var}]", **kw)
+        # A secret's value (from the environment) must not appear in --help: "%(default).0s" prints nothing
+        # and stops the formatter from appending "(default: ...)".
+        shown = "%(default).0s" if secret else ""
+        serve.add_argument(flag, default=value, help=f"{help} [env {var}]{shown}", **kw)
 
     opt("--model", "transformers model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     opt("--served-model-name", "name clients use for the base model (default: the model's name)")
@@ -98,7 +105,22 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt(
         "--admin-token",
         "bearer token for /admin (prefer the env variable; without it the admin API only answers on a loopback bind)",
+        secret=True,
     )
+    opt(
+        "--api-keys",
+        "comma-separated inference API keys, each allowed every adapter (prefer the env variable); "
+        "with any key set, /v1 routes need Authorization: Bearer <key>",
+        secret=True,
+    )
+    opt(
+        "--api-keys-file",
+        "file of inference API keys, one per line: '<key> [adapter-glob ...]' (no globs = every adapter)",
+        type=Path,
+    )
+    opt("--max-queued-requests", "requests waiting beyond --max-num-seqs running; past it, 429", 256, type=int)
+    opt("--request-timeout", "seconds after which a request is aborted (504); 0 = none", 0.0, type=float)
+    opt("--shutdown-timeout", "seconds SIGTERM waits for in-flight requests before aborting them", 30.0, type=float)
     opt("--max-upload-size", "largest adapter upload, unpacked (bytes, or 512M, 2G)", "1G", type=_size)
     opt("--allowed-lora-dirs", "comma-separated absolute directories POST /v1/load_lora_adapter may read from", "")
     opt(
@@ -116,6 +138,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
+        auth=AuthConfig(api_keys=load_keys(args.api_keys, args.api_keys_file)),
+        limits=LimitsConfig(
+            max_queued_requests=args.max_queued_requests,
+            request_timeout=args.request_timeout,
+            shutdown_timeout=args.shutdown_timeout,
+        ),
         model=ModelConfig(
             model=args.model,
             served_name=args.served_model_name,
@@ -159,19 +187,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if config.model.model is not None and not Path(config.model.model).expanduser().exists():
         parser.error(f"--model {config.model.model}: no such file or directory")
+    for flag, folder in (("--adapters-dir", config.lora.adapters_dir), ("--cache-dir", config.model.cache_dir)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"{flag} {folder}: cannot create it ({exc.strerror})")
+    try:  # bind before the model loads: a taken port fails now, not after the load
+        sock = listening_socket(config.http.host, config.http.port)
+    except OSError as exc:
+        parser.error(f"cannot listen on {config.http.host}:{config.http.port}: {exc.strerror or exc}")
     logging.basicConfig(level=config.http.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(config)
+    return serve(config, sock)
 
 
-def serve(config: Config) -> int:
+def listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(config: Config, sock: socket.socket) -> int:
+    """Serve until SIGTERM/SIGINT; then stop admitting, let in-flight requests finish
+    (up to ``--shutdown-timeout``), abort the rest, stop the engine, and exit 0."""
     import uvicorn
 
     from server.api.app import create_app
     from server.engine.builder import build_serving_in_fresh_thread
 
-    config.lora.adapters_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(lambda: build_serving_in_fresh_thread(config))
-    uvicorn.run(app, host=config.http.host, port=config.http.port, log_level=config.http.log_level)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            state = getattr(app.state, "loraplex", None)
+            if state is not None:
+                state.admission.closed = True  # requests on open connections now get 503
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.http.host,
+            port=config.http.port,
+            log_level=config.http.log_level,
+            timeout_graceful_shutdown=config.limits.shutdown_timeout,
+        )
+    )
+    server.run(sockets=[sock])
     return 0
 
 

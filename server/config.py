@@ -15,6 +15,7 @@ from server.engine.scheduler import SchedulerConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 LORA_BACKENDS = ("auto", "cpu", "torch", "reference")
+MIN_API_KEY_LENGTH = 8
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,36 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """Inference API keys: key -> adapter glob patterns it may use (empty = all). No keys = no auth."""
+
+    api_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in self.api_keys:
+            if len(key) < MIN_API_KEY_LENGTH or any(c.isspace() or c == "," for c in key):
+                raise ValueError(
+                    f"API keys must be at least {MIN_API_KEY_LENGTH} characters without spaces or commas "
+                    f"({key[:3]!r}...)"
+                )
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Admission and time limits of inference requests."""
+
+    max_queued_requests: int = 256  # waiting beyond --max-num-seqs running; past it, 429
+    request_timeout: float = 0.0  # seconds, 0 = none; a request's own ``timeout`` can only be shorter
+    shutdown_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests before aborting them
+
+    def __post_init__(self) -> None:
+        if self.max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
+        if self.request_timeout < 0 or self.shutdown_timeout < 0:
+            raise ValueError("timeouts must be >= 0")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -118,3 +149,9 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+
+    def __post_init__(self) -> None:
+        if self.admin.token is not None and self.admin.token in self.auth.api_keys:
+            raise ValueError("the admin token must differ from every inference API key")

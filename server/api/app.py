@@ -10,10 +10,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import Scope
 
+from server.api.admission import Admission
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
+from server.api.keys import ApiKeys
 from server.api.registry import AdapterRegistry
-from server.api.routes import admin, completions, health, lora_compat, models
+from server.api.routes import admin, chat, completions, health, lora_compat, models
 from server.api.state import AppState
 from server.config import AdminConfig, HttpConfig
 from server.engine.builder import Serving
@@ -41,7 +43,13 @@ def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
             config.admin.max_upload_bytes,
             config.admin.operation_timeout,
         )
-        state = AppState(serving=serving, client=EngineClient(serving.engine), registry=registry)
+        state = AppState(
+            serving=serving,
+            client=EngineClient(serving.engine),
+            registry=registry,
+            keys=ApiKeys(config.auth.api_keys),
+            admission=Admission(config.scheduler.max_num_seqs, config.limits.max_queued_requests),
+        )
         app.state.loraplex = state
         serving.engine.start()
         state.ready = True
@@ -50,11 +58,14 @@ def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
                 log.info("admin API open on the loopback bind (no admin token set)")
             else:
                 log.warning("admin API disabled: bound to %s without LORAPLEX_ADMIN_TOKEN", config.http.host)
+        if state.keys.enabled:
+            log.info("inference API keys required (%d keys)", len(state.keys))
         log.info("ready: serving %s", serving.model_name)
         try:
             yield
         finally:
             state.ready = False
+            state.admission.closed = True
             registry.close()
             await asyncio.to_thread(serving.stop)
 
@@ -72,6 +83,7 @@ def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(completions.router)
+    app.include_router(chat.router)
     app.include_router(admin.router)
     app.include_router(lora_compat.router)
     return app

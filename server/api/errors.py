@@ -11,7 +11,7 @@ from adapters_store.errors import AdapterError, AdapterNotFound, StoreConflict, 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable"}
+          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 class ApiError(Exception):

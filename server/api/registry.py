@@ -80,18 +80,21 @@ class AdapterRegistry:
 
     # -- requests -------------------------------------------------------------
 
-    def resolve(self, model: str) -> Lease | None:
-        """``model`` as a leased adapter version; None for the base model. Runs on a worker thread."""
-        name = model.removeprefix(self.base_name + ":") if model.startswith(self.base_name + ":") else model
-        if name in ("", self.base_name):
+    def base_alias(self, model: str) -> str | None:
+        """The adapter ``model`` names: None for the base model ('' or its name), the name after ``base:``."""
+        if model in ("", self.base_name):
             return None
-        adapter = self.find(name, param="model")
+        return model.removeprefix(self.base_name + ":")
+
+    def lease(self, name: str, param: str = "model") -> Lease:
+        """A lease on ``name``'s current version, checked servable. Runs on a worker thread."""
+        adapter = self.find(name, param=param)
         summary = self.summary(adapter)
         if isinstance(summary, str):
-            raise ApiError(400, f"adapter {adapter.name!r} cannot be served: {summary}", "invalid_adapter", "model")
+            raise ApiError(400, f"adapter {adapter.name!r} cannot be served: {summary}", "invalid_adapter", param)
         with self._lock:
             if name in self._deleting:
-                raise ApiError(404, f"adapter {name!r} is being deleted", "adapter_not_found", "model")
+                raise ApiError(404, f"adapter {name!r} is being deleted", "adapter_not_found", param)
             self._leases[adapter.key] += 1
             self._last_used[name] = time.time()
         return Lease(adapter, self._release)

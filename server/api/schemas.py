@@ -6,31 +6,98 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_COMPOSED = 8  # adapters composed in one request (also at most the number of device slots)
+MAX_WEIGHT = 100.0
+MAX_MESSAGES = 512
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class CompletionRequest(BaseModel):
-    """``POST /v1/completions``. Unknown fields are ignored, as OpenAI clients send many."""
+class AdapterTerm(BaseModel):
+    """One adapter of a composition: its low-rank term is multiplied by ``weight`` (negative subtracts it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=512)
+    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)
+
+
+class GenerationFields(BaseModel):
+    """What completions and chat completions share. Unknown fields are ignored, as OpenAI clients send many."""
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field("", max_length=512, description="the base model's name (or '') or an adapter name")
-    prompt: str | list[str] | list[int] = Field(..., description="text, a one-element list of text, or token ids")
-    max_tokens: int | None = Field(16, ge=1)
+    model: str = Field("", max_length=512, description="the base model's name (or ''), an adapter, or base:adapter")
+    adapters: list[AdapterTerm] | None = Field(
+        None,
+        max_length=MAX_COMPOSED,
+        description="compose several adapters in this request: y = Wx + sum_i weight_i * scale_i * B_i A_i x "
+        "(then `model` must name the base model)",
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="default: 16 for completions, the rest of the context for chat"
+    )
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, description="-1, 0 or None: off")
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    echo: Literal[False] = False
-    logprobs: None = None
     ignore_eos: bool = False
     user: str | None = None
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="seconds; past it the request is aborted (504, or an error event when streaming)",
+    )
+
+
+class CompletionRequest(GenerationFields):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description=f"text, token ids, or a list of up to {MAX_PROMPTS} of either (one choice each)"
+    )
+    echo: Literal[False] = False
+    logprobs: None = None
+    suffix: None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(GenerationFields):
+    """``POST /v1/chat/completions``: the messages go through the tokenizer's chat template."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    logprobs: Literal[False] | None = None
+    tools: list[dict] | None = Field(None, description="not supported: must be absent or empty")
+    add_generation_prompt: bool = Field(True, description="end the prompt with the assistant turn's opening")
+    continue_final_message: bool = Field(False, description="continue the last (assistant) message instead")
 
 
 class CompletionChoice(BaseModel):
@@ -52,6 +119,27 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: Usage | None = None
 
 

@@ -7,8 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.api.admission import Admission
 from server.api.errors import ApiError
+from server.api.keys import ApiKeys
 from server.api.registry import AdapterRegistry
+from server.api.schemas import MAX_COMPOSED
 from server.engine.builder import Serving
 from server.engine.client import EngineClient
 
@@ -18,7 +21,14 @@ class AppState:
     serving: Serving
     client: EngineClient
     registry: AdapterRegistry
+    keys: ApiKeys
+    admission: Admission
     ready: bool = False
+
+    @property
+    def max_composed(self) -> int:
+        """Adapters one request may compose: each needs its own device slot."""
+        return min(MAX_COMPOSED, self.serving.config.lora.max_loras)
 
 
 def get_state(request: Request) -> AppState:

@@ -146,7 +146,8 @@ class Engine:
             start = req.num_computed
             tokens = req.next_tokens(n)
             done_prompt = start + n >= req.num_tokens
-            seqs.append(SeqStep(tokens, start, req.blocks, req.slot, done_prompt))
+            composed = tuple(zip(req.composed_slots, (t.weight for t in req.composition), strict=True))
+            seqs.append(SeqStep(tokens, start, req.blocks, req.slot, done_prompt, composed))
             if done_prompt:
                 sampled.append(req)
         logits = self.runner.execute(seqs)

@@ -70,6 +70,14 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class WeightedAdapter:
+    """One term of a composition: ``weight * scale * B A x`` of ``adapter``."""
+
+    adapter: StoredAdapter
+    weight: float
+
+
 @dataclass
 class Request:
     """A completion request as the engine tracks it."""
@@ -78,12 +86,14 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: StoredAdapter | None = None
+    composition: tuple[WeightedAdapter, ...] = ()  # several adapters at once (then ``adapter`` is None)
     arrival: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
     slot: int = -1  # adapter slot while running; -1 = base model
+    composed_slots: tuple[int, ...] = ()  # the slots of ``composition`` while running, in its order
     adapter_tier: str | None = None  # where the adapter was found when the request arrived
     finish_reason: FinishReason | None = None
     error: str | None = None
@@ -93,6 +103,15 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("the prompt is empty")
+        if self.composition and self.adapter is not None:
+            raise ValueError("a request has one adapter or a composition, not both")
+
+    @property
+    def adapters(self) -> tuple[StoredAdapter, ...]:
+        """Every adapter the request needs resident."""
+        if self.adapter is not None:
+            return (self.adapter,)
+        return tuple(term.adapter for term in self.composition)
 
     @property
     def num_tokens(self) -> int:

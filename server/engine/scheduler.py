@@ -89,8 +89,8 @@ class Scheduler:
             )
         if self.blocks.blocks_for(request.max_total_tokens) > self.blocks.num_blocks:
             raise ValueError(f"the request needs more KV cache than the server has ({self.blocks.num_blocks} blocks)")
-        if request.adapter is not None:
-            request.adapter_tier = self.adapters.tier(request.adapter)
+        if request.adapters:
+            request.adapter_tier = ",".join(self.adapters.tier(a) for a in request.adapters)
         self.waiting.append(request)
 
     def schedule(self) -> ScheduledBatch:
@@ -119,21 +119,10 @@ class Scheduler:
             if not self.blocks.can_allocate(req.max_total_tokens):
                 still_waiting.append(req)
                 continue
-            if req.adapter is not None:
-                got = self.adapters.acquire(req.adapter)
-                if got.error is not None:
-                    self._fail(req, batch, f"adapter {req.adapter.name!r} cannot be loaded: {got.error}")
-                    continue
-                if got.slot < 0:
-                    now = self.clock()
-                    if req.adapter_wait_since is None:
-                        req.adapter_wait_since = now
-                    if now - req.adapter_wait_since > self.config.adapter_wait_timeout:
-                        self._fail(req, batch, self._wait_message(req.adapter.name, got), ErrorKind.UNAVAILABLE)
-                    else:
-                        still_waiting.append(req)
-                    continue
-                req.slot = got.slot
+            if req.adapters and not self._acquire_adapters(req, batch):
+                if req.status is RequestStatus.WAITING:
+                    still_waiting.append(req)
+                continue
             req.blocks = self.blocks.allocate(req.max_total_tokens)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -141,6 +130,30 @@ class Scheduler:
             batch.steps.append((req, n))
             budget -= n
         self.waiting = still_waiting
+
+    def _acquire_adapters(self, req: Request, batch: ScheduledBatch) -> bool:
+        """Take a slot for each of ``req``'s adapters, or none of them: it then waits, or fails."""
+        slots: list[int] = []
+        for adapter in req.adapters:
+            got = self.adapters.acquire(adapter)
+            if got.error is not None or got.slot < 0:
+                for slot in slots:
+                    self.adapters.release(slot)
+                if got.error is not None:
+                    self._fail(req, batch, f"adapter {adapter.name!r} cannot be loaded: {got.error}")
+                    return False
+                now = self.clock()
+                if req.adapter_wait_since is None:
+                    req.adapter_wait_since = now
+                if now - req.adapter_wait_since > self.config.adapter_wait_timeout:
+                    self._fail(req, batch, self._wait_message(adapter.name, got), ErrorKind.UNAVAILABLE)
+                return False
+            slots.append(got.slot)
+        if req.adapter is not None:
+            req.slot = slots[0]
+        else:
+            req.composed_slots = tuple(slots)
+        return True
 
     def _fail(self, req: Request, batch: ScheduledBatch, error: str, kind: ErrorKind = ErrorKind.ADAPTER) -> None:
         req.error, req.error_kind = error, kind
@@ -160,7 +173,9 @@ class Scheduler:
             self.blocks.release(req.blocks)
             req.blocks = []
             self.adapters.release(req.slot)
-            req.slot = -1
+            for slot in req.composed_slots:
+                self.adapters.release(slot)
+            req.slot, req.composed_slots = -1, ()
         elif req in self.waiting:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED

@@ -30,6 +30,21 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class ComposedTerms:
+    """The extra terms of requests that compose several adapters.
+
+    Term ``i`` adds ``weights[i] * scale[s] * B[s] A[s] x[rows[i]]`` with ``s``
+    the slot of its adapter: the term's token row is gathered, run through the
+    same op as any other token (``batch``, one row per term), weighted, and
+    added back. A token composing k adapters has k terms.
+    """
+
+    rows: torch.Tensor  # [n] int64: the packed-batch row of each term
+    weights: torch.Tensor  # [n, 1] float32
+    batch: LoraBatch  # the terms' slots, one row per term
+
+
+@dataclass(frozen=True)
 class LoraBatch:
     """Which adapter slot each token of a packed batch uses.
 
@@ -45,10 +60,11 @@ class LoraBatch:
     sparse_slots: torch.Tensor | None  # [T] int32: slot for tokens of short runs, -1 elsewhere
     sparse_rows: torch.Tensor | None  # [n] int64: the rows of sparse_slots that are >= 0
     backend: LoraBackend
+    composed: ComposedTerms | None = None
 
     @property
     def has_lora(self) -> bool:
-        return bool(self.dense_segments) or self.sparse_rows is not None
+        return bool(self.dense_segments) or self.sparse_rows is not None or self.composed is not None
 
     @classmethod
     def build(
@@ -57,7 +73,9 @@ class LoraBatch:
         device: torch.device,
         backend: LoraBackend,
         dense_min_tokens: int = 16,
+        composed: list[tuple[int, int, float]] | None = None,
     ) -> LoraBatch:
+        """``composed``: (token row, slot, weight) terms of composing requests, whose own slot is -1."""
         if dense_min_tokens < 1:
             raise ValueError("dense_min_tokens must be at least 1")
         segments = _runs(token_slots) if backend is LoraBackend.TORCH else []
@@ -72,7 +90,19 @@ class LoraBatch:
             sparse_slots=torch.tensor(sparse, dtype=torch.int32, device=device) if rows else None,
             sparse_rows=torch.tensor(rows, dtype=torch.int64, device=device) if rows else None,
             backend=backend,
+            composed=_composed(composed, device, backend, dense_min_tokens) if composed else None,
         )
+
+
+def _composed(
+    terms: list[tuple[int, int, float]], device: torch.device, backend: LoraBackend, dense_min_tokens: int
+) -> ComposedTerms:
+    terms = sorted(terms, key=lambda term: term[1])  # equal slots in runs, as for any batch
+    return ComposedTerms(
+        rows=torch.tensor([row for row, _, _ in terms], dtype=torch.int64, device=device),
+        weights=torch.tensor([[weight] for _, _, weight in terms], dtype=torch.float32, device=device),
+        batch=LoraBatch.build([slot for _, slot, _ in terms], device, backend, dense_min_tokens),
+    )
 
 
 def _runs(token_slots: list[int]) -> list[Segment]:

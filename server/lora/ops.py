@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from server.lora import cpu_kernel
-from server.lora.metadata import LoraBackend, LoraBatch
+from server.lora.metadata import ComposedTerms, LoraBackend, LoraBatch
 from server.lora.reference import add_lora_reference
 
 
@@ -41,19 +41,27 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, w: ModuleSlots, batch: LoraBatch)
     """
     if batch.backend is LoraBackend.REFERENCE:
         add_lora_reference(y, x, w.a, w.bt, w.scale, w.rank, batch.token_slots)
-        return
-    for seg in batch.dense_segments:
-        r = w.host_rank[seg.slot]
-        if r == 0:
-            continue
-        h = x[seg.start : seg.end] @ w.a[seg.slot, :r].T
-        y[seg.start : seg.end].addmm_(h, w.bt[seg.slot, :r], alpha=w.host_scale[seg.slot])
-    if batch.sparse_rows is None:
-        return
-    if batch.backend is LoraBackend.CPU_KERNEL:
-        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, batch.sparse_slots)
     else:
-        _add_lora_gathered(y, x, w, batch.sparse_rows, batch.sparse_slots)
+        for seg in batch.dense_segments:
+            r = w.host_rank[seg.slot]
+            if r == 0:
+                continue
+            h = x[seg.start : seg.end] @ w.a[seg.slot, :r].T
+            y[seg.start : seg.end].addmm_(h, w.bt[seg.slot, :r], alpha=w.host_scale[seg.slot])
+        if batch.sparse_rows is not None:
+            if batch.backend is LoraBackend.CPU_KERNEL:
+                cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, batch.sparse_slots)
+            else:
+                _add_lora_gathered(y, x, w, batch.sparse_rows, batch.sparse_slots)
+    if batch.composed is not None:
+        _add_composed(y, x, w, batch.composed)
+
+
+def _add_composed(y: torch.Tensor, x: torch.Tensor, w: ModuleSlots, terms: ComposedTerms) -> None:
+    """``y[row] += weight * scale[s] * (x[row] @ A[s].T) @ B[s].T`` for each composed term, through the same op."""
+    delta = y.new_zeros((terms.rows.numel(), y.shape[1]))
+    add_lora(delta, x.index_select(0, terms.rows), w, terms.batch)
+    y.index_add_(0, terms.rows, (delta.float() * terms.weights).to(y.dtype))
 
 
 def _add_lora_gathered(

@@ -22,6 +22,7 @@ class SeqStep:
     blocks: list[int]  # the sequence's KV block table
     slot: int  # adapter slot, -1 for the base model
     sample: bool  # whether the logits of the last token are needed
+    composed: tuple[tuple[int, float], ...] = ()  # (slot, weight) of each adapter composed; then ``slot`` is -1
 
 
 class ModelRunner:
@@ -60,8 +61,11 @@ class ModelRunner:
         positions: list[int] = []
         token_slots: list[int] = []
         sample_rows: list[int] = []
+        terms: list[tuple[int, int, float]] = []  # (token row, slot, weight) of composed sequences
         for seq in seqs:
             n = len(seq.token_ids)
+            for slot, weight in seq.composed:
+                terms.extend((row, slot, weight) for row in range(len(ids), len(ids) + n))
             ids.extend(seq.token_ids)
             positions.extend(range(seq.start, seq.start + n))
             token_slots.extend([seq.slot] * n)
@@ -74,8 +78,10 @@ class ModelRunner:
             attention=AttentionBatch.build(
                 [(s.blocks, s.start, len(s.token_ids)) for s in seqs], self.block_size, dev, self.decode_kernel
             ),
-            lora=LoraBatch.build(token_slots, dev, self.backend),
-            lora_projections=self._projections({seq.slot for seq in seqs}),
+            lora=LoraBatch.build(token_slots, dev, self.backend, composed=terms),
+            lora_projections=self._projections(
+                {seq.slot for seq in seqs} | {slot for seq in seqs for slot, _ in seq.composed}
+            ),
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
         return self.model.forward(step, self.kv_cache)

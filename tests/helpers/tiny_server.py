@@ -1,0 +1,28 @@
+"""A tiny model saved to disk, so a real ``loraplex serve`` process can load it with ``--model``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tests.helpers.tiny import make_model, make_tokenizer
+
+# A plain chat template in the usual role-tag style; the tiny tokenizer has none of its own.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_tiny_model(
+    folder: Path, seed: int = 5, layers: int = 2
+) -> tuple[Path, PreTrainedModel, PreTrainedTokenizerBase]:
+    """Save a tiny llama and its tokenizer (with a chat template) under ``folder``; return (dir, model, tokenizer)."""
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    model = make_model("llama", len(tok), seed=seed, layers=layers)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model, tok
