@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from server.api.keys import load_keys
@@ -44,7 +46,7 @@ def _size(text: str) -> int:
         if t and t[-1] in units:
             return int(float(t[:-1]) * units[t[-1]])
         return int(t)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
 
 
@@ -71,7 +73,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
             parser.error(f"{var}={value!r}: choose from {', '.join(kw['choices'])}")
         # A secret's value (from the environment) must not appear in --help: "%(default).0s" prints nothing
         # and stops the formatter from appending "(default: ...)".
-        shown = "%(default).0s" if secret else ""
+        shown = "%(default).0s" if secret or value is None else ""
         serve.add_argument(flag, default=value, help=f"{help} [env {var}]{shown}", **kw)
 
     opt("--model", "transformers model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -206,7 +208,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.set_inheritable(True)
+        sock.listen(2048)  # connections made while the server starts wait in the backlog, not refused
     except OSError:
         sock.close()
         raise
@@ -214,14 +216,21 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 def serve(config: Config, sock: socket.socket) -> int:
-    """Serve until SIGTERM/SIGINT; then stop admitting, let in-flight requests finish
-    (up to ``--shutdown-timeout``), abort the rest, stop the engine, and exit 0."""
+    """Serve at once (``/ready`` says when the model is loaded) until SIGTERM/SIGINT; then stop admitting,
+    let in-flight requests finish (up to ``--shutdown-timeout``), abort the rest, stop the engine, exit 0.
+    A model that fails to load ends the server with status 1."""
     import uvicorn
 
     from server.api.app import create_app
     from server.engine.builder import build_serving_in_fresh_thread
 
-    app = create_app(lambda: build_serving_in_fresh_thread(config))
+    failed: list[BaseException] = []
+
+    def startup_failed(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    app = create_app(lambda: build_serving_in_fresh_thread(config), on_startup_failure=startup_failed)
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -229,6 +238,18 @@ def serve(config: Config, sock: socket.socket) -> int:
             if state is not None:
                 state.admission.closed = True  # requests on open connections now get 503
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises the signal after its graceful shutdown, so the process would die of it;
+            # a drained server exits with status 0 instead.
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     server = DrainingServer(
         uvicorn.Config(
@@ -240,7 +261,7 @@ def serve(config: Config, sock: socket.socket) -> int:
         )
     )
     server.run(sockets=[sock])
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ else reads the environment.
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,8 +138,9 @@ class LimitsConfig:
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
-        if self.request_timeout < 0 or self.shutdown_timeout < 0:
-            raise ValueError("timeouts must be >= 0")
+        for name, value in (("request_timeout", self.request_timeout), ("shutdown_timeout", self.shutdown_timeout)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.api.schemas import Text
+
 
 class AdapterInfo(BaseModel):
     """One stored adapter: what it is, where it lives now, and how it has been used."""
@@ -52,11 +54,11 @@ class LoadRequest(BaseModel):
 class LoadLoraAdapterRequest(BaseModel):
     """vLLM's ``POST /v1/load_lora_adapter`` body."""
 
-    lora_name: str
-    lora_path: str
+    lora_name: Text
+    lora_path: Text
     load_inplace: bool = False
 
 
 class UnloadLoraAdapterRequest(BaseModel):
-    lora_name: str
+    lora_name: Text
     lora_int_id: int | None = None

@@ -28,6 +28,14 @@ class Admission:
 
     def enter(self, n: int) -> None:
         """Count ``n`` more requests in, or raise 429 (503 while shutting down) without counting any."""
+        if n > self.limit:  # could never be admitted: retrying would not help
+            raise ApiError(
+                400,
+                f"this request has {n} prompts; the server admits at most {self.limit} requests at once "
+                "(--max-num-seqs + --max-queued-requests)",
+                "too_many_prompts",
+                "prompt",
+            )
         if self.closed:
             raise ApiError(503, "the server is shutting down", "shutting_down", headers={"Connection": "close"})
         with self._lock:

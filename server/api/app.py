@@ -25,11 +25,19 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 1 << 20  # room for form fields and part headers beside the adapter's files
 
 
-def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
-    """``make_serving`` loads the model and builds an engine; it runs at start-up, off the event loop."""
+def create_app(
+    make_serving: Callable[[], Serving],
+    on_startup_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """``make_serving`` loads the model and builds an engine; it runs at start-up, off the event loop.
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    With ``on_startup_failure`` the model loads in the background: the server
+    answers at once, ``/health`` with 200 and ``/ready`` and every API route
+    with 503 until the model is loaded; a failed load is handed to it. Without
+    it, start-up waits for the load (in-process use, tests).
+    """
+
+    async def start(app: FastAPI) -> None:
         # make_serving builds on its own short-lived thread; this worker only waits for it.
         serving = await asyncio.to_thread(make_serving)
         config = serving.config
@@ -61,13 +69,32 @@ def create_app(make_serving: Callable[[], Serving]) -> FastAPI:
         if state.keys.enabled:
             log.info("inference API keys required (%d keys)", len(state.keys))
         log.info("ready: serving %s", serving.model_name)
+
+    def loaded(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and on_startup_failure is not None:
+            log.error("the model could not be loaded", exc_info=task.exception())
+            on_startup_failure(task.exception())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading: asyncio.Task | None = None
+        if on_startup_failure is None:
+            await start(app)
+        else:
+            loading = asyncio.create_task(start(app))
+            loading.add_done_callback(loaded)
         try:
             yield
         finally:
-            state.ready = False
-            state.admission.closed = True
-            registry.close()
-            await asyncio.to_thread(serving.stop)
+            if loading is not None and not loading.done():
+                log.info("shutting down: waiting for the model load under way to finish")
+                await asyncio.gather(loading, return_exceptions=True)
+            state: AppState | None = getattr(app.state, "loraplex", None)
+            if state is not None:
+                state.ready = False
+                state.admission.closed = True
+                state.registry.close()
+                await asyncio.to_thread(state.serving.stop)
 
     def body_limit(scope: Scope) -> int:
         state: AppState | None = getattr(app.state, "loraplex", None)

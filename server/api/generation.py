@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+from transformers import PreTrainedTokenizerBase
 
 from server.api.errors import ApiError, error_body, unavailable
 from server.api.schemas import GenerationFields, Usage
@@ -77,6 +78,14 @@ def sampling_params(
         )
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_sampling_parameters") from None
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, param: str, **kwargs) -> list[int]:
+    """Token ids of ``text``; 400 if the tokenizer refuses it."""
+    try:
+        return tokenizer(text, **kwargs)["input_ids"]
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, f"{param} cannot be tokenized: {exc}", "invalid_prompt", param) from None
 
 
 def request_timeout(state: AppState, body: GenerationFields) -> float | None:
@@ -228,11 +237,14 @@ class Generation:
         """The next output; ApiError when the client went away (499) or the timeout passed (504) first."""
         nxt = asyncio.ensure_future(anext(self._outputs))
         remaining = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
-        await asyncio.wait({nxt, self._gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-        if nxt.done():
+        try:
+            await asyncio.wait({nxt, self._gone}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not nxt.done():
+                nxt.cancel()  # cancelling a pending read aborts the unfinished requests
+                await asyncio.gather(nxt, return_exceptions=True)
+        if not nxt.cancelled():
             return nxt.result()
-        nxt.cancel()  # cancelling a pending read aborts the unfinished requests
-        await asyncio.gather(nxt, return_exceptions=True)
         await self.close()
         if self._gone.done():
             raise ApiError(499, "client disconnected", "client_closed_request")

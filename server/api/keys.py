@@ -68,9 +68,11 @@ def load_keys(env_keys: str | None, keys_file: Path | None) -> dict[str, tuple[s
 def parse_keys_file(path: Path) -> dict[str, tuple[str, ...]]:
     """``key [pattern ...]`` per line; ``#`` starts a comment. Raises ValueError naming the line."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read the API keys file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot read the API keys file {str(path)!r}: not UTF-8 text") from None
     keys: dict[str, tuple[str, ...]] = {}
     for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#", 1)[0].split()

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_COMPOSED = 8  # adapters composed in one request (also at most the number of device slots)
 MAX_WEIGHT = 100.0
 MAX_MESSAGES = 512
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # JSON can carry lone surrogates; nothing downstream can
 
 
 class StreamOptions(BaseModel):
@@ -44,12 +55,12 @@ class GenerationFields(BaseModel):
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="-1, 0 or None: off")
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     ignore_eos: bool = False
-    user: str | None = None
+    user: Text | None = None
     timeout: float | None = Field(
         None,
         gt=0,
@@ -61,7 +72,7 @@ class GenerationFields(BaseModel):
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+    prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         ..., description=f"text, token ids, or a list of up to {MAX_PROMPTS} of either (one choice each)"
     )
     echo: Literal[False] = False
@@ -71,15 +82,15 @@ class CompletionRequest(GenerationFields):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = Field(None, max_length=256)
+    content: Text | list[TextPart] | None = None
+    name: Text | None = Field(None, max_length=256)
 
     def text(self) -> str:
         if self.content is None:

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,8 +112,12 @@ class AdapterCache:
             return "device"
         return "host" if adapter.key in self._host else "disk"
 
-    def acquire(self, adapter: StoredAdapter) -> Acquired:
-        """Make ``adapter`` resident on a slot and take a reference, or say why not yet."""
+    def acquire(self, adapter: StoredAdapter, holding: Collection[int] = ()) -> Acquired:
+        """Make ``adapter`` resident on a slot and take a reference, or say why not yet.
+
+        ``holding``: slots the caller already took for the same request (a
+        composition); they are never the one drained for it.
+        """
         self.collect()
         key = adapter.key
         slot = self._slot_of.get(key)
@@ -132,7 +136,7 @@ class AdapterCache:
             return Acquired(Residency.LOADING)
         self._host.move_to_end(key)
         if not self._idle:
-            self._pick_draining()
+            self._pick_draining(holding)
             return Acquired(Residency.NO_SLOT)
         slot, _ = self._idle.popitem(last=False)
         self._unmap(slot)
@@ -282,11 +286,20 @@ class AdapterCache:
             del self._slot_of[old]
             self._key_of[slot] = None
 
-    def _pick_draining(self) -> None:
+    def capacity(self, adapters: Collection[StoredAdapter]) -> int:
+        """Slots ``adapters`` could ever hold together: those not pinned by other adapters."""
+        keys = {a.key for a in adapters}
+        return self.slots.num_slots - sum(1 for key in self._pinned if key not in keys)
+
+    def _pick_draining(self, exclude: Collection[int] = ()) -> None:
         """Every slot is held: stop admitting onto the one closest to free, so the waiter gets it next."""
         if self._draining is not None:
             return
-        held = [s for s in range(self.slots.num_slots) if self._key_of[s] not in self._pinned and self._refs[s] > 0]
+        held = [
+            s
+            for s in range(self.slots.num_slots)
+            if self._key_of[s] not in self._pinned and self._refs[s] > 0 and s not in exclude
+        ]
         if held:
             self._draining = min(held, key=lambda s: self._refs[s])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,7 +16,8 @@ from server.engine.request import ErrorKind, FinishReason, Request, RequestStatu
 class AdapterSlots(Protocol):
     """What the scheduler needs of the adapter cache."""
 
-    def acquire(self, adapter: StoredAdapter) -> _Acquired: ...
+    def acquire(self, adapter: StoredAdapter, holding: Collection[int] = ()) -> _Acquired: ...
+    def capacity(self, adapters: Collection[StoredAdapter]) -> int: ...
     def release(self, slot: int) -> None: ...
     def tier(self, adapter: StoredAdapter) -> str: ...
 
@@ -135,12 +136,22 @@ class Scheduler:
         """Take a slot for each of ``req``'s adapters, or none of them: it then waits, or fails."""
         slots: list[int] = []
         for adapter in req.adapters:
-            got = self.adapters.acquire(adapter)
+            got = self.adapters.acquire(adapter, slots)
             if got.error is not None or got.slot < 0:
                 for slot in slots:
                     self.adapters.release(slot)
                 if got.error is not None:
                     self._fail(req, batch, f"adapter {adapter.name!r} cannot be loaded: {got.error}")
+                    return False
+                capacity = self.adapters.capacity(req.adapters)
+                if len(req.adapters) > capacity:
+                    self._fail(
+                        req,
+                        batch,
+                        f"the request composes {len(req.adapters)} adapters but only {capacity} device slots are "
+                        "not pinned by other adapters; retry after an unpin",
+                        ErrorKind.UNAVAILABLE,
+                    )
                     return False
                 now = self.clock()
                 if req.adapter_wait_since is None:

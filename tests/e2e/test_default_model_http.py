@@ -12,7 +12,7 @@ import concurrent.futures as cf
 import openai
 import pytest
 
-from tests.helpers.reference import greedy, peft_model
+from tests.helpers.reference import greedy, merged_model, peft_model
 from tests.helpers.server_process import running_server
 from tests.helpers.tiny import AdapterSpec, make_adapter
 
@@ -40,6 +40,8 @@ PROMPTS = [
 ]
 PLAN = ["all7-r16", None, "qv-r8", "mlp-r32", "rslora-r4", None, "r1-down", "pattern", "all7-r16", "qv-r8"]
 MAX_NEW = 16
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+COMPOSED = (("all7-r16", 0.7), ("mlp-r32", -0.5))
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +53,35 @@ def setup(default_model, tmp_path_factory):
     paths = {}
     for i, spec in enumerate(ADAPTERS):
         paths[spec.name] = make_adapter(model, spec, store, seed=100 + i, std=0.05)
+
+    def decode_greedy(reference, ids):
+        return tokenizer.decode(greedy(reference, ids, MAX_NEW, tokenizer.eos_token_id), skip_special_tokens=True)
+
     expected = []
     for prompt, name in zip(PROMPTS, PLAN, strict=True):
         ref = peft_model(model, paths[name] if name else None)
         ids = tokenizer(prompt)["input_ids"]
-        expected.append(tokenizer.decode(greedy(ref, ids, MAX_NEW, tokenizer.eos_token_id), skip_special_tokens=True))
+        expected.append(decode_greedy(ref, ids))
         del ref
+    # Chat through SmolLM2's own chat template, with an adapter; and a composition against merged weights.
+    chat_ids = tokenizer(
+        tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )["input_ids"]
+    chat_ref = peft_model(model, paths["qv-r8"])
+    expected_chat = decode_greedy(chat_ref, chat_ids)
+    del chat_ref
+    merged = merged_model(model, [(paths[name], weight) for name, weight in COMPOSED])
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    expected_composed = decode_greedy(merged, ids)
+    del merged
     torch.set_num_threads(2)
     log = tmp_path_factory.mktemp("logs") / "server.log"
     with running_server(["--adapters-dir", str(store), "--max-lora-rank", "32", "--max-loras", "8"], log) as url:
-        yield url, expected
+        yield url, expected, expected_chat, expected_composed
 
 
 def test_concurrent_mixed_adapters_equal_peft(setup):
-    url, expected = setup
+    url, expected, *_ = setup
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
 
     def run(i):
@@ -83,7 +100,7 @@ def test_concurrent_mixed_adapters_equal_peft(setup):
 
 
 def test_openai_client_streaming_models_and_errors(setup):
-    url, expected = setup
+    url, expected, *_ = setup
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
     ids = [m.id for m in client.models.list().data]
     assert ids[0] == "SmolLM2-135M-Instruct" and sorted(ids[1:]) == sorted(a.name for a in ADAPTERS)
@@ -95,3 +112,24 @@ def test_openai_client_streaming_models_and_errors(setup):
         client.completions.create(model="no-such-adapter", prompt="hi", max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="prompt is empty"):
         client.completions.create(model="qv-r8", prompt="", max_tokens=4)
+
+
+def test_chat_with_the_models_template_and_composition_equal_references(setup):
+    url, expected, expected_chat, expected_composed = setup
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+    chat = client.chat.completions.create(model="qv-r8", messages=CHAT, max_tokens=MAX_NEW, temperature=0)
+    assert chat.choices[0].message.content == expected_chat
+    streamed = client.chat.completions.create(
+        model="qv-r8", messages=CHAT, max_tokens=MAX_NEW, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected_chat
+    composed = client.completions.create(
+        model="SmolLM2-135M-Instruct",
+        prompt=PROMPTS[0],
+        max_tokens=MAX_NEW,
+        temperature=0,
+        extra_body={"adapters": [{"name": name, "weight": weight} for name, weight in COMPOSED]},
+    )
+    assert composed.choices[0].text == expected_composed
+    # The composition is not one of its adapters alone (PROMPTS[0] ran with all7-r16 at weight 1).
+    assert PLAN[0] == COMPOSED[0][0] and expected_composed != expected[0]

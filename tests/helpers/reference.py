@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 
@@ -34,3 +35,27 @@ def greedy(model: PreTrainedModel, prompt_ids: list[int], max_new_tokens: int, e
 @torch.inference_mode()
 def last_logits(model: PreTrainedModel, prompt_ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([prompt_ids])).logits[0, -1].float()
+
+
+def peft_deltas(base: PreTrainedModel, folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Per module the adapter targets: PEFT's own ``scaling * B @ A`` (fp32) and its scaling."""
+    model = peft_model(base, folder)
+    deltas, scalings = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            name = name.removeprefix("base_model.model.")
+            deltas[name] = module.get_delta_weight("default").detach().float().clone()
+            scalings[name] = module.scaling["default"]
+    assert deltas, f"PEFT bound no module of {folder}"
+    return deltas, scalings
+
+
+def merged_model(base: PreTrainedModel, terms: list[tuple[Path, float]]) -> PreTrainedModel:
+    """A copy of ``base`` with ``weight * delta`` of each adapter merged into its weights (PEFT's deltas)."""
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for folder, weight in terms:
+            for module, delta in peft_deltas(base, folder)[0].items():
+                target = merged.get_submodule(module).weight
+                target += (weight * delta).to(target.dtype)
+    return merged.eval()

@@ -30,7 +30,10 @@ class FakeAdapters:
     def tier(self, adapter):
         return "device" if adapter.name in self.slot_of else "disk"
 
-    def acquire(self, adapter):
+    def capacity(self, adapters):
+        return len(self.free)
+
+    def acquire(self, adapter, holding=()):
         if adapter.name in self.broken:
             return Got("failed", error="broken adapter")
         if adapter.name in self.loading:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.auth import Key
 from server.api.errors import ApiError
-from server.api.generation import Generation, request_timeout, sampling_params
+from server.api.generation import Generation, request_timeout, sampling_params, tokenize
 from server.api.schemas import ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut
 from server.api.state import AppState, State
 from server.api.targets import resolve_target
@@ -100,7 +100,7 @@ def _render(body: ChatCompletionRequest, state: AppState) -> list[int]:
         )
     except (jinja2.TemplateError, ValueError, TypeError) as exc:
         raise ApiError(400, f"the chat template refused the messages: {exc}", "invalid_messages", "messages") from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenize(tokenizer, text, "messages", add_special_tokens=False)
     if not ids:
         raise ApiError(400, "the messages render to an empty prompt", "invalid_messages", "messages")
     return ids

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.auth import Key
 from server.api.errors import ApiError
-from server.api.generation import Generation, request_timeout, sampling_params
+from server.api.generation import Generation, request_timeout, sampling_params, tokenize
 from server.api.schemas import MAX_PROMPTS, CompletionChoice, CompletionRequest, CompletionResponse
 from server.api.state import AppState, State
 from server.api.targets import resolve_target
@@ -80,7 +80,7 @@ def _prompts(body: CompletionRequest, state: AppState) -> list[list[int]]:
         if not p:
             raise ApiError(400, f"{where} is empty", "invalid_prompt", "prompt")
         if isinstance(p, str):
-            out.append(state.serving.tokenizer(p)["input_ids"])
+            out.append(tokenize(state.serving.tokenizer, p, "prompt"))
             continue
         if any(t < 0 or t >= vocab for t in p):
             raise ApiError(400, f"{where}: token ids must be in [0, {vocab})", "invalid_prompt", "prompt")

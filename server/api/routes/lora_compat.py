@@ -9,6 +9,7 @@ deletes the adapter from the store. Both need the admin token.
 from __future__ import annotations
 
 import io
+import os
 from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
@@ -65,12 +66,16 @@ def _allowed_folder(lora_path: str, allowed: tuple[Path, ...]) -> Path:
         )
     if not lora_path or "\0" in lora_path:
         raise ApiError(400, "lora_path is empty or invalid", "invalid_request", "lora_path")
-    folder = Path(lora_path).expanduser().resolve()  # symlinks followed before the check
+    try:
+        folder = Path(lora_path).expanduser().resolve()  # symlinks followed before the check
+    except (OSError, ValueError, RuntimeError):
+        message = f"lora_path {lora_path[:200]!r} is not a valid path"
+        raise ApiError(400, message, "invalid_request", "lora_path") from None
     if not any(folder.is_relative_to(root.resolve()) for root in allowed):
         raise ApiError(
             403, "lora_path is outside the directories the operator allowed", "path_not_allowed", "lora_path"
         )
-    if not folder.is_dir():
+    if not os.path.isdir(folder):  # False for any OSError (e.g. a name too long)
         raise ApiError(400, f"lora_path {lora_path[:200]!r} is not a directory", "invalid_request", "lora_path")
     return folder
 
