@@ -1,11 +1,12 @@
 """Decode step time with N running requests, each on its own adapter, divided by the same step with no adapters.
 
-    python -m loadtests.bench.decode_step [--batch 32] [--rank 16] [--context 128]
+    python -m loadtests.bench.decode_step [--batch 32] [--rank 16] [--context 128] [--compose K]
 
 Default model, fp32, rank-16 adapters on all seven projections written straight
 into the device slots (what activation does), one decode token per request.
 Prints the ratio per LoRA backend; base and adapter steps are interleaved so
-drift on a noisy machine hits both alike.
+drift on a noisy machine hits both alike. With ``--compose K`` each request
+composes K adapters (weights 0.5) instead of using one.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backends", default="cpu,torch")
+    p.add_argument("--compose", type=int, default=1, help="adapters composed per request (1: one plain adapter)")
     p.add_argument("--lora-dtype", default="auto", help="adapter slot dtype (bfloat16: bf16 adapters, fp32 serving)")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/decode_step.json"))
     args = p.parse_args()
@@ -67,7 +69,8 @@ def main() -> None:
     n_adapters = args.adapters or args.batch
     results = {"command": "python -m loadtests.bench.decode_step " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
-        "batch": args.batch, "adapters": n_adapters, "rank": args.rank, "context": args.context,
+        "batch": args.batch, "adapters": n_adapters, "compose": args.compose, "rank": args.rank,
+        "context": args.context,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "backends": {}}
     for backend in args.backends.split(","):
         if backend == "cpu" and not cpu_kernel.available():
@@ -83,8 +86,15 @@ def main() -> None:
         per_seq = -(-(args.context + 1) // 16)  # KV blocks of 16 tokens
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(args.batch)]
         base = [SeqStep([100 + i], args.context, tables[i], -1, True) for i in range(args.batch)]
-        mixed = [SeqStep([100 + i], args.context, tables[i], i % n_adapters, True) for i in range(args.batch)]
-        mixed.sort(key=lambda s: s.slot)
+        if args.compose > 1:
+            mixed = [
+                SeqStep([100 + i], args.context, tables[i], -1, True,
+                        tuple(((i + j) % n_adapters, 0.5) for j in range(args.compose)))
+                for i in range(args.batch)
+            ]
+        else:
+            mixed = [SeqStep([100 + i], args.context, tables[i], i % n_adapters, True) for i in range(args.batch)]
+            mixed.sort(key=lambda s: s.slot)
         base_t, lora_t = [], []
         for _ in range(args.rounds):
             base_t.append(time_steps(runner, base, args.reps))
@@ -92,7 +102,7 @@ def main() -> None:
         b, m = statistics.median(base_t), statistics.median(lora_t)
         results["backends"][f"{backend}/{args.lora_dtype}"] = {"base_ms": b * 1e3, "lora_ms": m * 1e3, "ratio": m / b}
         print(f"{backend:6s} lora dtype {args.lora_dtype:8s} base {b * 1e3:7.1f} ms   "
-              f"{n_adapters} adapters {m * 1e3:7.1f} ms   ratio {m / b:.3f}")
+              f"{n_adapters} adapters x{args.compose} per request {m * 1e3:7.1f} ms   ratio {m / b:.3f}")
         del runner
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
