@@ -121,6 +121,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         type=Path,
     )
     opt("--max-queued-requests", "requests waiting beyond --max-num-seqs running; past it, 429", 256, type=int)
+    opt(
+        "--default-max-tokens",
+        "max_tokens of a chat request that sets none (capped by the context left); 0 = all the context left",
+        1024,
+        type=int,
+    )
     opt("--request-timeout", "seconds after which a request is aborted (504); 0 = none", 0.0, type=float)
     opt("--shutdown-timeout", "seconds SIGTERM waits for in-flight requests before aborting them", 30.0, type=float)
     opt("--max-upload-size", "largest adapter upload, unpacked (bytes, or 512M, 2G)", "1G", type=_size)
@@ -145,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             max_queued_requests=args.max_queued_requests,
             request_timeout=args.request_timeout,
             shutdown_timeout=args.shutdown_timeout,
+            default_max_tokens=args.default_max_tokens,
         ),
         model=ModelConfig(
             model=args.model,

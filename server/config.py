@@ -120,10 +120,11 @@ class AuthConfig:
 
     def __post_init__(self) -> None:
         for key in self.api_keys:
-            if len(key) < MIN_API_KEY_LENGTH or any(c.isspace() or c == "," for c in key):
+            # Printable ASCII: HTTP headers carry nothing else faithfully.
+            if len(key) < MIN_API_KEY_LENGTH or any(not ("!" <= c <= "~") or c == "," for c in key):
                 raise ValueError(
-                    f"API keys must be at least {MIN_API_KEY_LENGTH} characters without spaces or commas "
-                    f"({key[:3]!r}...)"
+                    f"API keys must be at least {MIN_API_KEY_LENGTH} printable ASCII characters without spaces "
+                    f"or commas ({key[:3]!r}...)"
                 )
 
 
@@ -134,10 +135,15 @@ class LimitsConfig:
     max_queued_requests: int = 256  # waiting beyond --max-num-seqs running; past it, 429
     request_timeout: float = 0.0  # seconds, 0 = none; a request's own ``timeout`` can only be shorter
     shutdown_timeout: float = 30.0  # seconds SIGTERM waits for in-flight requests before aborting them
+    # max_tokens of a chat request that gives none (capped by the context left); 0 = all the context left.
+    # KV cache for prompt + max_tokens is reserved when a request starts, so this bounds what one chat holds.
+    default_max_tokens: int = 1024
 
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
+        if self.default_max_tokens < 0:
+            raise ValueError("default_max_tokens must be >= 0")
         for name, value in (("request_timeout", self.request_timeout), ("shutdown_timeout", self.shutdown_timeout)):
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")

@@ -37,7 +37,12 @@ class Admission:
                 "prompt",
             )
         if self.closed:
-            raise ApiError(503, "the server is shutting down", "shutting_down", headers={"Connection": "close"})
+            raise ApiError(
+                503,
+                "the server is shutting down",
+                "shutting_down",
+                headers={"Connection": "close", "Retry-After": str(RETRY_AFTER_S)},
+            )
         with self._lock:
             if self._in_flight + n > self.limit:
                 raise ApiError(

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.types import Scope
 
 from server.api.admission import Admission
+from server.api.auth import unauthorized
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
 from server.api.keys import ApiKeys
@@ -105,7 +106,7 @@ def create_app(
         return http.max_request_bytes
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
-    install_error_handlers(app)
+    install_error_handlers(app, before_validation=unauthorized)
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
     app.include_router(health.router)
     app.include_router(models.router)

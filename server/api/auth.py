@@ -7,6 +7,7 @@ configured) guard the completion and model routes; see :mod:`server.api.keys`.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -30,8 +31,8 @@ def require_admin(request: Request, state: State) -> None:
             )
         return
     given = _bearer(request)
-    # compare_digest takes time independent of where the strings differ
-    if given is None or not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), token.encode()):
+    # Digests of equal length: the comparison's time depends on neither where nor whether the lengths differ.
+    if given is None or not hmac.compare_digest(_digest(given), _digest(token)):
         raise ApiError(
             401,
             "a valid admin token is required (Authorization: Bearer <token>)",
@@ -57,6 +58,22 @@ def require_key(request: Request, state: State) -> ApiKey | None:
             headers={"WWW-Authenticate": "Bearer"},
         )
     return key
+
+
+def unauthorized(request: Request) -> ApiError | None:
+    """The 401 an inference route would answer, for errors raised before its dependencies run (a malformed body)."""
+    state = getattr(request.app.state, "loraplex", None)
+    if state is None or not request.url.path.startswith("/v1/") or "lora_adapter" in request.url.path:
+        return None
+    try:
+        require_key(request, state)
+    except ApiError as exc:
+        return exc
+    return None
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
 def _bearer(request: Request) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -48,7 +50,8 @@ def error_response(
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, before_validation: Callable[[Request], ApiError | None]) -> None:
+    """``before_validation``: an error that outranks a malformed body (e.g. a missing API key's 401)."""
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
@@ -59,8 +62,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(status, str(exc), exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        earlier = before_validation(request)
+        if earlier is not None:
+            return error_response(earlier.status, earlier.message, earlier.code, earlier.param, earlier.headers)
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            why = first.get("ctx", {}).get("error", "parse error")
+            return error_response(422, f"the body is not valid JSON: {why}", "invalid_json")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", "invalid"))
         return error_response(422, message, "invalid_request", where or None)

@@ -88,6 +88,19 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, param: str, **kwargs
         raise ApiError(400, f"{param} cannot be tokenized: {exc}", "invalid_prompt", param) from None
 
 
+def check_supported(body: GenerationFields) -> None:
+    """400 for an OpenAI option set to something this server does not do (rather than ignoring it)."""
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options needs stream: true", "invalid_request", "stream_options")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} is not supported (only 0)", "unsupported_parameter", name)
+    if body.logit_bias:
+        raise ApiError(400, "logit_bias is not supported", "unsupported_parameter", "logit_bias")
+    if body.response_format is not None and body.response_format.get("type", "text") != "text":
+        raise ApiError(400, "only response_format type 'text' is supported", "unsupported_parameter", "response_format")
+
+
 def request_timeout(state: AppState, body: GenerationFields) -> float | None:
     """The request's own ``timeout``, never longer than the server's ``--request-timeout`` (0 = none)."""
     limit = state.serving.config.limits.request_timeout or None
@@ -155,27 +168,24 @@ class Generation:
             target.release()
             raise
 
-    async def first_outputs(self) -> str | None:
-        """Wait until every prompt has its first output; raise the HTTP error of one that failed at once.
+    async def first_output(self) -> str | None:
+        """Wait for the first output (of any prompt); raise its HTTP error if it failed at once.
 
         Returns where the adapters were found (``x-loraplex-adapter-cache``).
         Whatever ends it early aborts the request.
         """
-        seen: set[int] = set()
         try:
-            while len(seen) < len(self.choices):
-                index, out = await self._next()
-                self._pending.append((index, out))
-                seen.add(index)
-                if out.error is not None:
-                    raise request_error(out)
+            index, out = await self._next()
+            self._pending.append((index, out))
+            if out.error is not None:
+                raise request_error(out)
         except BaseException:
             await self.close()
             raise
-        return self._pending[0][1].adapter_tier if self._pending else None
+        return out.adapter_tier
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Every output, those read by :meth:`first_outputs` first; raises ApiError on timeout or disconnect."""
+        """Every output, the one read by :meth:`first_output` first; raises ApiError on timeout or disconnect."""
         while self._pending:
             yield self._pending.pop(0)
         while self._outputs.unfinished:
@@ -249,7 +259,10 @@ class Generation:
         if self._gone.done():
             raise ApiError(499, "client disconnected", "client_closed_request")
         raise ApiError(
-            TIMEOUT_STATUS, f"the request did not finish within its timeout of {self._timeout:g} s", "request_timeout"
+            TIMEOUT_STATUS,
+            f"the request did not finish within its timeout of {self._timeout:g} s",
+            "request_timeout",
+            headers={"x-should-retry": "false"},  # openai clients retry 5xx otherwise; the same request would too
         )
 
 

@@ -61,6 +61,10 @@ class GenerationFields(BaseModel):
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     ignore_eos: bool = False
     user: Text | None = None
+    presence_penalty: float | None = Field(None, description="not supported: absent or 0")
+    frequency_penalty: float | None = Field(None, description="not supported: absent or 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: absent or empty")
+    response_format: dict | None = Field(None, description="only {'type': 'text'}")
     timeout: float | None = Field(
         None,
         gt=0,

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.api.admission import Admission
-from server.api.errors import ApiError
+from server.api.errors import unavailable
 from server.api.keys import ApiKeys
 from server.api.registry import AdapterRegistry
 from server.api.schemas import MAX_COMPOSED
@@ -34,7 +34,7 @@ class AppState:
 def get_state(request: Request) -> AppState:
     state: AppState | None = getattr(request.app.state, "loraplex", None)
     if state is None or not state.ready:
-        raise ApiError(503, "the server is starting; retry shortly", "not_ready")
+        raise unavailable("the server is starting; retry shortly", "not_ready", retry_after=5)
     return state
 
 

@@ -99,7 +99,7 @@ async def resolve_target(
     try:
         for name in names:
             # File reads and hashing on first sight of an adapter version: off the event loop.
-            leases.append(await asyncio.to_thread(registry.lease, name, param))
+            leases.append(await _lease(registry, name, param))
     except BaseException:
         for lease in leases:
             lease.release()
@@ -110,3 +110,13 @@ async def resolve_target(
         return Target(adapter=leases[0].adapter, leases=leases)
     composition = tuple(WeightedAdapter(lease.adapter, t.weight) for lease, t in zip(leases, terms, strict=True))
     return Target(composition=composition, leases=leases)
+
+
+async def _lease(registry: AdapterRegistry, name: str, param: str) -> Lease:
+    """A lease taken on a worker thread; if the caller is cancelled meanwhile, it is released when taken."""
+    task = asyncio.ensure_future(asyncio.to_thread(registry.lease, name, param))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda t: t.result().release() if not t.cancelled() and not t.exception() else None)
+        raise

@@ -112,11 +112,13 @@ class AdapterCache:
             return "device"
         return "host" if adapter.key in self._host else "disk"
 
-    def acquire(self, adapter: StoredAdapter, holding: Collection[int] = ()) -> Acquired:
+    def acquire(self, adapter: StoredAdapter, holding: Collection[int] = (), new_slot: bool = True) -> Acquired:
         """Make ``adapter`` resident on a slot and take a reference, or say why not yet.
 
         ``holding``: slots the caller already took for the same request (a
-        composition); they are never the one drained for it.
+        composition); they are never the one drained for it. ``new_slot``
+        False: only an adapter already on a slot is taken (an older request
+        waits for the free ones); a load from disk still starts.
         """
         self.collect()
         key = adapter.key
@@ -135,6 +137,8 @@ class AdapterCache:
                 self._jobs.put(adapter)
             return Acquired(Residency.LOADING)
         self._host.move_to_end(key)
+        if not new_slot:
+            return Acquired(Residency.NO_SLOT)
         if not self._idle:
             self._pick_draining(holding)
             return Acquired(Residency.NO_SLOT)

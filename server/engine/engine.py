@@ -21,6 +21,24 @@ from server.model.runner import ModelRunner, SeqStep
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDLE_POLL_S = 0.5  # how often an idle loop looks again (adapter wait bounds are checked then)
+SHUTDOWN = "the server is shutting down"
+
+
+def _refuse(req: Request, sink: OutputSink) -> None:
+    """The only output of a request the engine will never run."""
+    sink(
+        RequestOutput(
+            request_id=req.request_id,
+            text="",
+            token_ids=(),
+            finished=True,
+            finish_reason=FinishReason.ABORT,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=0,
+            error=SHUTDOWN,
+            error_kind=ErrorKind.UNAVAILABLE,
+        )
+    )
 
 
 class Engine:
@@ -43,12 +61,19 @@ class Engine:
         self._detok: dict[str, Detokenizer] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closing = threading.Lock()
+        self._closed = False  # the loop has ended: nothing submitted now would ever run
         self.steps = 0
 
     # -- called from any thread ---------------------------------------------
 
     def submit(self, request: Request, sink: OutputSink) -> None:
-        self.inbox.put(Submit(request, sink))
+        """Queue ``request``; its outputs go to ``sink``. Once the engine has stopped, it is refused at once."""
+        with self._closing:
+            if not self._closed:
+                self.inbox.put(Submit(request, sink))
+                return
+        _refuse(request, sink)
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(Abort(request_id))
@@ -88,14 +113,18 @@ class Engine:
                 for req in list(self.scheduler.running):
                     self._finish(req, FinishReason.ERROR, "internal error in the engine step", kind=ErrorKind.INTERNAL)
         for req in list(self.scheduler.running) + list(self.scheduler.waiting):
-            self._finish(req, FinishReason.ABORT, error="server shutting down")
-        while True:  # nobody will run what is still queued
+            self._finish(req, FinishReason.ABORT, error=SHUTDOWN, kind=ErrorKind.UNAVAILABLE)
+        with self._closing:
+            self._closed = True
+        while True:  # nobody will run what is still queued: tell each sender
             try:
                 msg = self.inbox.get_nowait()
             except queue.Empty:
                 break
             if isinstance(msg, Call):
                 msg.future.set_exception(RuntimeError("the engine stopped"))
+            elif isinstance(msg, Submit):
+                _refuse(msg.request, msg.sink)
 
     def _drain(self, block: bool) -> None:
         """Take new messages, waiting a little for the first one when ``block``."""

@@ -16,7 +16,7 @@ from server.engine.request import ErrorKind, FinishReason, Request, RequestStatu
 class AdapterSlots(Protocol):
     """What the scheduler needs of the adapter cache."""
 
-    def acquire(self, adapter: StoredAdapter, holding: Collection[int] = ()) -> _Acquired: ...
+    def acquire(self, adapter: StoredAdapter, holding: Collection[int] = (), new_slot: bool = True) -> _Acquired: ...
     def capacity(self, adapters: Collection[StoredAdapter]) -> int: ...
     def release(self, slot: int) -> None: ...
     def tier(self, adapter: StoredAdapter) -> str: ...
@@ -112,59 +112,74 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         still_waiting: deque[Request] = deque()
-        while self.waiting:
-            req = self.waiting.popleft()
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                still_waiting.append(req)
-                continue
-            if not self.blocks.can_allocate(req.max_total_tokens):
-                still_waiting.append(req)
-                continue
-            if req.adapters and not self._acquire_adapters(req, batch):
-                if req.status is RequestStatus.WAITING:
+        # Once an older request waits for a free slot, newer ones may only use adapters already on a slot:
+        # slots are handed out in arrival order, so a composition needing several is not starved.
+        slots_reserved = False
+        try:
+            while self.waiting:
+                req = self.waiting.popleft()
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                     still_waiting.append(req)
-                continue
-            req.blocks = self.blocks.allocate(req.max_total_tokens)
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            n = len(req.next_tokens(budget))
-            batch.steps.append((req, n))
-            budget -= n
-        self.waiting = still_waiting
+                    continue
+                if not self.blocks.can_allocate(req.max_total_tokens):
+                    still_waiting.append(req)
+                    continue
+                if req.adapters:
+                    waiting_for = self._acquire_adapters(req, batch, new_slots=not slots_reserved)
+                    if waiting_for is not None:
+                        if req.status is RequestStatus.WAITING:
+                            still_waiting.append(req)
+                            slots_reserved = slots_reserved or waiting_for == "no_slot"
+                        continue
+                req.blocks = self.blocks.allocate(req.max_total_tokens)
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                n = len(req.next_tokens(budget))
+                batch.steps.append((req, n))
+                budget -= n
+        finally:  # whatever happens, no waiting request is lost
+            still_waiting.extend(self.waiting)
+            self.waiting = still_waiting
 
-    def _acquire_adapters(self, req: Request, batch: ScheduledBatch) -> bool:
-        """Take a slot for each of ``req``'s adapters, or none of them: it then waits, or fails."""
+    def _acquire_adapters(self, req: Request, batch: ScheduledBatch, new_slots: bool) -> str | None:
+        """Take a slot for each of ``req``'s adapters, or none of them.
+
+        None when it has them all; else why not (``loading``, ``no_slot``, or
+        ``failed``, the request then finished with its error).
+        """
         slots: list[int] = []
         for adapter in req.adapters:
-            got = self.adapters.acquire(adapter, slots)
-            if got.error is not None or got.slot < 0:
-                for slot in slots:
-                    self.adapters.release(slot)
-                if got.error is not None:
-                    self._fail(req, batch, f"adapter {adapter.name!r} cannot be loaded: {got.error}")
-                    return False
-                capacity = self.adapters.capacity(req.adapters)
-                if len(req.adapters) > capacity:
-                    self._fail(
-                        req,
-                        batch,
-                        f"the request composes {len(req.adapters)} adapters but only {capacity} device slots are "
-                        "not pinned by other adapters; retry after an unpin",
-                        ErrorKind.UNAVAILABLE,
-                    )
-                    return False
-                now = self.clock()
-                if req.adapter_wait_since is None:
-                    req.adapter_wait_since = now
-                if now - req.adapter_wait_since > self.config.adapter_wait_timeout:
-                    self._fail(req, batch, self._wait_message(adapter.name, got), ErrorKind.UNAVAILABLE)
-                return False
-            slots.append(got.slot)
+            got = self.adapters.acquire(adapter, slots, new_slots)
+            if got.error is None and got.slot >= 0:
+                slots.append(got.slot)
+                continue
+            for slot in slots:
+                self.adapters.release(slot)
+            if got.error is not None:
+                self._fail(req, batch, f"adapter {adapter.name!r} cannot be loaded: {got.error}")
+                return "failed"
+            capacity = self.adapters.capacity(req.adapters)
+            if len(req.adapters) > capacity:
+                self._fail(
+                    req,
+                    batch,
+                    f"the request composes {len(req.adapters)} adapters but only {capacity} device slots are "
+                    "not pinned by other adapters; retry after an unpin",
+                    ErrorKind.UNAVAILABLE,
+                )
+                return "failed"
+            now = self.clock()
+            if req.adapter_wait_since is None:
+                req.adapter_wait_since = now
+            if now - req.adapter_wait_since > self.config.adapter_wait_timeout:
+                self._fail(req, batch, self._wait_message(adapter.name, got), ErrorKind.UNAVAILABLE)
+                return "failed"
+            return "loading" if getattr(got.state, "value", got.state) == "loading" else "no_slot"
         if req.adapter is not None:
             req.slot = slots[0]
         else:
             req.composed_slots = tuple(slots)
-        return True
+        return None
 
     def _fail(self, req: Request, batch: ScheduledBatch, error: str, kind: ErrorKind = ErrorKind.ADAPTER) -> None:
         req.error, req.error_kind = error, kind

@@ -108,8 +108,8 @@ def test_bad_value_is_refused_at_once_naming_the_problem(tmp_path, args, env, fr
     [
         (("--admin-token", "short-token"), {}, "short-token", "admin token must be at least 16 characters"),
         ((), {"LORAPLEX_ADMIN_TOKEN": "short-token"}, "short-token", "admin token must be at least 16 characters"),
-        (("--api-keys", "sk-1234"), {}, "sk-1234", "API keys must be at least 8 characters"),
-        ((), {"LORAPLEX_API_KEYS": f"{KEY_SECRET},sk-1234"}, "sk-1234", "API keys must be at least 8 characters"),
+        (("--api-keys", "sk-1234"), {}, "sk-1234", "API keys must be at least 8 printable ASCII characters"),
+        ((), {"LORAPLEX_API_KEYS": f"{KEY_SECRET},sk-1234"}, "sk-1234", "at least 8 printable ASCII characters"),
         ((), {"LORAPLEX_API_KEYS": "sk-with space"}, "sk-with space", "without spaces or commas"),
         (
             ("--admin-token", ADMIN_SECRET),

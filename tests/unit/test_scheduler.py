@@ -33,7 +33,7 @@ class FakeAdapters:
     def capacity(self, adapters):
         return len(self.free)
 
-    def acquire(self, adapter, holding=()):
+    def acquire(self, adapter, holding=(), new_slot=True):
         if adapter.name in self.broken:
             return Got("failed", error="broken adapter")
         if adapter.name in self.loading:
@@ -41,7 +41,7 @@ class FakeAdapters:
         slot = self.slot_of.get(adapter.name)
         if slot is None:
             idle = [s for s in self.free if self.refs.get(s, 0) == 0]
-            if not idle:
+            if not idle or not new_slot:
                 return Got("no_slot")
             slot = idle[0]
             self.slot_of = {k: v for k, v in self.slot_of.items() if v != slot}

@@ -20,5 +20,5 @@ async def ready(request: Request):
     """The model is loaded and warmed up; 503 until then."""
     state = getattr(request.app.state, "loraplex", None)
     if state is None or not state.ready:
-        return error_response(503, "the model is still loading", "not_ready")
+        return error_response(503, "the model is still loading", "not_ready", headers={"Retry-After": "5"})
     return {"status": "ready", "model": state.serving.model_name}
