@@ -16,6 +16,9 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
+_UNPARSABLE_BODY = "There was an error parsing the body"  # FastAPI's message when it cannot decode a body
+
+
 class ApiError(Exception):
     def __init__(
         self,
@@ -75,7 +78,12 @@ def install_error_handlers(app: FastAPI, before_validation: Callable[[Request], 
         return error_response(422, message, "invalid_request", where or None)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _UNPARSABLE_BODY:  # FastAPI's own, e.g. a body not UTF-8
+            earlier = before_validation(request)
+            if earlier is not None:
+                return error_response(earlier.status, earlier.message, earlier.code, earlier.param, earlier.headers)
+            return error_response(422, "the body is not valid JSON (it must be UTF-8 text)", "invalid_json")
         return error_response(
             exc.status_code, str(exc.detail), getattr(exc, "code", None), headers=getattr(exc, "headers", None)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Collection
@@ -11,6 +12,8 @@ from typing import Protocol
 from adapters_store.backend import StoredAdapter
 from server.engine.block_manager import BlockManager
 from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus
+
+log = logging.getLogger(__name__)
 
 
 class AdapterSlots(Protocol):
@@ -149,7 +152,14 @@ class Scheduler:
         """
         slots: list[int] = []
         for adapter in req.adapters:
-            got = self.adapters.acquire(adapter, slots, new_slots)
+            try:
+                got = self.adapters.acquire(adapter, slots, new_slots)
+            except Exception:  # the cache's fault: this request fails, the others carry on
+                log.exception("acquiring adapter %s failed", adapter.ref)
+                for slot in slots:
+                    self.adapters.release(slot)
+                self._fail(req, batch, f"adapter {adapter.name!r} could not be made resident", ErrorKind.INTERNAL)
+                return "failed"
             if got.error is None and got.slot >= 0:
                 slots.append(got.slot)
                 continue

@@ -9,7 +9,16 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server.config import AdminConfig, CacheConfig, Config, HttpConfig, LoraConfig, ModelConfig
+from server.config import (
+    AdminConfig,
+    AuthConfig,
+    CacheConfig,
+    Config,
+    HttpConfig,
+    LimitsConfig,
+    LoraConfig,
+    ModelConfig,
+)
 from server.engine.builder import Serving, build_serving_in_fresh_thread
 from server.engine.messages import RequestOutput
 from server.engine.request import Request, SamplingParams
@@ -32,6 +41,8 @@ def build(
     adapter_wait_timeout: float = 30.0,
     admin: AdminConfig | None = None,
     http: HttpConfig | None = None,
+    limits: LimitsConfig | None = None,
+    auth: AuthConfig | None = None,
 ) -> Serving:
     config = Config(
         model=ModelConfig(cache_dir=cache_dir),
@@ -50,6 +61,8 @@ def build(
         ),
         http=http or HttpConfig(),
         admin=admin or AdminConfig(),
+        auth=auth or AuthConfig(),
+        limits=limits or LimitsConfig(),
     )
     loaded = LoadedModel(hf_model=hf_model, tokenizer=tokenizer, name="tiny", source=adapters_dir)
     return build_serving_in_fresh_thread(config, loaded)

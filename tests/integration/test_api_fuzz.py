@@ -3,11 +3,16 @@
 Hostile bodies, paths, headers and content types must never get a 5xx (other
 than 503 with ``Retry-After``, or 504 when the request set a ``timeout``), an
 error body outside OpenAI's shape, a malformed 2xx, or a hang; afterwards the
-server serves a known adapter exactly as before and holds nothing.
+server serves a known adapter exactly as before and holds nothing. A second
+server with API keys gets the inference routes with every kind of credential:
+401 without a valid key, 403 for an adapter outside the key's globs (whether
+or not it exists), else the same contract. Examples are derandomized: the same
+calls on every run.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -26,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from server.api.admin_schemas import AdapterInfo, AdapterList, UploadResult
 from server.api.app import create_app
-from server.config import AdminConfig, HttpConfig
+from server.config import AdminConfig, AuthConfig, HttpConfig
 from tests.helpers import engine as eng
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
 from tests.helpers.tiny_server import CHAT_TEMPLATE
@@ -55,12 +60,8 @@ def _complete_keeper(client: TestClient):
     return client.post("/v1/completions", json={"model": KEEPER, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    tok = make_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    base = make_model("llama", len(tok), seed=5)
-    store = tmp_path_factory.mktemp("store")
+def _stored_adapters(base, store: Path) -> Path:
+    """The keeper, the pawns, and bad-shape, in ``store``."""
     make_adapter(base, AdapterSpec(KEEPER, 8, 16, ("q_proj", "v_proj", "down_proj")), store, seed=1)
     for i, name in enumerate(PAWNS):
         make_adapter(base, AdapterSpec(name, 4, 8, (("q_proj",), ("k_proj", "up_proj"), ("o_proj",))[i]), store, i + 2)
@@ -70,6 +71,15 @@ def world(tmp_path_factory):
     key = next(k for k in tensors if "lora_A" in k)
     tensors[key] = tensors[key][:, :10].contiguous()
     save_file(tensors, bad / "adapter_model.safetensors")
+    return store
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    base = make_model("llama", len(tok), seed=5)
+    store = _stored_adapters(base, tmp_path_factory.mktemp("store"))
 
     src = tmp_path_factory.mktemp("allowed")
     good = make_adapter(base, AdapterSpec("pawn-src", 4, 8, ("v_proj",)), src, seed=7)
@@ -124,7 +134,7 @@ class Call:
     method: str
     url: str
     content: bytes | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str | bytes] = field(default_factory=dict)  # bytes: a value that is not ASCII
     body: object = None  # the JSON value ``content`` encodes, when it is one
 
     @property
@@ -698,6 +708,7 @@ def check_response(call: Call, r) -> None:
 FUZZ = settings(
     deadline=None,
     database=None,  # nothing written into the checkout
+    derandomize=True,  # the same examples on every run: a CI failure is reproduced by running it again
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
                            HealthCheck.large_base_example],
@@ -782,3 +793,182 @@ def test_server_is_whole_after_fuzzing(world):
             break
         time.sleep(0.05)
     assert held == (0, 0, 0, 0), f"(running, waiting, used KV blocks, admitted) still held after fuzzing: {held}"
+    assert_nothing_leased(state)
+
+
+def assert_nothing_leased(state, within: float = 5.0) -> None:
+    """No adapter lease is out, and the only adapter slot references left are the pins'."""
+    registry, engine = state.registry, state.serving.engine
+    cache = engine.scheduler.adapters
+
+    def slots() -> tuple[int, int, dict]:
+        residence = cache.residence()
+        running = {key: r.running for key, r in residence.items() if r.running}
+        return cache.slots_in_use, sum(r.pinned for r in residence.values()), running
+
+    deadline = time.monotonic() + within
+    while True:
+        leases = {name: n for name in state.serving.store.names() if (n := registry.in_flight(name))}
+        in_use, pins, running = engine.call(slots).result(30)
+        released = not leases and not registry.leased_versions() and in_use == pins and not running
+        if released or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leases and not registry.leased_versions(), f"leases still out: {leases} {registry.leased_versions()}"
+    assert in_use == pins and not running, f"{in_use} slots in use for {pins} pins; running on them: {running}"
+
+
+# -- with API keys -----------------------------------------------------------------------------------------------------
+
+KEY_ALL = "sk-fuzz-all-0001"  # every adapter
+KEY_PAWNS = "sk-fuzz-pawns-01"  # only adapters matching PAWN_GLOB
+PAWN_GLOB = "pawn-*"
+WRONG_KEYS = [
+    "sk-wrong-key-0001",
+    KEY_ALL[:-1],  # prefixes of a real key
+    KEY_PAWNS[:3],
+    KEY_ALL + "1",
+    KEY_ALL.upper(),
+    "k" * 20_000,
+    "sk-fuzz-\u00e4ll-0001",  # not ASCII: sent as UTF-8 bytes
+    "\u043a\u043b\u044e\u0447-\U0001f511" * 3,
+]
+KEYED_ROUTES = {("POST", "/v1/completions"): 300, ("POST", "/v1/chat/completions"): 250, ("GET", "/v1/models"): 40}
+
+
+@dataclass(frozen=True)
+class Credential:
+    headers: dict[str, str | bytes]
+    key: str | None  # the valid key it carries, or None
+
+
+def _header(value: str) -> str | bytes:
+    return value if value.isascii() else value.encode("utf-8")
+
+
+def credentials() -> st.SearchStrategy[Credential]:
+    wrong = st.sampled_from(WRONG_KEYS)
+    good = st.sampled_from([KEY_ALL, KEY_PAWNS])
+    return st.one_of(
+        st.just(Credential({}, None)),
+        wrong.map(lambda k: Credential({"authorization": _header(f"Bearer {k}")}, None)),
+        wrong.map(lambda k: Credential({"x-api-key": _header(k)}, None)),
+        st.sampled_from(["Bearer", "Bearer ", "Basic " + KEY_ALL, KEY_ALL, "Token " + KEY_ALL, ""]).map(
+            lambda v: Credential({"authorization": v}, None)  # no bearer token in it
+        ),
+        st.builds(
+            lambda k, form: Credential({"authorization": form.format(k)}, k),
+            good, st.sampled_from(["Bearer {}", "bearer {}", "BEARER  {} "]),
+        ),
+        good.map(lambda k: Credential({"x-api-key": k}, k)),
+        good.map(lambda k: Credential({"authorization": "Basic abc", "x-api-key": k}, k)),
+    )
+
+
+def keyed_calls(route: tuple[str, str], vocab: int) -> st.SearchStrategy[tuple[Call, Credential]]:
+    if route == ("POST", "/v1/completions"):
+        calls = json_calls(route, completion_bodies(vocab, False), completion_bodies(vocab, True))
+    elif route == ("POST", "/v1/chat/completions"):
+        calls = json_calls(route, chat_bodies(False), chat_bodies(True))
+    else:
+        calls = get_calls(route)
+
+    def with_credential(call: Call, cred: Credential) -> tuple[Call, Credential]:
+        # The fuzzed headers' own credentials give way to this one; a broken Content-Length is the framing's
+        # business (400 or 413 before any route), not the key's.
+        kept = {k: v for k, v in call.headers.items() if k not in ("authorization", "x-api-key", "content-length")}
+        return Call(call.route, call.method, call.url, call.content, kept | cred.headers, call.body), cred
+
+    return st.builds(with_credential, calls, credentials())
+
+
+def named_adapters(body: object) -> list[str]:
+    """The adapter names a generation body asks for, where it says so plainly."""
+    if not isinstance(body, dict):
+        return []
+    names = []
+    model = body.get("model")
+    if isinstance(model, str) and model.removeprefix(f"{BASE}:") not in ("", BASE):
+        names.append(model.removeprefix(f"{BASE}:"))
+    terms = body.get("adapters")
+    if isinstance(terms, list):
+        names += [t["name"] for t in terms if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    return names
+
+
+def allowed(key: str, name: str) -> bool:
+    return key == KEY_ALL or fnmatch.fnmatchcase(name, PAWN_GLOB)
+
+
+def check_keyed(call: Call, cred: Credential, r) -> None:
+    """401 without a valid key; 403 only for an adapter outside the key's globs; else the open server's contract."""
+    where = f"{call!r} -> {r.status_code} {r.text[:600]!r}"
+    if cred.key is None:
+        assert r.status_code == 401, f"no valid key, not 401: {where}"
+        check_error_body(r.json(), where)
+        assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer", where
+        return
+    assert r.status_code != 401, f"a valid key refused: {where}"
+    check_response(call, r)
+    outside = [n for n in named_adapters(call.body) if not allowed(cred.key, n)]
+    if r.status_code == 403:
+        assert r.json()["error"]["code"] == "adapter_not_allowed" and cred.key != KEY_ALL, where
+    elif r.status_code == 404:  # "does not exist" must not tell a key about adapters outside its globs
+        assert not outside, f"404 for an adapter the key may not use (403 expected): {where}"
+    elif 200 <= r.status_code < 300 and call.route[1] == "/v1/models":
+        names = [card["id"] for card in r.json()["data"][1:]]
+        assert all(allowed(cred.key, n) for n in names), where
+    elif 200 <= r.status_code < 300:
+        served = [ref.rsplit("@", 1)[0] for ref in r.headers.get("x-loraplex-adapter", "").split(",") if ref]
+        assert all(allowed(cred.key, n) for n in served), f"served an adapter outside the key's globs: {where}"
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    base = make_model("llama", len(tok), seed=5)
+    store = _stored_adapters(base, tmp_path_factory.mktemp("keyed-store"))
+    auth = AuthConfig(api_keys={KEY_ALL: (), KEY_PAWNS: (PAWN_GLOB,)})
+    cache = tmp_path_factory.mktemp("keyed-cache")
+    app = create_app(lambda: eng.build(base, tok, store, cache, kv_tokens=2048, adapter_wait_timeout=2.0, auth=auth))
+    with TestClient(app, raise_server_exceptions=False, follow_redirects=False) as client:
+        yield client, app
+
+
+def test_keys_decide_before_anything_else(keyed):
+    """The rules the fuzz below checks, on plain examples."""
+    client, _ = keyed
+
+    def post(key: str | None, **body):
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        return client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, **body}, headers=headers)
+
+    assert post(None, model=KEEPER).status_code == 401
+    assert post(KEY_ALL, model=KEEPER).status_code == 200
+    assert post(KEY_PAWNS, model="pawn-1").status_code == 200
+    assert post(KEY_PAWNS, model="").status_code == 200  # the base model is open to every key
+    for body in ({"model": KEEPER}, {"model": "ghost"}, {"adapters": [{"name": "pawn-0"}, {"name": "ghost"}]}):
+        r = post(KEY_PAWNS, **body)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "adapter_not_allowed", (body, r.text)
+    assert post(KEY_PAWNS, model="pawn-ghost").status_code == 404  # inside the globs: it may know
+    assert post(KEY_ALL, model="ghost").status_code == 404
+
+
+@pytest.mark.parametrize("route", KEYED_ROUTES, ids=[f"{m} {p}" for m, p in KEYED_ROUTES])
+def test_fuzz_keyed_inference_routes(keyed, world, route):
+    client, app = keyed
+
+    @settings(FUZZ, max_examples=KEYED_ROUTES[route])
+    @given(pair=keyed_calls(route, world.vocab))
+    def fuzz(pair: tuple[Call, Credential]) -> None:
+        call, cred = pair
+        check_keyed(call, cred, send(client, call))
+
+    fuzz()
+    state = app.state.loraplex
+    deadline = time.monotonic() + 5.0
+    while state.admission.in_flight and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state.admission.in_flight == 0
+    assert_nothing_leased(state)

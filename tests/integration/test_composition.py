@@ -472,6 +472,62 @@ def test_a_younger_request_does_not_take_the_slot_an_older_composition_waits_for
         assert_released(client)
 
 
+def test_newer_requests_for_other_adapters_do_not_starve_a_waiting_composition(models, tmp_path):
+    """Two slots; a long request holds one; a composition of two other adapters waits for both; newer short
+    requests for yet other adapters keep arriving. Slots go out in arrival order: the composition runs as soon
+    as the long request ends, before the newer requests, well within ``--adapter-wait-timeout``. (Before, each
+    newer request took the slot the composition had just given back, and it waited for all of them.)
+    """
+    pair = (("all-r8", 0.5), ("attn-r4", -1.0))
+    busy = "mlp-r16"
+    rotating = ("rslora-r12", "r1", "r3-pattern", "alpha-pattern")
+    newer = 8
+    with serve(models, tmp_path, max_loras=2, adapter_wait_timeout=20.0) as client:
+        engine = client.app.state.loraplex.serving.engine
+        for name in (*rotating, "all-r8", "attn-r4", busy):  # each in host memory; busy last, so on a slot
+            assert complete(client, None, SHORT, model=name).status_code == 200
+        results: dict[object, object] = {}
+        threads: list[threading.Thread] = []
+
+        def arrive(first: int, last: int) -> None:
+            for i in range(first, last):  # one by one, so the engine takes them in this order
+                threads.append(spawn(results, i, client, None, SHORT, model=rotating[i % len(rotating)]))
+                wait_for_inbox(engine, i - first + 1)
+
+        with recording(engine.runner) as steps:
+            with paused(engine):
+                threads.append(spawn(results, "busy", client, None, LONG, model=busy, max_tokens=60, ignore_eos=True))
+                wait_for_inbox(engine, 1)
+                threads.append(spawn(results, "composed", client, pair, SHORT))
+                wait_for_inbox(engine, 2)
+            with paused(engine):  # the first newer ones come once the composition waits
+                arrive(0, newer // 2)
+            deadline = time.monotonic() + 30
+            while len(steps) < 8:  # more keep coming while the long request runs
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            with paused(engine):
+                arrive(newer // 2, newer)
+            for t in threads:
+                t.join(90)
+        assert not any(t.is_alive() for t in threads)
+        for key, result in results.items():
+            assert result.status_code == 200, (key, result.text)
+        assert_matches(results["composed"], models, pair, models.ids(SHORT))
+        short = len(models.ids(SHORT))
+        assert not any(s.composed for s in steps[0]), "the composition did not have to wait: no scenario"
+        composed_first = next(i for i, seqs in enumerate(steps) if any(s.composed for s in seqs))
+        newer_starts = [i for i, seqs in enumerate(steps) for s in seqs
+                        if s.start == 0 and not s.composed and len(s.token_ids) == short]
+        assert len(newer_starts) == newer, newer_starts
+        ahead = sum(i < composed_first for i in newer_starts)
+        assert ahead <= newer // 4, (
+            f"{ahead} of {newer} newer requests started before the composition (step {composed_first}): "
+            "the slots it waited for went to newer requests"
+        )
+        assert_released(client)
+
+
 def test_failed_adapter_in_a_composition_releases_everything(small):
     """One adapter that does not fit, or fails to load, fails the request; the others' slots and leases are freed."""
     client, models = small

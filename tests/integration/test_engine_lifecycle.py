@@ -10,6 +10,8 @@ import torch
 
 from server.engine.client import EngineClient
 from server.engine.request import ErrorKind, FinishReason, Request, SamplingParams
+from server.lora import cpu_kernel
+from server.model import cpu_attention
 from tests.helpers import engine as eng
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
 
@@ -163,3 +165,49 @@ def test_a_failing_step_fails_its_batch_and_the_engine_keeps_serving(world, monk
     ok = eng.submit(serving, "after", tok("hello")["input_ids"], "a", params)
     assert ok.done.wait(30) and ok.last.error is None and len(ok.token_ids) == 4
     _wait_idle(serving)
+
+
+def test_requests_the_stopped_engine_never_runs_finish_unavailable(tmp_path):
+    """Stopping aborts what runs or waits, and refuses what comes later at once: each gets one finished output
+    with ErrorKind.UNAVAILABLE (503 over HTTP, not 400) and its ``on_finish`` runs (so admission and leases are
+    given back). Before, a request submitted after the stop sat in a queue nobody read: it never finished."""
+    cpu_kernel.available()  # from the shared kernel cache: a fresh cache dir would build them again (seconds)
+    cpu_attention.available()
+    tok = make_tokenizer()
+    base = make_model("llama", len(tok), seed=7)
+    serving = eng.build(base, tok, tmp_path / "store", tmp_path / "cache", kv_tokens=2048, max_num_seqs=1)
+    serving.engine.start()
+    client = EngineClient(serving.engine)
+    ids = tok("hello world")["input_ids"]
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    finished: list[str] = []
+
+    def generate(request_id: str):
+        return client.generate(Request(request_id, ids, params), on_finish=lambda: finished.append(request_id))
+
+    async def drain(outputs) -> list:
+        return [o async for o in outputs]
+
+    async def run():
+        running, waiting = generate("running"), generate("waiting")  # one sequence at a time: the second waits
+        first = await anext(running)
+        await asyncio.to_thread(serving.engine.stop)
+        stopped = {"running": [first, *await drain(running)], "waiting": await drain(waiting)}
+        late = generate("late")
+        stopped["late"] = await asyncio.wait_for(drain(late), 10)
+        return stopped
+
+    try:
+        outputs = asyncio.run(run())
+    finally:
+        serving.stop()
+    assert not outputs["running"][0].finished and len(outputs["late"]) == 1
+    for request_id, outs in outputs.items():
+        last = outs[-1]
+        assert last.finished and [o.finished for o in outs].count(True) == 1, request_id
+        assert last.error_kind is ErrorKind.UNAVAILABLE and "shutting down" in last.error, (request_id, last)
+        assert last.finish_reason is FinishReason.ABORT, request_id
+    late = outputs["late"][0]
+    assert late.completion_tokens == 0 and late.prompt_tokens == len(ids) and late.token_ids == ()
+    assert sorted(finished) == ["late", "running", "waiting"]
+    assert _idle(serving)

@@ -233,6 +233,7 @@ def test_timeout_non_streaming_is_504_and_frees_everything(srv, tiny):
     elapsed = time.monotonic() - started
     assert r.status_code == 504, r.text
     _assert_timeout_error(r.json(), "0.05")
+    assert r.headers["x-should-retry"] == "false"  # openai clients retry a 5xx otherwise: it would time out again
     assert elapsed < 2.0  # the whole request needs >= 2.5 s
     srv.wait_idle()
     assert srv.engine.steps - steps_before < 200
@@ -247,7 +248,8 @@ def test_timeout_mid_stream_is_an_error_event_then_done(srv, tiny):
     srv.wait_idle()
     events: list[str] = []
     try:
-        with httpx.stream("POST", srv.url + "/v1/completions", json=_long(tok, stream=True, timeout=1.0),
+        # 3 s: room for the first token on a loaded machine; after it the gate holds the engine, so the end is certain
+        with httpx.stream("POST", srv.url + "/v1/completions", json=_long(tok, stream=True, timeout=3.0),
                           timeout=30) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
@@ -258,7 +260,7 @@ def test_timeout_mid_stream_is_an_error_event_then_done(srv, tiny):
         srv.throttle.gate.set()
     assert events[-1] == "[DONE]", events[-3:]
     error = json.loads(events[-2])
-    _assert_timeout_error(error, "1")
+    _assert_timeout_error(error, "3")
     chunks = [json.loads(e) for e in events[:-2]]
     assert chunks and all("choices" in c for c in chunks)
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
@@ -275,6 +277,7 @@ def test_stream_timing_out_before_its_first_token_is_a_plain_504(srv, tiny):
         srv.throttle.gate.set()
     assert r.status_code == 504, r.text
     assert r.headers["content-type"].startswith("application/json")
+    assert r.headers["x-should-retry"] == "false"
     _assert_timeout_error(r.json(), "0.05")
     srv.wait_idle()
 
@@ -294,6 +297,42 @@ def test_server_request_timeout_caps_a_longer_body_timeout(tiny):
         finally:
             s.throttle.gate.set()
         s.wait_idle()
+
+
+# -- shutdown -------------------------------------------------------------------------------------------
+
+
+def test_requests_the_stopped_engine_never_runs_are_503_and_release_everything(tiny):
+    """The engine stops (as the lifespan's shutdown does) while the HTTP side still answers: the request it was
+    running is aborted with 503 (the server's state, not the request's fault: not 400), and a request sent
+    afterwards is refused at once with 503 and Retry-After instead of waiting for an engine that is gone. Their
+    admission and adapter leases are given back. Then, with admission closed, 503 with Retry-After too."""
+    _, tok, _ = tiny
+    with in_process(*tiny, LimitsConfig()) as s:
+        running = _start(s.url, _long(tok, timeout=20))
+        _wait_for(lambda: s.snapshot()["running"] == 1 and s.engine.steps >= 3, 20, "the request to run")
+        s.engine.stop()
+        assert running.ended.wait(20) and running.failure is None, running.failure
+        assert running.status == 503, (running.status, running.body)
+        assert "shutting down" in running.body["error"]["message"], running.body
+        s.wait_idle()
+
+        started = time.monotonic()
+        # its own timeout (5 s) only bounds the test: the refusal must come at once, not as a 504
+        late = httpx.post(s.url + "/v1/completions", json=_long(tok, max_tokens=5, timeout=5), timeout=30)
+        assert late.status_code == 503, late.text
+        assert late.headers["retry-after"] and "shutting down" in late.json()["error"]["message"]
+        assert time.monotonic() - started < 4
+        stream = httpx.post(s.url + "/v1/completions", json=_long(tok, max_tokens=5, timeout=5, stream=True),
+                            timeout=30)
+        assert stream.status_code == 503 and stream.headers["retry-after"], stream.text
+        s.wait_idle()  # admission and leases of the refused requests given back
+        assert s.state.admission.in_flight == 0 and s.state.registry.in_flight(ADAPTER) == 0
+
+        s.state.admission.closed = True  # what the lifespan's shutdown sets first
+        closed = httpx.post(s.url + "/v1/completions", json=_long(tok, max_tokens=5), timeout=30)
+        assert closed.status_code == 503, closed.text
+        assert closed.json()["error"]["code"] == "shutting_down" and closed.headers["retry-after"] == "1"
 
 
 # -- the bounded queue ----------------------------------------------------------------------------------

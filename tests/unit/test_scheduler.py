@@ -9,8 +9,8 @@ import pytest
 
 from adapters_store.backend import StoredAdapter
 from server.engine.block_manager import BlockManager
-from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus, SamplingParams
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus, SamplingParams, WeightedAdapter
+from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 
 
 @dataclass
@@ -26,12 +26,26 @@ class FakeAdapters:
         self.slot_of: dict[str, int] = {}
         self.refs: dict[int, int] = {}
         self.loading, self.broken = set(loading), set(broken)
+        self.pinned: set[str] = set()  # adapters holding a slot for good (one reference each)
 
     def tier(self, adapter):
         return "device" if adapter.name in self.slot_of else "disk"
 
     def capacity(self, adapters):
-        return len(self.free)
+        """Slots not pinned by adapters other than ``adapters``."""
+        names = {a.name for a in adapters}
+        return len(self.free) - len(self.pinned - names)
+
+    def pin(self, name: str) -> int:
+        got = self.acquire(adapter(name))
+        assert got.slot >= 0, got
+        self.pinned.add(name)
+        return got.slot
+
+    def held(self) -> dict[int, int]:
+        """References per slot, those of pins left out."""
+        pins = {self.slot_of[name] for name in self.pinned}
+        return {s: n - (s in pins) for s, n in self.refs.items() if n - (s in pins)}
 
     def acquire(self, adapter, holding=(), new_slot=True):
         if adapter.name in self.broken:
@@ -64,9 +78,23 @@ def req(i: int, prompt: int = 4, max_tokens: int = 4, name: str | None = None) -
                    adapter=adapter(name) if name else None)
 
 
-def make(slots=2, blocks=64, block_size=4, clock=None, **kw) -> Scheduler:
+def composed(i: int, *terms: tuple[str, float], prompt: int = 4, max_tokens: int = 4) -> Request:
+    composition = tuple(WeightedAdapter(adapter(name), weight) for name, weight in terms)
+    return Request(f"r{i}", list(range(1, prompt + 1)), SamplingParams(max_tokens=max_tokens), composition=composition)
+
+
+def make(slots=2, blocks=64, block_size=4, clock=None, adapters=None, **kw) -> Scheduler:
     extra = {"clock": clock} if clock else {}
-    return Scheduler(SchedulerConfig(**kw), BlockManager(blocks, block_size), FakeAdapters(slots), **extra)
+    slots_ = adapters or FakeAdapters(slots)
+    return Scheduler(SchedulerConfig(**kw), BlockManager(blocks, block_size), slots_, **extra)
+
+
+def ids(requests) -> list[str]:
+    return [r.request_id for r in requests]
+
+
+def stepped(batch) -> list[str]:
+    return sorted(r.request_id for r, _ in batch.steps)
 
 
 def test_prefill_is_chunked_under_the_token_budget_and_decodes_go_first():
@@ -173,3 +201,128 @@ def test_waiting_for_an_adapter_is_bounded(why):
     assert failed.request_id == "r1" and failed.error_kind is ErrorKind.UNAVAILABLE
     assert why in failed.error and "5 s" in failed.error
     assert not s.waiting and [r.request_id for r in s.running] == ["r0", "r2"]
+
+
+# --------------------------------------------------------------------------- compositions and slot order
+
+
+PAIR = (("a", 0.5), ("b", -1.0))
+
+
+def test_a_composition_takes_all_its_slots_or_none():
+    s = make(slots=2)
+    s.adapters.loading.add("b")
+    s.add(composed(0, *PAIR))
+    s.add(req(1))
+    assert stepped(s.schedule()) == ["r1"]  # "a" had a slot; "b" still loads: "a"'s is given back
+    assert ids(s.waiting) == ["r0"] and s.adapters.held() == {}
+    s.adapters.loading.discard("b")
+    (r, _), = [step for step in s.schedule().steps if step[0].request_id == "r0"]
+    assert r.status is RequestStatus.RUNNING and r.slot == -1
+    assert sorted(r.composed_slots) == [0, 1] and s.adapters.held() == {0: 1, 1: 1}
+    assert r.composed_slots == (s.adapters.slot_of["a"], s.adapters.slot_of["b"])  # in the composition's order
+    s.finish(r, FinishReason.STOP)
+    assert s.adapters.held() == {} and r.composed_slots == ()
+
+
+def test_a_composition_missing_one_slot_holds_none_meanwhile():
+    s = make(slots=2)
+    s.add(req(0, name="m", max_tokens=50))
+    s.schedule()  # r0 holds one of the two slots
+    s.add(composed(1, *PAIR))
+    assert stepped(s.schedule()) == ["r0"]
+    assert ids(s.waiting) == ["r1"] and s.adapters.held() == {s.running[0].slot: 1}
+    s.finish(s.running[0], FinishReason.STOP)
+    batch = s.schedule()
+    assert stepped(batch) == ["r1"] and len(set(batch.steps[0][0].composed_slots)) == 2
+
+
+def test_a_composition_larger_than_the_unpinned_slots_fails_at_once():
+    s = make(slots=2)
+    s.adapters.pin("p")  # one of the two slots, for good
+    s.add(composed(0, *PAIR))
+    s.add(composed(1, ("a", 1.0), ("p", 0.5)))  # the pinned adapter's own slot counts for it
+    s.add(req(2))
+    batch = s.schedule()
+    [failed] = batch.failed
+    assert failed.request_id == "r0" and failed.error_kind is ErrorKind.UNAVAILABLE
+    assert failed.finish_reason is FinishReason.ERROR and "pinned" in failed.error and "only 1" in failed.error
+    assert stepped(batch) == ["r1", "r2"] and not s.waiting  # not left waiting for the adapter wait bound
+    held = s.adapters.held()
+    assert held == {s.adapters.slot_of["a"]: 1, s.adapters.slot_of["p"]: 1}  # r1's two; the pin's ref stays
+
+
+def test_once_an_older_request_waits_for_a_slot_newer_ones_get_no_new_slot():
+    """Slots in arrival order: a newer request may share a slot already resident, not take one a waiter needs."""
+    s = make(slots=2)
+    s.add(req(0, name="m", max_tokens=50))
+    s.schedule()  # r0 holds "m"'s slot
+    s.add(composed(1, *PAIR))  # needs both slots: waits (no_slot)
+    s.add(req(2, name="c"))  # not resident: the free slot is the composition's
+    s.add(req(3, name="m"))  # already on a slot: shares it
+    s.add(req(4))  # base model only
+    batch = s.schedule()
+    assert stepped(batch) == ["r0", "r3", "r4"], "the newer r2 took the slot the older composition waits for"
+    assert ids(s.waiting) == ["r1", "r2"]
+    for r in [r for r in s.running if r.request_id in ("r0", "r3")]:
+        s.finish(r, FinishReason.STOP)
+    assert stepped(s.schedule()) == ["r1", "r4"] and ids(s.waiting) == ["r2"]  # the composition first
+    s.finish(next(r for r in s.running if r.request_id == "r1"), FinishReason.STOP)
+    assert stepped(s.schedule()) == ["r2", "r4"] and not s.waiting
+
+
+def test_a_request_waiting_for_a_load_reserves_no_slot():
+    """Only a wait for a free slot holds newer requests back; a load from disk does not."""
+    s = make(slots=2)
+    s.adapters.loading.add("cold")
+    s.add(req(0, name="cold"))
+    s.add(req(1, name="c"))
+    assert stepped(s.schedule()) == ["r1"] and ids(s.waiting) == ["r0"]
+
+
+class RaisingAdapters(FakeAdapters):
+    """Raises in ``acquire`` for the adapters named in ``boom``."""
+
+    def __init__(self, slots: int, boom: set[str]):
+        super().__init__(slots, loading={"cold"})
+        self.boom = boom
+
+    def acquire(self, adapter, holding=(), new_slot=True):
+        if adapter.name in self.boom:
+            raise RuntimeError("simulated fault in the adapter cache")
+        return super().acquire(adapter, holding, new_slot)
+
+
+def _raising_pass(boom_request: Request) -> tuple[Scheduler, ScheduledBatch | None]:
+    """r0 (base) is admitted, r1 waits for a load, ``boom_request`` (r2) raises, r3 and r4 are not looked at yet."""
+    s = make(adapters=RaisingAdapters(slots=2, boom={"boom"}))
+    for r in (req(0), req(1, name="cold"), boom_request, req(3, name="c"), req(4)):
+        s.add(r)
+    try:
+        return s, s.schedule()
+    except RuntimeError:
+        return s, None
+
+
+def test_an_error_in_acquire_fails_that_request_and_the_pass_goes_on():
+    s, batch = _raising_pass(req(2, name="boom"))
+    assert batch is not None, "the cache's exception escaped the scheduler"
+    assert ids(batch.failed) == ["r2"] and batch.failed[0].error_kind is ErrorKind.INTERNAL
+    assert ids(s.running) == ["r0", "r3", "r4"]  # the requests behind it still run
+    assert ids(s.waiting) == ["r1"]  # and the one waiting for its load still waits
+    s.adapters.loading.clear()
+    assert "r1" in stepped(s.schedule())
+
+
+def test_the_request_whose_acquire_raised_is_not_lost():
+    """It stays waiting, or is finished with an error: never dropped (its client would wait for ever)."""
+    s, batch = _raising_pass(req(2, name="boom"))
+    kept = "r2" in ids(s.waiting)
+    failed = batch is not None and "r2" in ids(batch.failed)
+    assert kept or failed, f"r2 is neither waiting nor failed: waiting {ids(s.waiting)}, running {ids(s.running)}"
+
+
+def test_an_error_in_acquire_for_a_composition_leaks_no_slot():
+    s, _ = _raising_pass(composed(2, ("a", 1.0), ("boom", 0.5)))  # "a" gets a slot, then "boom" raises
+    held = s.adapters.held()
+    assert held == {s.adapters.slot_of["c"]: 1}, f"slot references left behind by the composition that raised: {held}"
