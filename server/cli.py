@@ -27,6 +27,7 @@ from server.config import (
     ModelConfig,
 )
 from server.engine.scheduler import SchedulerConfig
+from server.metrics import MetricsConfig
 
 _REPO_STORE = Path(__file__).resolve().parent.parent / "adapters_store" / "data"
 
@@ -129,6 +130,16 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     opt("--request-timeout", "seconds after which a request is aborted (504); 0 = none", 0.0, type=float)
     opt("--shutdown-timeout", "seconds SIGTERM waits for in-flight requests before aborting them", 30.0, type=float)
+    opt("--metrics", "serve Prometheus metrics at /metrics", "on", choices=("on", "off"))
+    opt(
+        "--metrics-adapters",
+        "comma-separated adapters that get their own `adapter` label on the per-adapter metrics (others: 'other')",
+        "",
+    )
+    opt("--metrics-top-k", "or: the K busiest adapters get their own `adapter` label (0 = no adapter label)", 0,
+        type=int)
+    opt("--vllm-metrics", "also export vLLM's vllm:num_requests_* and vllm:lora_requests_info gauges", "off",
+        choices=("on", "off"))
     opt("--max-upload-size", "largest adapter upload, unpacked (bytes, or 512M, 2G)", "1G", type=_size)
     opt("--allowed-lora-dirs", "comma-separated absolute directories POST /v1/load_lora_adapter may read from", "")
     opt(
@@ -146,6 +157,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
+        metrics=MetricsConfig(
+            enabled=args.metrics == "on",
+            adapter_allowlist=tuple(a.strip() for a in args.metrics_adapters.split(",") if a.strip()),
+            adapter_top_k=args.metrics_top_k,
+            vllm_compatible=args.vllm_metrics == "on",
+        ),
         auth=AuthConfig(api_keys=load_keys(args.api_keys, args.api_keys_file)),
         limits=LimitsConfig(
             max_queued_requests=args.max_queued_requests,

@@ -16,7 +16,7 @@ from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
 from server.api.keys import ApiKeys
 from server.api.registry import AdapterRegistry
-from server.api.routes import admin, chat, completions, health, lora_compat, models
+from server.api.routes import admin, chat, completions, health, lora_compat, metrics, models
 from server.api.state import AppState
 from server.config import AdminConfig, HttpConfig
 from server.engine.builder import Serving
@@ -109,6 +109,7 @@ def create_app(
     install_error_handlers(app, before_validation=unauthorized)
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(completions.router)
     app.include_router(chat.router)

@@ -149,7 +149,13 @@ class Generation:
             )
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
         ]
-        state.admission.enter(len(requests))  # 429 past the queue bound: nothing submitted, nothing held
+        try:
+            state.admission.enter(len(requests))  # 429 past the queue bound: nothing submitted, nothing held
+        except ApiError:
+            if state.serving.metrics is not None:
+                for request in requests:
+                    state.serving.metrics.rejected(request.adapter_kind)
+            raise
         target.hold(len(requests))
 
         def finished() -> None:  # on the engine thread, once per engine request

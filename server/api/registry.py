@@ -178,7 +178,7 @@ class AdapterRegistry:
             finally:
                 with self._lock:
                     self._deleting.discard(name)
-            await self._on_engine(lambda: self.cache.evict(name))
+            await self._on_engine(lambda: self.cache.evict(name, reason="delete"))
             await asyncio.to_thread(self.store.collect_garbage, self.leased_versions())
             self._last_used.pop(name, None)
             log.info("adapter %s deleted", adapter.ref)
@@ -242,7 +242,8 @@ class AdapterRegistry:
             while True:
                 with self._lock:
                     leased = self._leases.get(old.key, 0)
-                if not leased and await self._on_engine(lambda: self.cache.evict(old.name, old.version)) == 0:
+                evict = lambda: self.cache.evict(old.name, old.version, "replaced")  # noqa: E731
+                if not leased and await self._on_engine(evict) == 0:
                     break
                 await asyncio.sleep(0.1)
             await asyncio.to_thread(self.store.collect_garbage, self.leased_versions())

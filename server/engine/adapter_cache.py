@@ -24,6 +24,7 @@ from adapters_store.errors import AdapterError
 from adapters_store.validation import inspect
 from server.lora.slots import SlotPool
 from server.lora.weights import AdapterWeights, load_weights
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class AdapterCache:
         locate: Callable[[StoredAdapter], Path] = lambda a: a.path,
         loader: Callable[[StoredAdapter], AdapterWeights] | None = None,
         on_loaded: Callable[[], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.spec, self.slots = spec, slots
         self.host_bytes_limit = host_bytes
@@ -89,6 +91,7 @@ class AdapterCache:
         self._locate = locate
         self._load = loader or self._load_from_disk
         self._on_loaded = on_loaded or (lambda: None)
+        self.metrics = metrics
         self._host: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()  # LRU first
         self.host_bytes = 0
         self._slot_of: dict[AdapterKey, int] = {}
@@ -143,12 +146,15 @@ class AdapterCache:
             self._pick_draining(holding)
             return Acquired(Residency.NO_SLOT)
         slot, _ = self._idle.popitem(last=False)
-        self._unmap(slot)
+        if self._unmap(slot) and self.metrics:
+            self.metrics.adapter_evicted("device", "lru")
         started = time.perf_counter()
         self.slots.write(slot, weights)
         stats = self._stats.setdefault(key, AdapterStats())
         stats.activations += 1
         stats.last_activation_s = time.perf_counter() - started
+        if self.metrics:
+            self.metrics.adapter_loaded("device", stats.last_activation_s, ok=True)
         self._key_of[slot] = key
         self._slot_of[key] = slot
         self._take(slot)
@@ -197,10 +203,11 @@ class AdapterCache:
             self.release(self._pinned.pop(key))
         return bool(keys)
 
-    def evict(self, name: str, version: str | None = None) -> int:
+    def evict(self, name: str, version: str | None = None, reason: str = "admin") -> int:
         """Drop ``name`` (one version, or all) from host memory and device slots; unpins it.
 
         Returns how many running requests hold it: if any, nothing is changed.
+        ``reason`` is for the metrics: ``admin``, ``delete`` or ``replaced``.
         """
         keys = {k for k in (*self._slot_of, *self._host, *self._failed) if k[0] == name}
         keys = {k for k in keys if version is None or k[1] == version}
@@ -215,8 +222,12 @@ class AdapterCache:
                 self._unmap(slot)
                 self.slots.clear(slot)
                 self._idle.move_to_end(slot, last=False)  # first to be reused
+                if self.metrics:
+                    self.metrics.adapter_evicted("device", reason)
             if key in self._host:
                 self.host_bytes -= self._host.pop(key).nbytes
+                if self.metrics:
+                    self.metrics.adapter_evicted("host", reason)
             self._failed.pop(key, None)
             self._stats.pop(key, None)
         return 0
@@ -253,6 +264,8 @@ class AdapterCache:
             except queue.Empty:
                 return
             self._loading.discard(key)
+            if self.metrics:
+                self.metrics.adapter_loaded("host", seconds, ok=weights is not None)
             if weights is None:
                 self._failed[key] = error or "unknown error"
                 continue
@@ -284,11 +297,14 @@ class AdapterCache:
         self._refs[slot] += 1
         self._idle.pop(slot, None)
 
-    def _unmap(self, slot: int) -> None:
+    def _unmap(self, slot: int) -> bool:
+        """Forget which adapter ``slot`` holds; whether it held one."""
         old = self._key_of[slot]
-        if old is not None:
-            del self._slot_of[old]
-            self._key_of[slot] = None
+        if old is None:
+            return False
+        del self._slot_of[old]
+        self._key_of[slot] = None
+        return True
 
     def capacity(self, adapters: Collection[StoredAdapter]) -> int:
         """Slots ``adapters`` could ever hold together: those not pinned by other adapters."""
@@ -312,6 +328,8 @@ class AdapterCache:
         while self._host and self.host_bytes + nbytes > self.host_bytes_limit:
             _, old = self._host.popitem(last=False)
             self.host_bytes -= old.nbytes
+            if self.metrics:
+                self.metrics.adapter_evicted("host", "lru")
 
     def _load_from_disk(self, adapter: StoredAdapter) -> AdapterWeights:
         folder = self._locate(adapter)

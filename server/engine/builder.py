@@ -20,8 +20,10 @@ from server.engine.adapter_cache import AdapterCache
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine
 from server.engine.scheduler import Scheduler
+from server.engine.telemetry import Telemetry
 from server.lora import cpu_kernel
 from server.lora.metadata import LoraBackend
+from server.metrics import Metrics
 from server.model import cpu_attention
 from server.model.architecture import ModelShape
 from server.model.llama import CausalLM
@@ -45,6 +47,7 @@ class Serving:
     max_model_len: int
     max_lora_rank: int
     created: int
+    metrics: Metrics | None
 
     def stop(self) -> None:
         """Stop the engine (aborting what still runs), then the adapter loader thread."""
@@ -158,6 +161,9 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     for line in store.recover():
         log.warning("adapter store %s: %s", config.lora.adapters_dir, line)
     engine_box: list[Engine] = []
+    metrics = Metrics(config.metrics) if config.metrics.enabled else None
+    if metrics is not None:
+        metrics.model_name = config.model.served_name or loaded.name
     adapters = AdapterCache(
         spec,
         runner.slots,
@@ -165,9 +171,11 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         config.lora.max_lora_rank,
         locate=store.locate,
         on_loaded=lambda: engine_box[0].wake() if engine_box else None,
+        metrics=metrics,
     )
     scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), adapters)
-    engine = Engine(runner, scheduler, loaded.tokenizer, eos_ids(loaded))
+    telemetry = Telemetry(metrics, scheduler, adapters) if metrics is not None else None
+    engine = Engine(runner, scheduler, loaded.tokenizer, eos_ids(loaded), telemetry)
     engine_box.append(engine)
     runner.warmup()
     log.info(
@@ -186,4 +194,5 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         max_model_len=max_len,
         max_lora_rank=config.lora.max_lora_rank,
         created=int(time.time()),
+        metrics=metrics,
     )

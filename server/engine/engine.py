@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
@@ -16,6 +17,7 @@ from server.engine.messages import Abort, Call, Message, OutputSink, RequestOutp
 from server.engine.request import ErrorKind, FinishReason, Request
 from server.engine.sampler import Sampler
 from server.engine.scheduler import Scheduler
+from server.engine.telemetry import Telemetry
 from server.model.runner import ModelRunner, SeqStep
 
 log = logging.getLogger(__name__)
@@ -50,12 +52,14 @@ class Engine:
         scheduler: Scheduler,
         tokenizer: PreTrainedTokenizerBase,
         eos_token_ids: frozenset[int],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler(runner.device)
+        self.telemetry = telemetry  # None: no metrics (their cost is measured against this)
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}
         self._detok: dict[str, Detokenizer] = {}
@@ -155,20 +159,33 @@ class Engine:
         except ValueError as exc:
             req.finish_reason = FinishReason.ERROR
             self._emit(req, "", (), finished=True, error=str(exc), kind=ErrorKind.INVALID)
+            if self.telemetry:
+                self.telemetry.finished(req, FinishReason.ERROR)
             self._sinks.pop(req.request_id, None)
             return
         self._detok[req.request_id] = Detokenizer(self.tokenizer, req.prompt_ids, req.params.stop)
+        if self.telemetry:
+            self.telemetry.accepted(req)
 
     def step(self) -> None:
         """Schedule, run one forward pass, sample, and emit outputs."""
+        telemetry = self.telemetry
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         for req in batch.failed:
             self._emit(req, "", (), finished=True, error=req.error, kind=req.error_kind)
+            if telemetry:
+                telemetry.finished(req, FinishReason.ERROR)
             self._forget(req)
         if batch.empty:
+            if telemetry:
+                telemetry.state()
             if self.scheduler.has_work and not self._stopping:
                 self._drain(block=True)  # wait for an adapter load or a new request
             return
+        if telemetry:
+            telemetry.scheduled(batch, time.monotonic())
+        scheduled = time.perf_counter()
         seqs: list[SeqStep] = []
         sampled: list[Request] = []
         for req, n in batch.steps:
@@ -180,12 +197,23 @@ class Engine:
             if done_prompt:
                 sampled.append(req)
         logits = self.runner.execute(seqs)
+        forwarded = time.perf_counter()
         for req, n in batch.steps:
             req.num_computed += n
         tokens = self.sampler.sample(logits, [(r.request_id, r.params) for r in sampled])
+        sampled_at = time.perf_counter()
+        now = time.monotonic()
         for req, token in zip(sampled, tokens, strict=True):
+            if telemetry:
+                telemetry.token(req, now)
             self._advance(req, token)
         self.steps += 1
+        if telemetry:
+            done = time.perf_counter()
+            phases = {"schedule": scheduled - started, "forward": forwarded - scheduled,
+                      "sample": sampled_at - forwarded, "emit": done - sampled_at}
+            telemetry.stepped(batch, phases)
+            telemetry.state()
 
     def _advance(self, req: Request, token: int) -> None:
         req.output_ids.append(token)
@@ -212,6 +240,8 @@ class Engine:
         kind: ErrorKind | None = None,
     ) -> None:
         self.scheduler.finish(req, reason)
+        if self.telemetry:
+            self.telemetry.finished(req, reason)
         detok = self._detok.get(req.request_id)
         text = detok.delta(final=True) if detok and reason is not FinishReason.ABORT else ""
         self._emit(req, text, () if last_token is None else (last_token,), True, error, kind)

@@ -99,6 +99,9 @@ class Request:
     error: str | None = None
     error_kind: ErrorKind | None = None
     adapter_wait_since: float | None = None  # when it first waited for its adapter (load or slot)
+    admitted_at: float | None = None  # monotonic times, for the latency metrics
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -112,6 +115,11 @@ class Request:
         if self.adapter is not None:
             return (self.adapter,)
         return tuple(term.adapter for term in self.composition)
+
+    @property
+    def adapter_kind(self) -> str:
+        """``base``, ``adapter`` or ``composed``: the metrics' label."""
+        return "composed" if self.composition else "adapter" if self.adapter is not None else "base"
 
     @property
     def num_tokens(self) -> int:
