@@ -27,6 +27,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
 from server.api.admin_schemas import AdapterInfo, AdapterList, UploadResult
@@ -355,6 +356,7 @@ def chat_bodies(h: bool) -> st.SearchStrategy[object]:
 ROUTES = {
     ("GET", "/health"): 30,
     ("GET", "/ready"): 30,
+    ("GET", "/metrics"): 20,
     ("GET", "/v1/models"): 40,
     ("POST", "/v1/completions"): 600,
     ("POST", "/v1/chat/completions"): 500,
@@ -660,6 +662,10 @@ def check_success(call: Call, r, where: str) -> None:
         return
     if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         assert r.text.startswith("Success: "), where
+        return
+    if path == "/metrics":
+        families = {f.name for f in text_string_to_metric_families(r.text)}
+        assert "loraplex_requests" in families, where  # counters are named without _total by the parser
         return
     body = r.json()
     if path in ("/v1/completions", "/v1/chat/completions"):
