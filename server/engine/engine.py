@@ -110,8 +110,6 @@ class Engine:
             self._drain(block=not self.scheduler.has_work)
             if self._stopping:
                 break
-            if self.telemetry and not self.scheduler.has_work:
-                self.telemetry.state()  # an abort or an admin action while idle changed it
             try:
                 self.step()
             except Exception:
