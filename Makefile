@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve test lint bench prometheus-tools
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,16 @@ serve: setup
 lint: setup
 	$(PY) -m ruff check .
 
-test: lint
+# tests/deploy runs a real Prometheus: Debian's `prometheus` package (prometheus and
+# promtool), installed when promtool is missing; apt-get update only if that fails.
+prometheus-tools:
+	@command -v promtool >/dev/null || { \
+	  sudo=$$([ "$$(id -u)" = 0 ] || command -v sudo); \
+	  install="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus"; \
+	  $$install >/dev/null || { $$sudo apt-get update -qq && $$install >/dev/null; } \
+	  || echo "warning: could not install Debian's prometheus package; tests/deploy will fail" >&2; }
+
+test: lint prometheus-tools
 	$(PY) -m pytest -q $(ARGS)
 
 bench: setup

@@ -74,6 +74,14 @@ class AdapterLabels:
         self._traffic: Tally[str] = Tally()
         self._seen = 0
 
+    def peek(self, name: str) -> str:
+        """The label for ``name`` without counting a request (a new name still takes a free top-K place)."""
+        if self.allow:
+            return name if name in self.allow else OTHER
+        if name not in self.current and len(self.current) < self.top_k:
+            self.current.add(name)
+        return name if name in self.current else OTHER
+
     def label(self, name: str) -> tuple[str, frozenset[str]]:
         """The label for ``name``, and the names whose series must be removed now."""
         if self.allow:
@@ -138,7 +146,7 @@ class Metrics:
                                       "Distinct adapters of waiting requests not on a device slot.", registry=r)
         self.slots_used = Gauge("loraplex_adapter_slots_used", "Device adapter slots held (running or pinned).",
                                 registry=r)
-        self.slots_total = Gauge("loraplex_adapter_slots_total", "Device adapter slots.", registry=r)
+        self.slots_total = Gauge("loraplex_adapter_slots_capacity", "Device adapter slots (used + free).", registry=r)
         self.host_bytes = Gauge("loraplex_adapter_host_cache_bytes", "Adapter bytes in host memory.", registry=r)
         self.host_limit = Gauge("loraplex_adapter_host_cache_limit_bytes", "Host-memory adapter cache bound.",
                                 registry=r)
@@ -288,8 +296,7 @@ class Metrics:
         if self._labels is None or adapter is None:
             return None
         if not count:
-            current = self._labels.current if not self._labels.allow else self._labels.allow
-            return adapter if adapter in current else OTHER
+            return self._labels.peek(adapter)
         label, dropped = self._labels.label(adapter)
         for name in dropped:
             _remove(self.adapter_ttft, name)
