@@ -58,6 +58,8 @@ class MetricsConfig:
             raise ValueError("give an adapter allow-list or a top-K, not both")
         if len(self.adapter_allowlist) > 100:
             raise ValueError("at most 100 adapters on the metrics allow-list")
+        if OTHER in self.adapter_allowlist:
+            raise ValueError(f"{OTHER!r} is the label of every unlisted adapter; it cannot be on the allow-list")
 
     @property
     def adapter_label(self) -> bool:

@@ -151,8 +151,8 @@ class Generation:
         ]
         try:
             state.admission.enter(len(requests))  # 429 past the queue bound: nothing submitted, nothing held
-        except ApiError:
-            if state.serving.metrics is not None:
+        except ApiError as exc:
+            if exc.status in (429, 503) and state.serving.metrics is not None:  # a 400 is not a rejection
                 for request in requests:
                     state.serving.metrics.rejected(request.adapter_kind)
             raise

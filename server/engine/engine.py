@@ -158,9 +158,9 @@ class Engine:
             self.scheduler.add(req)
         except ValueError as exc:
             req.finish_reason = FinishReason.ERROR
-            self._emit(req, "", (), finished=True, error=str(exc), kind=ErrorKind.INVALID)
-            if self.telemetry:
+            if self.telemetry:  # counted before the client hears of it, as every ending is
                 self.telemetry.finished(req, FinishReason.ERROR)
+            self._emit(req, "", (), finished=True, error=str(exc), kind=ErrorKind.INVALID)
             self._sinks.pop(req.request_id, None)
             return
         self._detok[req.request_id] = Detokenizer(self.tokenizer, req.prompt_ids, req.params.stop)
@@ -173,9 +173,9 @@ class Engine:
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         for req in batch.failed:
-            self._emit(req, "", (), finished=True, error=req.error, kind=req.error_kind)
             if telemetry:
                 telemetry.finished(req, FinishReason.ERROR)
+            self._emit(req, "", (), finished=True, error=req.error, kind=req.error_kind)
             self._forget(req)
         if batch.empty:
             if telemetry:

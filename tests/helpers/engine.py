@@ -23,6 +23,7 @@ from server.engine.builder import Serving, build_serving_in_fresh_thread
 from server.engine.messages import RequestOutput
 from server.engine.request import Request, SamplingParams
 from server.engine.scheduler import SchedulerConfig
+from server.metrics import MetricsConfig
 from server.model.loading import LoadedModel
 
 
@@ -43,6 +44,7 @@ def build(
     http: HttpConfig | None = None,
     limits: LimitsConfig | None = None,
     auth: AuthConfig | None = None,
+    metrics: MetricsConfig | None = None,
 ) -> Serving:
     config = Config(
         model=ModelConfig(cache_dir=cache_dir),
@@ -63,6 +65,7 @@ def build(
         admin=admin or AdminConfig(),
         auth=auth or AuthConfig(),
         limits=limits or LimitsConfig(),
+        metrics=metrics or MetricsConfig(),
     )
     loaded = LoadedModel(hf_model=hf_model, tokenizer=tokenizer, name="tiny", source=adapters_dir)
     return build_serving_in_fresh_thread(config, loaded)

@@ -1,0 +1,322 @@
+"""The metrics module on its own: bounded adapter labels, config validation, cache counters, vLLM's LoRA gauge,
+names and buckets."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import server.metrics as metrics_module
+from adapters_store.backend import StoredAdapter
+from adapters_store.base_model import BaseModelSpec
+from server.engine.adapter_cache import AdapterCache, Residency
+from server.lora.slots import SlotPool
+from server.lora.weights import AdapterWeights
+from server.metrics import OTHER, REBALANCE_EVERY, Metrics, MetricsConfig
+
+PER_ADAPTER = ("loraplex_adapter_requests_total", "loraplex_adapter_time_to_first_token_seconds",
+               "loraplex_adapter_e2e_request_latency_seconds")
+
+
+def value(m: Metrics, name: str, **labels: str) -> float:
+    got = m.registry.get_sample_value(name, labels)
+    return 0.0 if got is None else got
+
+
+def adapter_values(m: Metrics, family: str) -> set[str]:
+    """The ``adapter`` label values live in one per-adapter metric family."""
+    metric = {PER_ADAPTER[0]: m.adapter_requests, PER_ADAPTER[1]: m.adapter_ttft, PER_ADAPTER[2]: m.adapter_e2e}[family]
+    return {s.labels["adapter"] for f in metric.collect() for s in f.samples}
+
+
+def request(m: Metrics, adapter: str, outcome: str = "stop") -> None:
+    """What the engine reports for one adapter request, in its order: first token, then the end."""
+    m.first_token("adapter", 0.02, 0.01, adapter)
+    m.finished("adapter", outcome, 0.2, 0.01, 7, 5, adapter)
+
+
+def families(m: Metrics) -> dict[str, object]:
+    return {f.name: f for f in m.registry.collect()}
+
+
+# -- the bounded adapter label ------------------------------------------------------------------------
+
+
+def test_allow_list_labels_only_listed_adapters_and_counts_the_folded():
+    m = Metrics(MetricsConfig(adapter_allowlist=("alpha", "beta")))
+    for name in ("alpha", "beta", "alpha", "gamma", "delta", "gamma"):
+        request(m, name)
+    m.finished("base", "stop", 0.1, None, 3, 1, None)  # a base request has no adapter: neither labelled nor folded
+    for family in PER_ADAPTER:
+        assert adapter_values(m, family) == {"alpha", "beta", OTHER}, family
+    assert value(m, "loraplex_adapter_requests_total", adapter="alpha", outcome="stop") == 2
+    assert value(m, "loraplex_adapter_requests_total", adapter="beta", outcome="stop") == 1
+    assert value(m, "loraplex_adapter_requests_total", adapter=OTHER, outcome="stop") == 3
+    assert value(m, "loraplex_adapter_label_folded_total") == 3
+    assert value(m, "loraplex_adapter_e2e_request_latency_seconds_count", adapter=OTHER) == 3
+    assert value(m, "loraplex_adapter_time_to_first_token_seconds_count", adapter="alpha") == 2
+
+
+def test_no_adapter_label_by_default():
+    names = set(families(Metrics()))
+    assert not any(n.startswith("loraplex_adapter_requests") or "folded" in n for n in names), names
+    assert not any(n.startswith("vllm:") for n in names)
+
+
+def test_top_k_never_holds_more_than_k_plus_one_label_values():
+    """10,000 requests over 500 adapters, zipf-skewed, with the popular set moving twice: ten rebalances."""
+    k = 5
+    m = Metrics(MetricsConfig(adapter_top_k=k))
+    rng = random.Random(7)
+    names = [f"adapter-{i:03d}" for i in range(500)]
+    cum = list(itertools.accumulate(1.0 / (i + 1) ** 1.1 for i in range(500)))
+    offset = 0
+    for i in range(10_000):
+        if i in (3_500, 7_000):
+            offset += 100  # a different crowd becomes popular
+        rank = rng.choices(range(500), cum_weights=cum)[0]
+        request(m, names[(rank + offset) % 500])
+        live = adapter_values(m, "loraplex_adapter_requests_total")
+        assert len(live) <= k + 1, (i, live)
+        near_rebalance = i % REBALANCE_EVERY in (REBALANCE_EVERY - 2, REBALANCE_EVERY - 1, 0, 1)
+        if near_rebalance or i % 37 == 0:
+            for family in PER_ADAPTER[1:]:
+                live = adapter_values(m, family)
+                assert len(live) <= k + 1, (i, family, live)
+    assert len(m._labels.current) == k
+    assert names[offset] in m._labels.current  # the busiest of the last crowd holds a label
+    assert names[0] not in m._labels.current  # the busiest of the first crowd gave its label up
+    # Everything counted as ``other`` was counted as folded (the ``other`` series is never removed).
+    assert value(m, "loraplex_adapter_label_folded_total") == value(
+        m, "loraplex_adapter_requests_total", adapter=OTHER, outcome="stop")
+
+
+def test_after_a_rebalance_the_busiest_hold_the_labels_and_the_others_series_are_gone():
+    k = 3
+    m = Metrics(MetricsConfig(adapter_top_k=k))
+    early = ["rare-0", "rare-1", "rare-2"]  # seen first: they take the K labels while the set is filling
+    for name in early:
+        request(m, name)
+    assert adapter_values(m, "loraplex_adapter_requests_total") == set(early)
+    busy = {"busy-0": 400, "busy-1": 300, "busy-2": 200, "calm-3": 50}
+    busy["calm-4"] = REBALANCE_EVERY - len(early) - sum(busy.values()) - 1
+    sequence = [name for name, n in busy.items() for _ in range(n)]
+    random.Random(1).shuffle(sequence)
+    for name in sequence:
+        request(m, name)
+        assert adapter_values(m, "loraplex_adapter_requests_total") <= {*early, OTHER}  # not yet re-chosen
+    request(m, "calm-3")  # request number REBALANCE_EVERY: the top set is re-chosen
+    for family in PER_ADAPTER:
+        assert not adapter_values(m, family) & set(early), family  # the series of those that left are removed
+    for name in ("busy-0", "busy-1", "busy-2"):
+        request(m, name)
+        assert value(m, "loraplex_adapter_requests_total", adapter=name, outcome="stop") == 1
+    for family in PER_ADAPTER[::2]:  # requests and e2e: both written at the end of a request
+        assert adapter_values(m, family) == {"busy-0", "busy-1", "busy-2", OTHER}, family
+    request(m, "calm-4")
+    assert value(m, "loraplex_adapter_requests_total", adapter="calm-4", outcome="stop") == 0
+
+
+def test_an_adapters_first_request_is_labelled_alike_in_every_per_adapter_metric():
+    """The first request of an adapter that takes a free top-K label: its TTFT and its end-to-end latency must
+    land in the same series (otherwise each adapter's cold first request, the one that loads it from disk,
+    is booked under ``other`` for TTFT but under its own name for requests and e2e)."""
+    m = Metrics(MetricsConfig(adapter_top_k=2))
+    request(m, "cold")
+    requests = value(m, "loraplex_adapter_requests_total", adapter="cold", outcome="stop")
+    e2e = value(m, "loraplex_adapter_e2e_request_latency_seconds_count", adapter="cold")
+    ttft = value(m, "loraplex_adapter_time_to_first_token_seconds_count", adapter="cold")
+    assert requests == e2e == 1
+    assert ttft == requests, f"TTFT of the adapter's first request went to {adapter_values(m, PER_ADAPTER[1])}"
+
+
+# -- config ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"adapter_top_k": -1}, "adapter_top_k"),
+        ({"adapter_top_k": 101}, "adapter_top_k"),
+        ({"adapter_allowlist": ("a",), "adapter_top_k": 3}, "not both"),
+        ({"adapter_allowlist": tuple(f"a{i}" for i in range(101))}, "at most 100"),
+    ],
+)
+def test_metrics_config_refuses_unbounded_or_ambiguous_labels(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        MetricsConfig(**kwargs)
+
+
+def test_metrics_config_defaults_and_the_adapter_label_switch():
+    default = MetricsConfig()
+    assert default.enabled and not default.vllm_compatible and not default.adapter_label
+    assert MetricsConfig(adapter_top_k=100).adapter_label
+    assert MetricsConfig(adapter_allowlist=tuple(f"a{i}" for i in range(100))).adapter_label
+    assert not MetricsConfig(adapter_top_k=0, adapter_allowlist=()).adapter_label
+
+
+# -- adapter cache counters ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("found", "lookups", "hits"),
+    [
+        ("device", {"device": 1, "host": 0, "disk": 0}, {"device": 1, "host": 0, "disk": 0}),
+        ("host", {"device": 1, "host": 1, "disk": 0}, {"device": 0, "host": 1, "disk": 0}),
+        ("disk", {"device": 1, "host": 1, "disk": 1}, {"device": 0, "host": 0, "disk": 1}),
+    ],
+)
+def test_a_lookup_counts_every_tier_looked_in_and_a_hit_where_found(found, lookups, hits):
+    m = Metrics()
+    m.adapter_lookup(found)
+    assert {t: value(m, "loraplex_adapter_cache_lookups_total", tier=t) for t in lookups} == lookups
+    assert {t: value(m, "loraplex_adapter_cache_hits_total", tier=t) for t in hits} == hits
+
+
+MODULE = "model.layers.0.self_attn.q_proj"
+
+
+def _cache(m: Metrics, slots: int, host_bytes: int) -> AdapterCache:
+    spec = BaseModelSpec("llama", {MODULE: (8, 8)}, frozenset())
+    pool = SlotPool({MODULE: (8, 8)}, slots, 4, torch.float32, torch.device("cpu"))
+
+    def load(stored: StoredAdapter) -> AdapterWeights:
+        if stored.name == "broken":
+            raise ValueError("broken on purpose")
+        return AdapterWeights(a={MODULE: torch.ones(2, 8)}, bt={MODULE: torch.ones(2, 8)}, scale={MODULE: 1.0})
+
+    return AdapterCache(spec, pool, host_bytes, 4, loader=load, metrics=m)
+
+
+def _ready(cache: AdapterCache, name: str) -> int:
+    stored = StoredAdapter(name, "v1", Path("/store") / name)
+    deadline = time.monotonic() + 10
+    while True:
+        got = cache.acquire(stored)
+        if got.state is not Residency.LOADING:
+            return got.slot if got.state is Residency.READY else -1
+        assert time.monotonic() < deadline, f"{name} never loaded"
+        time.sleep(0.002)
+
+
+def test_cache_reports_loads_and_lru_evictions_in_both_tiers():
+    m = Metrics()
+    nbytes = 2 * (2 * 8 * 4)  # one adapter's A and B^T in fp32
+    cache = _cache(m, slots=2, host_bytes=2 * nbytes)  # two slots, room for two adapters in host memory
+    try:
+        for name in ("a", "b"):
+            cache.release(_ready(cache, name))
+        assert value(m, "loraplex_adapter_loads_total", tier="host", result="ok") == 2
+        assert value(m, "loraplex_adapter_loads_total", tier="device", result="ok") == 2
+        assert value(m, "loraplex_adapter_load_seconds_count", tier="host") == 2
+        assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="lru") == 0
+        cache.release(_ready(cache, "c"))  # a third: the LRU slot (a's) and the LRU host copy (a's) go
+        assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="lru") == 1
+        assert value(m, "loraplex_adapter_evictions_total", tier="host", reason="lru") == 1
+        assert _ready(cache, "broken") == -1
+        assert value(m, "loraplex_adapter_loads_total", tier="host", result="failed") == 1
+        assert value(m, "loraplex_adapter_load_seconds_count", tier="host") == 3  # failures are not timed
+        assert cache.evict("c") == 0  # the default reason: an operator's evict
+        assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="admin") == 1
+        assert value(m, "loraplex_adapter_evictions_total", tier="host", reason="admin") == 1
+        cache.evict("b", reason="delete")
+        assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="delete") == 1
+        assert value(m, "loraplex_adapter_evictions_total", tier="host", reason="delete") == 1
+        cache.release(_ready(cache, "d"))  # onto the slot the evictions freed: nothing is evicted for it
+        assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="lru") == 1
+    finally:
+        cache.close()
+
+
+# -- vLLM's lora_requests_info ----------------------------------------------------------------------
+
+
+def _lora_info(m: Metrics) -> list:
+    return [s for s in families(m)["vllm:lora_requests_info"].samples]
+
+
+def test_lora_requests_info_is_one_series_with_vllms_labels_and_the_time_as_value():
+    m = Metrics(MetricsConfig(vllm_compatible=True))
+    m.lora_requests({"zeta", "alpha", "mid"}, {"waits-b", "waits-a"}, 8)
+    (sample,) = _lora_info(m)
+    assert sample.name == "vllm:lora_requests_info"
+    assert sample.labels == {"running_lora_adapters": "alpha,mid,zeta", "waiting_lora_adapters": "waits-a,waits-b",
+                             "max_lora": "8"}
+    assert abs(sample.value - time.time()) < 5
+
+
+def test_lora_requests_info_replaces_its_series_as_the_sets_change(monkeypatch):
+    clock = [1_000.0]
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(time=lambda: clock[0]))
+    m = Metrics(MetricsConfig(vllm_compatible=True))
+    for running, waiting in (({"a"}, set()), ({"a", "b"}, {"c"}), (set(), set())):
+        clock[0] += 2.0
+        m.lora_requests(running, waiting, 4)
+        (sample,) = _lora_info(m)
+        assert sample.labels["running_lora_adapters"] == ",".join(sorted(running))
+        assert sample.labels["waiting_lora_adapters"] == ",".join(sorted(waiting))
+        assert sample.value == clock[0]
+
+
+def test_vllm_queue_gauges_carry_the_model_name():
+    m = Metrics(MetricsConfig(vllm_compatible=True))
+    m.model_name = "tiny"
+    m.engine_state(running=3, waiting=2, adapters_waiting=1, slots_used=1, slots_total=4, host_bytes=10,
+                   host_limit=100, kv_usage=0.25)
+    assert value(m, "vllm:num_requests_running", model_name="tiny") == 3
+    assert value(m, "vllm:num_requests_waiting", model_name="tiny") == 2
+    assert value(m, "loraplex_kv_cache_usage_ratio") == 0.25
+    plain = Metrics()
+    plain.lora_requests({"a"}, set(), 4)  # a no-op without the vLLM subset
+    assert not any(n.startswith("vllm:") for n in families(plain))
+
+
+# -- names and buckets --------------------------------------------------------------------------------------
+
+
+ALL_ON = [MetricsConfig(), MetricsConfig(adapter_top_k=5, vllm_compatible=True),
+          MetricsConfig(adapter_allowlist=("a",))]
+
+
+@pytest.mark.parametrize("config", ALL_ON, ids=["default", "top-k+vllm", "allow-list"])
+def test_names_have_our_prefix_and_no_colon_but_vllms(config):
+    m = Metrics(config)
+    for fam in m.registry.collect():
+        for sample in fam.samples:
+            if sample.name.startswith("vllm:"):
+                assert config.vllm_compatible
+                assert ":" not in sample.name.removeprefix("vllm:"), sample.name
+                continue
+            assert sample.name.startswith("loraplex_"), sample.name
+            assert ":" not in sample.name, sample.name
+            assert not sample.name.endswith("_created"), sample.name
+
+
+def test_every_latency_histogram_starts_at_a_millisecond_or_below():
+    m = Metrics(MetricsConfig(adapter_top_k=5, vllm_compatible=True))
+    request(m, "some-adapter")  # the per-adapter histograms have series only once written
+    histograms = [f for f in m.registry.collect() if f.type == "histogram"]
+    assert len(histograms) >= 13
+    for fam in histograms:
+        bounds = sorted({float(s.labels["le"]) for s in fam.samples if s.name.endswith("_bucket")})
+        if fam.name.endswith("_seconds"):
+            assert bounds and bounds[0] <= 0.001, (fam.name, bounds[:3])
+        assert bounds[-1] == float("inf"), fam.name
+
+
+def test_every_labelled_series_exists_from_the_start():
+    """Rates and ratios over kinds, outcomes and tiers are never empty on a fresh server."""
+    m = Metrics()
+    for kind in ("base", "adapter", "composed"):
+        for outcome in ("stop", "length", "abort", "error", "rejected"):
+            assert m.registry.get_sample_value("loraplex_requests_total",
+                                               {"adapter_kind": kind, "outcome": outcome}) == 0
+        assert m.registry.get_sample_value("loraplex_time_to_first_token_seconds_count", {"adapter_kind": kind}) == 0
+    for tier in ("device", "host", "disk"):
+        assert m.registry.get_sample_value("loraplex_adapter_cache_hits_total", {"tier": tier}) == 0
