@@ -18,9 +18,11 @@ Run: ``python -m loadtests.bench.metrics_overhead [--requests 32] [--rounds 10]`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -97,6 +99,31 @@ def drive(serving: Serving, work, max_tokens: int, tag: str) -> tuple[int, float
     return sum(len(s.token_ids) for s in sinks), wall
 
 
+@contextlib.contextmanager
+def timed_telemetry(telemetry) -> Iterator[dict[str, float]]:
+    """Time every call the engine makes into ``telemetry`` (instance attributes shadow its methods meanwhile)."""
+    spent: dict[str, float] = {}
+    names = ("accepted", "scheduled", "token", "finished", "stepped", "state")
+
+    def timed(name: str, fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+
+        return call
+
+    for name in names:
+        setattr(telemetry, name, timed(name, getattr(telemetry, name)))
+    try:
+        yield spent
+    finally:
+        for name in names:
+            delattr(telemetry, name)
+
+
 def main() -> None:
     args = parse_args()
     setup_torch()
@@ -127,6 +154,12 @@ def main() -> None:
                     rounds[key].append({"round": r, "tokens": tokens, "wall_s": round(wall, 4),
                                         "tokens_per_s": round(tokens / wall, 2), "other_load": round(load.share, 3)})
                     print(f"  round {r:2d} metrics {key:3s} {tokens / wall:8.1f} tok/s   others {load.share:.0%}")
+            # The direct measure, free of the machine's noise: time spent inside the engine's telemetry calls.
+            with timed_telemetry(engines["on"].engine.telemetry) as spent:
+                tokens, wall = drive(engines["on"], work, args.max_tokens, "timed-telemetry")
+            telemetry_share = sum(spent.values()) / wall
+            print(f"  time in telemetry calls: {sum(spent.values()) * 1e3:.1f} ms of {wall:.2f} s "
+                  f"({telemetry_share:.3%}): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in spent.items()))
             recorded = engines["on"].metrics.registry.get_sample_value(
                 "loraplex_generation_tokens_total", {"adapter_kind": "adapter"})
             if not recorded:
@@ -148,6 +181,7 @@ def main() -> None:
     print(f"metrics off {median['off']:8.1f} tok/s (median of {args.rounds})")
     print(f"ratio on/off {ratio:.4f} (cost {1 - ratio:+.2%}); per-round ratios "
           f"{min(paired):.3f}..{max(paired):.3f}, median {statistics.median(paired):.4f}")
+    print(f"telemetry calls on the engine thread: {telemetry_share:.3%} of the wall time")
     for p in problems:
         print(f"!! {p}")
     total = time.perf_counter() - started
@@ -165,6 +199,8 @@ def main() -> None:
             "ratio_on_over_off": round(ratio, 4),
             "overhead": round(1 - ratio, 4),
             "paired_round_ratios": [round(x, 4) for x in paired],
+            "telemetry_share_of_wall": round(telemetry_share, 5),
+            "telemetry_seconds_by_call": {k: round(v, 5) for k, v in spent.items()},
             "rounds": rounds,
             "cpu_checks": checks,
             "problems": problems,
