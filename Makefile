@@ -27,10 +27,12 @@ lint: setup
 
 # tests/deploy runs a real Prometheus: Debian's `prometheus` package (prometheus and
 # promtool), installed when promtool is missing; apt-get update only if that fails.
+# RUNLEVEL=1: the package's maintainer scripts do not start a prometheus daemon
+# (invoke-rc.d honours it where no policy-rc.d forbids starting services).
 prometheus-tools:
 	@command -v promtool >/dev/null || { \
 	  sudo=$$([ "$$(id -u)" = 0 ] || command -v sudo); \
-	  install="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus"; \
+	  install="$$sudo env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends prometheus"; \
 	  $$install >/dev/null || { $$sudo apt-get update -qq && $$install >/dev/null; } \
 	  || echo "warning: could not install Debian's prometheus package; tests/deploy will fail" >&2; }
 

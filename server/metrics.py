@@ -136,6 +136,9 @@ class Metrics:
                               LOAD_BUCKETS)
         self.evictions = Counter("loraplex_adapter_evictions_total", "Adapters dropped from a tier.",
                                  ["tier", "reason"], registry=r)
+        self.slot_waits = Counter("loraplex_adapter_slot_waits_total",
+                                  "Times a waiting request's adapter, in host memory, found no free device slot "
+                                  "(once per engine step it waits).", registry=r)
         self.batch_seqs = hist("loraplex_batch_size_sequences", "Sequences in one engine step.", [], COUNT_BUCKETS)
         self.batch_tokens = hist("loraplex_batch_size_tokens", "Tokens in one engine step.", [], COUNT_BUCKETS)
         self.batch_adapters = hist("loraplex_batch_distinct_adapters", "Distinct adapters in one engine step.", [],
@@ -145,7 +148,8 @@ class Metrics:
         self.running = Gauge("loraplex_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("loraplex_requests_waiting", "Requests waiting to run.", registry=r)
         self.adapters_waiting = Gauge("loraplex_adapters_waiting_for_slot",
-                                      "Distinct adapters of waiting requests not on a device slot.", registry=r)
+                                      "Distinct adapters of waiting requests loaded in host memory but on no device "
+                                      "slot.", registry=r)
         self.slots_used = Gauge("loraplex_adapter_slots_used", "Device adapter slots held (running or pinned).",
                                 registry=r)
         self.slots_total = Gauge("loraplex_adapter_slots_capacity", "Device adapter slots (used + free).", registry=r)
@@ -173,7 +177,8 @@ class Metrics:
                                       ["model_name"], registry=r)
             self.vllm_lora = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests (vLLM's semantics).",
                                    ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
-        self._last_lora_info = 0.0
+        self._last_lora_info = -1.0
+        self._lora_labels: tuple[str, str, str] | None = None
         self.model_name = ""
         for k in ADAPTER_KINDS:  # every series exists from the start, so rates and ratios are never empty
             for outcome in OUTCOMES:
@@ -198,9 +203,11 @@ class Metrics:
     def admitted(self, kind: str, queue_s: float) -> None:
         self.queue.labels(kind).observe(queue_s)
 
-    def first_token(self, kind: str, ttft_s: float, prefill_s: float, adapter: str | None) -> None:
+    def first_token(self, kind: str, ttft_s: float, prefill_s: float, prompt_tokens: int, adapter: str | None) -> None:
+        """The prompt is processed (its tokens count now) and the first token is out."""
         self.ttft.labels(kind).observe(ttft_s)
         self.prefill.labels(kind).observe(prefill_s)
+        self.prompt_tokens.labels(kind).inc(prompt_tokens)
         label = self._adapter_label(adapter, count=False)
         if label is not None:
             self.adapter_ttft.labels(label).observe(ttft_s)
@@ -208,26 +215,23 @@ class Metrics:
     def next_token(self, kind: str, itl_s: float) -> None:
         self.itl.labels(kind).observe(itl_s)
 
-    def finished(
-        self,
-        kind: str,
-        outcome: str,
-        e2e_s: float,
-        tpot_s: float | None,
-        prompt_tokens: int,
-        output_tokens: int,
-        adapter: str | None,
-    ) -> None:
+    def generated(self, kind: str) -> None:
+        """One output token (counted as it is produced, so tokens/s moves during long requests)."""
+        self.generation_tokens.labels(kind).inc()
+
+    def finished(self, kind: str, outcome: str, e2e_s: float, tpot_s: float | None, adapter: str | None) -> None:
+        """Every ending is counted; latency only of requests that completed (``stop``, ``length``)."""
         self.requests.labels(kind, outcome).inc()
-        self.e2e.labels(kind).observe(e2e_s)
-        if tpot_s is not None:
+        completed = outcome in ("stop", "length")
+        if completed:
+            self.e2e.labels(kind).observe(e2e_s)
+        if tpot_s is not None and completed:
             self.tpot.labels(kind).observe(tpot_s)
-        self.prompt_tokens.labels(kind).inc(prompt_tokens)
-        self.generation_tokens.labels(kind).inc(output_tokens)
         label = self._adapter_label(adapter, count=True)
         if label is not None:
             self.adapter_requests.labels(label, outcome).inc()
-            self.adapter_e2e.labels(label).observe(e2e_s)
+            if completed:
+                self.adapter_e2e.labels(label).observe(e2e_s)
 
     def rejected(self, kind: str) -> None:
         """Refused before reaching the engine (queue full, shutting down)."""
@@ -265,16 +269,21 @@ class Metrics:
             self.vllm_waiting.labels(self.model_name).set(waiting)
             self.vllm_running.labels(self.model_name).set(running)
 
+    def lora_requests_due(self) -> bool:
+        """Whether ``lora_requests_info`` is due an update (at most once a second)."""
+        return self.config.vllm_compatible and time.monotonic() - self._last_lora_info >= 1.0
+
     def lora_requests(self, running: set[str], waiting: set[str], max_lora: int) -> None:
-        """vLLM's ``lora_requests_info``: one series, the adapter sets as labels, the update time as value."""
-        if not self.config.vllm_compatible:
-            return
-        now = time.time()
-        if now - self._last_lora_info < 1.0:
-            return
-        self._last_lora_info = now
-        self.vllm_lora.clear()
-        self.vllm_lora.labels(",".join(sorted(running)), ",".join(sorted(waiting)), str(max_lora)).set(now)
+        """vLLM's ``lora_requests_info``: one series, the adapter sets as labels, the update time as value.
+
+        The new series is set before the old one is removed, so a scrape never finds none.
+        """
+        self._last_lora_info = time.monotonic()
+        labels = (",".join(sorted(running)), ",".join(sorted(waiting)), str(max_lora))
+        self.vllm_lora.labels(*labels).set(time.time())
+        if self._lora_labels is not None and self._lora_labels != labels:
+            _remove(self.vllm_lora, *self._lora_labels)
+        self._lora_labels = labels
 
     # -- adapter cache --------------------------------------------------------------
 
@@ -290,6 +299,9 @@ class Metrics:
         self.loads.labels(tier, "ok" if ok else "failed").inc()
         if ok:
             self.load_time.labels(tier).observe(seconds)
+
+    def slot_wait(self) -> None:
+        self.slot_waits.inc()
 
     def adapter_evicted(self, tier: str, reason: str) -> None:
         self.evictions.labels(tier, reason).inc()

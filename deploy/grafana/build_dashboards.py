@@ -29,6 +29,8 @@ UNSUCCESSFUL = 'loraplex_requests_total{outcome=~"abort|error|rejected"}'
 ADAPTER_UNSUCCESSFUL = 'loraplex_adapter_requests_total{outcome=~"abort|error"}'
 DEVICE_HITS = 'loraplex_adapter_cache_hits_total{tier="device"}'
 DEVICE_LOOKUPS = 'loraplex_adapter_cache_lookups_total{tier="device"}'
+DISK_HITS = 'loraplex_adapter_cache_hits_total{tier="disk"}'
+MEMORY_TIERS = '{tier=~"device|host"}'
 
 
 def rate(selector: str) -> str:
@@ -41,7 +43,12 @@ def quantile(q: float, histogram: str, by: str = "", matchers: str = "") -> str:
 
 
 def mean(histogram: str) -> str:
-    return f"sum({rate(f'{histogram}_sum')}) / sum({rate(f'{histogram}_count')})"
+    return ratio(f"sum({rate(f'{histogram}_sum')})", f"sum({rate(f'{histogram}_count')})")
+
+
+def ratio(numerator: str, denominator: str) -> str:
+    """``numerator / denominator``, empty (not NaN) while the denominator is 0."""
+    return f"{numerator} / ({denominator} > 0)"
 
 
 def target(expr: str, legend: str) -> dict:
@@ -154,7 +161,8 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict]) -> dic
 LATENCIES = (
     ("Time to first token", "loraplex_time_to_first_token_seconds", "Arrival to the first output token."),
     ("Inter-token latency", "loraplex_inter_token_latency_seconds", "Time between two output tokens."),
-    ("End-to-end latency", "loraplex_e2e_request_latency_seconds", "Arrival to the end of the request."),
+    ("End-to-end latency", "loraplex_e2e_request_latency_seconds",
+     "Arrival to the end of the request, completed requests only (stop, length)."),
 )
 
 
@@ -169,7 +177,7 @@ def overview() -> dict:
         stat("Waiting", "sum(loraplex_requests_waiting)", "short", "Requests waiting to run."),
         stat("KV cache used", "max(loraplex_kv_cache_usage_ratio)", "percentunit",
              "Share of KV-cache blocks in use (the fullest replica)."),
-        stat("Failed share", f"sum({rate(FAILED)}) / sum({rate('loraplex_requests_total')})", "percentunit",
+        stat("Failed share", ratio(f"sum({rate(FAILED)})", f"sum({rate('loraplex_requests_total')})"), "percentunit",
              "Requests that ended in an error or were rejected, as a share of all requests (empty when idle)."),
         row("Traffic"),
         timeseries("Request rate by adapter kind", [
@@ -179,7 +187,8 @@ def overview() -> dict:
             target(f"sum by (adapter_kind) ({rate('loraplex_prompt_tokens_total')})", "prompt {{adapter_kind}}"),
             target(f"sum by (adapter_kind) ({rate('loraplex_generation_tokens_total')})",
                    "generated {{adapter_kind}}"),
-        ], "short", "Prompt tokens (of finished requests) and generated tokens per second."),
+        ], "short", "Prompt tokens (counted when the prompt is processed) and generated tokens (as they are "
+                    "produced) per second."),
     ]
     for title, metric, what in LATENCIES:
         panels.append(row(f"{title}: base, adapter and composed side by side"))
@@ -196,9 +205,12 @@ def overview() -> dict:
         timeseries("Queue time p95", [
             target(quantile(0.95, "loraplex_request_queue_time_seconds", "adapter_kind"), "{{adapter_kind}}"),
         ], "s", f"Arrival to admission into the running batch. {KINDS_NOTE}", width=8),
+        timeseries("Prefill time p95", [
+            target(quantile(0.95, "loraplex_request_prefill_time_seconds", "adapter_kind"), "{{adapter_kind}}"),
+        ], "s", f"Admission to the first output token (the prompt's forward passes). {KINDS_NOTE}", width=8),
         timeseries("Time per output token p95", [
             target(quantile(0.95, "loraplex_time_per_output_token_seconds", "adapter_kind"), "{{adapter_kind}}"),
-        ], "s", "Per request: (last token - first token) / (output tokens - 1).", width=8),
+        ], "s", "Per completed request: (last token - first token) / (output tokens - 1).", width=8),
         timeseries("Errors by outcome", [
             target(f"sum by (outcome, adapter_kind) ({rate(UNSUCCESSFUL)})", "{{outcome}} {{adapter_kind}}"),
         ], "reqps", "Requests aborted (client gone, timeout), failed in the engine, or rejected before it "
@@ -214,32 +226,38 @@ def overview() -> dict:
         ], "short", "Sequences and tokens (prefill chunks plus decode tokens) per engine step.", width=8),
         timeseries("Engine step time p95 by phase", [
             target(quantile(0.95, "loraplex_engine_step_seconds", "phase"), "{{phase}}"),
-        ], "s", "Time of each phase of an engine step (schedule, forward, sample, emit).", width=24),
+        ], "s", "Time of each phase of an engine step (schedule, forward, sample, emit).", width=16),
     ]
     return dashboard("loraplex-overview", "loraplex / Overview",
                      "Traffic, latency with and without adapters, queue and engine.", panels)
 
 
 def adapters() -> dict:
-    hit_ratio = (f"sum by (tier) ({rate('loraplex_adapter_cache_hits_total')})"
-                 f" / sum by (tier) ({rate('loraplex_adapter_cache_lookups_total')})")
+    hit_ratio = ratio(f"sum by (tier) ({rate('loraplex_adapter_cache_hits_total' + MEMORY_TIERS)})",
+                      f"sum by (tier) ({rate('loraplex_adapter_cache_lookups_total' + MEMORY_TIERS)})")
+    from_memory = "1 - " + ratio(f"sum({rate(DISK_HITS)})", f"sum({rate(DEVICE_LOOKUPS)})")
     panels = [
         row("Now"),
         stat("Adapters stored", "max(loraplex_adapters_stored)", "short", "Adapters in the store."),
         stat("Slots used", "sum(loraplex_adapter_slots_used)", "short", "Device adapter slots held."),
         stat("Slots capacity", "sum(loraplex_adapter_slots_capacity)", "short", "Device adapter slots (--max-loras)."),
         stat("Adapters waiting for a slot", "sum(loraplex_adapters_waiting_for_slot)", "short",
-             "Distinct adapters of waiting requests that are not on a device slot."),
+             "Distinct adapters of waiting requests loaded in host memory but on no device slot."),
         stat("Host cache", "sum(loraplex_adapter_host_cache_bytes)", "bytes", "Adapter bytes in host memory."),
-        stat("Device hit ratio", f"sum({rate(DEVICE_HITS)}) / sum({rate(DEVICE_LOOKUPS)})", "percentunit",
+        stat("Device hit ratio", ratio(f"sum({rate(DEVICE_HITS)})", f"sum({rate(DEVICE_LOOKUPS)})"), "percentunit",
              "Adapter requests whose adapter was already on a device slot (empty without adapter traffic)."),
         row("Adapter cache"),
         timeseries("Cache hit ratio by tier", [target(hit_ratio, "{{tier}}")], "percentunit",
-                   "Of the lookups that reached a tier (device, then host, then disk), the share that found the "
-                   "adapter there. No line for a tier that no lookup reached.", max_value=1),
+                   "Of the lookups that reached a tier (device, then host), the share that found the adapter "
+                   "there. No line for a tier that no lookup reached. Disk is left out: a lookup that reaches "
+                   "it always hits.", width=8, max_value=1),
+        timeseries("Served from memory", [target(from_memory, "served from memory")], "percentunit",
+                   "Adapter lookups served from a device slot or host memory rather than read from disk "
+                   "(empty without adapter traffic).", width=8, max_value=1),
         timeseries("Lookups/s by tier", [
             target(f"sum by (tier) ({rate('loraplex_adapter_cache_lookups_total')})", "{{tier}}"),
-        ], "ops", "Adapter lookups at request arrival reaching each tier (a miss in one tier looks in the next)."),
+        ], "ops", "Adapter lookups at request arrival reaching each tier (a miss in one tier looks in the next).",
+            width=8),
         timeseries("Loads/s by tier and result", [
             target(f"sum by (tier, result) ({rate('loraplex_adapter_loads_total')})", "{{tier}} {{result}}"),
         ], "ops", "Adapter loads: host = read from the store, device = copied into a slot.", width=8),
@@ -257,8 +275,12 @@ def adapters() -> dict:
         ], "short", "Device adapter slots held (by running requests or pinned) and available.", width=8),
         timeseries("Adapters waiting for a slot", [
             target("loraplex_adapters_waiting_for_slot", "{{instance}}"),
-        ], "short", "Distinct adapters of waiting requests not on a device slot. Non-zero with every slot "
-                    "used means requests queue for slots.", width=8),
+        ], "short", "Distinct adapters of waiting requests loaded in host memory but on no device slot. "
+                    "Non-zero with every slot used means requests queue for slots.", width=8),
+        timeseries("Slot waits/s", [
+            target(f"sum by (instance) ({rate('loraplex_adapter_slot_waits_total')})", "{{instance}}"),
+        ], "ops", "Times per second a waiting request's adapter, already in host memory, found no free device "
+                  "slot (once per engine step it waits). Sustained, with slots full: slot starvation.", width=8),
         timeseries("Distinct adapters per batch", [
             target(mean("loraplex_batch_distinct_adapters"), "mean"),
             target(quantile(0.95, "loraplex_batch_distinct_adapters"), "p95"),
@@ -266,7 +288,7 @@ def adapters() -> dict:
         timeseries("Host cache bytes vs limit", [
             target("loraplex_adapter_host_cache_bytes", "used {{instance}}"),
             target("loraplex_adapter_host_cache_limit_bytes", "limit {{instance}}"),
-        ], "bytes", "Adapter bytes parsed into host memory, and the bound of that LRU.", width=24),
+        ], "bytes", "Adapter bytes parsed into host memory, and the bound of that LRU.", width=16),
         row("Per adapter (needs --metrics-adapters or --metrics-top-k)"),
         timeseries("Request rate by adapter", [
             target(f"sum by (adapter) ({rate('loraplex_adapter_requests_total')})", "{{adapter}}"),

@@ -140,16 +140,23 @@ class AdapterCache:
                 self._jobs.put(adapter)
             return Acquired(Residency.LOADING)
         self._host.move_to_end(key)
-        if not new_slot:
-            return Acquired(Residency.NO_SLOT)
-        if not self._idle:
-            self._pick_draining(holding)
+        if not new_slot or not self._idle:
+            if new_slot:
+                self._pick_draining(holding)
+            if self.metrics:
+                self.metrics.slot_wait()
             return Acquired(Residency.NO_SLOT)
         slot, _ = self._idle.popitem(last=False)
         if self._unmap(slot) and self.metrics:
             self.metrics.adapter_evicted("device", "lru")
         started = time.perf_counter()
-        self.slots.write(slot, weights)
+        try:
+            self.slots.write(slot, weights)
+        except Exception:
+            self._idle[slot] = None  # the slot stays usable (write zeroes what it does not copy)
+            if self.metrics:
+                self.metrics.adapter_loaded("device", time.perf_counter() - started, ok=False)
+            raise
         stats = self._stats.setdefault(key, AdapterStats())
         stats.activations += 1
         stats.last_activation_s = time.perf_counter() - started

@@ -213,7 +213,6 @@ class Engine:
             phases = {"schedule": scheduled - started, "forward": forwarded - scheduled,
                       "sample": sampled_at - forwarded, "emit": done - sampled_at}
             telemetry.stepped(batch, phases)
-            telemetry.state()
 
     def _advance(self, req: Request, token: int) -> None:
         req.output_ids.append(token)

@@ -5,9 +5,12 @@ the repo's ``deploy/prometheus/prometheus.yml`` (target, intervals and rule path
 the repo's rules. Then, through Prometheus's HTTP API:
 
 - every ``targets[].expr`` of every panel of every ``deploy/grafana/dashboards/*.json`` must parse and return
-  data, as an instant query and as a range query over the last minute, unless the panel (or target) says
-  ``"loraplexExpectData": false``;
-- every recording rule's expression must return data, and so must its recorded series;
+  data, as an instant query at the end of the load and as a range query over the load's window, unless the
+  panel (or target) says ``"loraplexExpectData": false``;
+- every recording rule's expression must return data (the same two queries), and so must its recorded series;
+- "data" means at least one finite sample (NaN, what a quantile or a ratio of nothing gives, does not count);
+  and an expression of the traffic that was sent (latency quantiles, request and token rates) must be above
+  zero, for each of ``base``, ``adapter`` and ``composed`` when it is by ``adapter_kind``;
 - every alert's expression must parse (it is empty while the alert does not fire);
 - every rule must evaluate without error.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import re
 import shutil
 import signal
@@ -58,6 +62,16 @@ BUILTINS = {
     "__range_s": "60",
     "__range_ms": "60000",
 }
+KINDS = ("base", "adapter", "composed")
+# Expressions over the traffic the load sends: they must be above zero (not merely present). A selector with an
+# ``outcome`` filter (errors, rejections) is not traffic of the load, so the expression is only required to exist.
+TRAFFIC = re.compile(
+    r"loraplex_(time_to_first_token|inter_token_latency|e2e_request_latency|request_prefill_time|request_queue_time)"
+    r"_seconds_bucket|loraplex_(prompt|generation)_tokens_total|loraplex_requests_total"
+    r"|adapter_kind(_outcome)?:loraplex_(time_to_first_token_seconds|inter_token_latency_seconds"
+    r"|e2e_request_latency_seconds|requests|prompt_tokens|generation_tokens):"
+    r"|job:loraplex_time_to_first_token_seconds:"
+)
 # promtool's lint refuses ':' in names, but vLLM's gauges are exported under vLLM's exact names on purpose.
 ALLOWED_LINT = re.compile(r"^vllm:\w+ metric names should not contain ':'$")
 
@@ -79,6 +93,16 @@ class Query:
     expr: str
     expect_data: bool = True
     record: str | None = None
+
+    @property
+    def traffic(self) -> bool:
+        """Whether the query measures the traffic sent, so must be above zero (see ``TRAFFIC``)."""
+        return self.expect_data and bool(TRAFFIC.search(self.expr)) and "outcome=" not in self.expr
+
+    @property
+    def by_kind(self) -> bool:
+        return bool(re.search(r"by \([^)]*\badapter_kind\b", self.expr)) or (self.record or "").startswith(
+            "adapter_kind")
 
 
 def _grafana_variables(dashboard: dict) -> dict[str, str]:
@@ -226,22 +250,51 @@ def wait_for(prom: str, query: str, timeout: float) -> bool:
     return False
 
 
-def check(prom: str, query: Query, now: float) -> list[str]:
-    """What is wrong with ``query`` (nothing: an empty list)."""
+def _samples(answer: dict) -> list[tuple[dict, float]]:
+    """(labels, value) of every sample of an instant (vector) or range (matrix) answer."""
+    out = []
+    for series in answer["data"]["result"]:
+        points = series.get("values") or ([series["value"]] if "value" in series else [])
+        out += [(series["metric"], float(v)) for _, v in points]
+    return out
+
+
+def _judge(query: Query, what: str, answer: dict) -> str | None:
+    """What is wrong with the data of one successful answer, if anything."""
+    samples = _samples(answer)
+    finite = [(labels, v) for labels, v in samples if math.isfinite(v)]
+    if not finite:
+        return f"{what} returned no data" if not samples else f"{what} returned only NaN/Inf ({len(samples)} samples)"
+    if not query.traffic:
+        return None
+    if query.by_kind:
+        missing = [k for k in KINDS if not any(v > 0 for labels, v in finite if labels.get("adapter_kind") == k)]
+        if missing:
+            return f"{what} is never above zero for adapter_kind {missing}, though that traffic was sent"
+    elif not any(v > 0 for _, v in finite):
+        return f"{what} is never above zero, though traffic was sent"
+    return None
+
+
+def check(prom: str, query: Query, start: float, end: float) -> list[str]:
+    """What is wrong with ``query`` (nothing: an empty list): an instant query at the end of the load, a range
+    query over the load's window."""
     problems = []
-    ranges = [("instant", "/api/v1/query", {"time": now})]
-    if query.kind == "panel":
-        ranges.append(("range", "/api/v1/query_range", {"start": now - 60, "end": now, "step": 5}))
+    ranges = [("instant", "/api/v1/query", {"time": end}),
+              ("range", "/api/v1/query_range", {"start": start, "end": end, "step": 1})]
+    if query.kind == "alert":
+        ranges = ranges[:1]
     for name, path, params in ranges:
         answer = prom_get(prom, path, query=query.expr, **params)
         if answer.get("status") != "success":
             problems.append(f"{query.where}: {name} query failed: {answer.get('error')}\n    {query.expr.strip()}")
-        elif query.expect_data and not answer["data"]["result"]:
-            problems.append(f"{query.where}: {name} query returned no data\n    {query.expr.strip()}")
+        elif query.expect_data and (wrong := _judge(query, f"{name} query", answer)):
+            problems.append(f"{query.where}: {wrong}\n    {query.expr.strip()}")
     if query.record and query.expect_data and not problems:
-        answer = prom_get(prom, "/api/v1/query", query=query.record, time=now)
-        if answer.get("status") != "success" or not answer["data"]["result"]:
-            problems.append(f"{query.where}: the recorded series {query.record} has no samples")
+        answer = prom_get(prom, "/api/v1/query", query=query.record, time=end)
+        wrong = _judge(query, "the recorded series", answer) if answer.get("status") == "success" else "error"
+        if wrong:
+            problems.append(f"{query.where}: {query.record}: {wrong}")
     return problems
 
 
@@ -323,16 +376,17 @@ def test_every_dashboard_and_rule_query_has_data(server, tmp_path):
 
     target = server.removeprefix("http://")
     with running_prometheus(scrape_config(config, target, rules, tmp_path), tmp_path) as prom:
-        errors = send_load(server, LOAD_SECONDS)
-        assert not errors, "the load got unexpected answers:\n" + "\n".join(errors[:10])
         assert wait_for(prom, f'up{{job="{JOB}"}} == 1', 15), "Prometheus never scraped the server"
+        load_start = time.time()
+        errors = send_load(server, LOAD_SECONDS)
+        load_end = time.time()
+        assert not errors, "the load got unexpected answers:\n" + "\n".join(errors[:10])
         assert wait_for(prom, f'loraplex_requests_total{{job="{JOB}"}} > 0', 15), "no request was counted"
-        records = [q.record for q in queries if q.record and q.expect_data]
-        deadline = time.monotonic() + 10
-        for record in records:  # a few evaluations after the load
-            wait_for(prom, record, deadline - time.monotonic())
-        now = time.time()
-        problems = [problem for query in queries for problem in check(prom, query, now)]
+        # Prometheus's scrapes and rule evaluations up to the load's end are in (one-second intervals).
+        assert wait_for(prom, f'time() - timestamp(up{{job="{JOB}"}}) < 60 and timestamp(up{{job="{JOB}"}}) > '
+                              f'{load_end + 2}', 15), "no scrape after the load"
+        time.sleep(2)
+        problems = [problem for query in queries for problem in check(prom, query, load_start, load_end)]
         rule_state = prom_get(prom, "/api/v1/rules")["data"]["groups"]
 
     loaded = [rule for group in rule_state for rule in group["rules"]]

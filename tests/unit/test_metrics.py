@@ -37,8 +37,10 @@ def adapter_values(m: Metrics, family: str) -> set[str]:
 
 def request(m: Metrics, adapter: str, outcome: str = "stop") -> None:
     """What the engine reports for one adapter request, in its order: first token, then the end."""
-    m.first_token("adapter", 0.02, 0.01, adapter)
-    m.finished("adapter", outcome, 0.2, 0.01, 7, 5, adapter)
+    m.first_token("adapter", 0.02, 0.01, 7, adapter)
+    for _ in range(5):
+        m.generated("adapter")
+    m.finished("adapter", outcome, 0.2, 0.01, adapter)
 
 
 def families(m: Metrics) -> dict[str, object]:
@@ -52,7 +54,7 @@ def test_allow_list_labels_only_listed_adapters_and_counts_the_folded():
     m = Metrics(MetricsConfig(adapter_allowlist=("alpha", "beta")))
     for name in ("alpha", "beta", "alpha", "gamma", "delta", "gamma"):
         request(m, name)
-    m.finished("base", "stop", 0.1, None, 3, 1, None)  # a base request has no adapter: neither labelled nor folded
+    m.finished("base", "stop", 0.1, None, None)  # a base request has no adapter: neither labelled nor folded
     for family in PER_ADAPTER:
         assert adapter_values(m, family) == {"alpha", "beta", OTHER}, family
     assert value(m, "loraplex_adapter_requests_total", adapter="alpha", outcome="stop") == 2
@@ -253,15 +255,18 @@ def test_lora_requests_info_is_one_series_with_vllms_labels_and_the_time_as_valu
 
 def test_lora_requests_info_replaces_its_series_as_the_sets_change(monkeypatch):
     clock = [1_000.0]
-    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(time=lambda: clock[0], monotonic=lambda: clock[0]))
     m = Metrics(MetricsConfig(vllm_compatible=True))
     for running, waiting in (({"a"}, set()), ({"a", "b"}, {"c"}), (set(), set())):
         clock[0] += 2.0
+        assert m.lora_requests_due()
         m.lora_requests(running, waiting, 4)
+        clock[0] += 0.5
+        assert not m.lora_requests_due()  # at most once a second
         (sample,) = _lora_info(m)
         assert sample.labels["running_lora_adapters"] == ",".join(sorted(running))
         assert sample.labels["waiting_lora_adapters"] == ",".join(sorted(waiting))
-        assert sample.value == clock[0]
+        assert sample.value == clock[0] - 0.5
 
 
 def test_vllm_queue_gauges_carry_the_model_name():
@@ -273,7 +278,7 @@ def test_vllm_queue_gauges_carry_the_model_name():
     assert value(m, "vllm:num_requests_waiting", model_name="tiny") == 2
     assert value(m, "loraplex_kv_cache_usage_ratio") == 0.25
     plain = Metrics()
-    plain.lora_requests({"a"}, set(), 4)  # a no-op without the vLLM subset
+    assert not plain.lora_requests_due()  # never due without the vLLM subset
     assert not any(n.startswith("vllm:") for n in families(plain))
 
 
@@ -320,3 +325,143 @@ def test_every_labelled_series_exists_from_the_start():
         assert m.registry.get_sample_value("loraplex_time_to_first_token_seconds_count", {"adapter_kind": kind}) == 0
     for tier in ("device", "host", "disk"):
         assert m.registry.get_sample_value("loraplex_adapter_cache_hits_total", {"tier": tier}) == 0
+
+
+# -- request latencies: what is observed, and when ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("outcome", ["abort", "error"])
+def test_a_request_that_did_not_complete_is_counted_but_its_latency_is_not_observed(outcome):
+    m = Metrics(MetricsConfig(adapter_top_k=3))
+    m.first_token("adapter", 0.02, 0.01, 7, "x")
+    m.generated("adapter")
+    m.generated("adapter")
+    m.finished("adapter", outcome, 9.0, 0.01, "x")
+    assert value(m, "loraplex_requests_total", adapter_kind="adapter", outcome=outcome) == 1
+    assert value(m, "loraplex_adapter_requests_total", adapter="x", outcome=outcome) == 1
+    assert value(m, "loraplex_e2e_request_latency_seconds_count", adapter_kind="adapter") == 0
+    assert value(m, "loraplex_time_per_output_token_seconds_count", adapter_kind="adapter") == 0
+    assert value(m, "loraplex_adapter_e2e_request_latency_seconds_count", adapter="x") == 0
+    # The tokens it did produce are counted: the prompt at its first token, each output token as it came.
+    assert value(m, "loraplex_prompt_tokens_total", adapter_kind="adapter") == 7
+    assert value(m, "loraplex_generation_tokens_total", adapter_kind="adapter") == 2
+    for completed in ("stop", "length"):
+        m.finished("adapter", completed, 0.5, 0.01, "x")
+    assert value(m, "loraplex_e2e_request_latency_seconds_count", adapter_kind="adapter") == 2
+    assert value(m, "loraplex_e2e_request_latency_seconds_sum", adapter_kind="adapter") == 1.0
+    assert value(m, "loraplex_time_per_output_token_seconds_count", adapter_kind="adapter") == 2
+    assert value(m, "loraplex_adapter_e2e_request_latency_seconds_count", adapter="x") == 2
+
+
+def test_tokens_are_counted_as_they_are_produced_not_at_the_end():
+    m = Metrics()
+    m.first_token("base", 0.02, 0.01, 11, None)
+    assert value(m, "loraplex_prompt_tokens_total", adapter_kind="base") == 11
+    for i in range(1, 4):
+        m.generated("base")
+        assert value(m, "loraplex_generation_tokens_total", adapter_kind="base") == i
+    m.finished("base", "length", 0.1, 0.01, None)
+    assert value(m, "loraplex_prompt_tokens_total", adapter_kind="base") == 11
+    assert value(m, "loraplex_generation_tokens_total", adapter_kind="base") == 3
+
+
+def _telemetry(m: Metrics):
+    from server.engine.telemetry import Telemetry
+
+    cache = SimpleNamespace(tier=lambda a: "disk", slots_in_use=0, slots=SimpleNamespace(num_slots=2), host_bytes=0,
+                            host_bytes_limit=1)
+    scheduler = SimpleNamespace(waiting=[], running=[], blocks=SimpleNamespace(used_blocks=0, num_blocks=4))
+    return Telemetry(m, scheduler, cache)
+
+
+def test_a_request_that_never_ran_observes_its_whole_life_as_queue_time():
+    from server.engine.request import FinishReason, Request, SamplingParams
+
+    m = Metrics()
+    t = _telemetry(m)
+    req = Request("never-ran", [1, 2, 3], SamplingParams(max_tokens=4), arrival=time.monotonic() - 2.0)
+    t.finished(req, FinishReason.ABORT)
+    assert value(m, "loraplex_request_queue_time_seconds_count", adapter_kind="base") == 1
+    assert 2.0 <= value(m, "loraplex_request_queue_time_seconds_sum", adapter_kind="base") < 10
+    assert value(m, "loraplex_requests_total", adapter_kind="base", outcome="abort") == 1
+    assert value(m, "loraplex_e2e_request_latency_seconds_count", adapter_kind="base") == 0
+    assert value(m, "loraplex_prompt_tokens_total", adapter_kind="base") == 0  # its prompt was never processed
+    # One that was admitted observed its queue time then, and not a second time at its end.
+    ran = Request("ran", [1, 2, 3], SamplingParams(max_tokens=4))
+    ran.admitted_at = time.monotonic()
+    m.admitted("base", 0.0)
+    t.finished(ran, FinishReason.LENGTH)
+    assert value(m, "loraplex_request_queue_time_seconds_count", adapter_kind="base") == 2
+    assert value(m, "loraplex_e2e_request_latency_seconds_count", adapter_kind="base") == 1
+
+
+def test_telemetry_faults_are_logged_and_never_raised(caplog):
+    from server.engine.request import FinishReason, Request, SamplingParams
+
+    m = Metrics()
+    t = _telemetry(m)
+    t.scheduler = None  # the gauges cannot be read: the fault must stay inside the telemetry
+    t.state()
+    req = Request("r", [1], SamplingParams(max_tokens=1))
+    t.metrics = None
+    t.finished(req, FinishReason.STOP)
+    assert sum("metrics:" in r.getMessage() for r in caplog.records) == 2
+
+
+# -- slot waits and device-tier load failures -----------------------------------------------------------------
+
+
+def test_slot_waits_count_each_time_a_host_resident_adapter_finds_no_free_slot():
+    m = Metrics()
+    cache = _cache(m, slots=1, host_bytes=1 << 20)
+    try:
+        held = _ready(cache, "a")  # the only slot, held by a running request
+        assert value(m, "loraplex_adapter_slot_waits_total") == 0
+        assert _ready(cache, "b") == -1  # b loads from disk (no wait counted for it), then finds no free slot
+        assert value(m, "loraplex_adapter_slot_waits_total") == 1
+        stored_b = StoredAdapter("b", "v1", Path("/store/b"))
+        for i in range(2, 5):  # once per engine step it waits
+            assert cache.acquire(stored_b).state is Residency.NO_SLOT
+            assert value(m, "loraplex_adapter_slot_waits_total") == i
+        assert cache.acquire(stored_b, new_slot=False).state is Residency.NO_SLOT  # an older request goes first
+        assert value(m, "loraplex_adapter_slot_waits_total") == 5
+        # Still loading from disk is not a slot wait.
+        stored_c = StoredAdapter("c", "v1", Path("/store/c"))
+        assert cache.acquire(stored_c).state is Residency.LOADING
+        assert value(m, "loraplex_adapter_slot_waits_total") == 5
+        cache.release(held)
+        got = cache.acquire(stored_b)  # the slot is free now: b takes it, no wait
+        assert got.state is Residency.READY
+        assert value(m, "loraplex_adapter_slot_waits_total") == 5
+        cache.release(got.slot)
+    finally:
+        cache.close()
+
+
+def test_a_failed_slot_write_counts_a_failed_device_load_and_leaves_the_slot_usable():
+    m = Metrics()
+    cache = _cache(m, slots=1, host_bytes=1 << 20)
+    try:
+        real_write = cache.slots.write
+        calls = []
+
+        def broken_write(slot, weights):
+            calls.append(slot)
+            if len(calls) == 1:
+                raise RuntimeError("device write failed on purpose")
+            real_write(slot, weights)
+
+        cache.slots.write = broken_write
+        stored = StoredAdapter("a", "v1", Path("/store/a"))
+        with pytest.raises(RuntimeError, match="on purpose"):
+            _ready(cache, "a")
+        assert value(m, "loraplex_adapter_loads_total", tier="device", result="failed") == 1
+        assert value(m, "loraplex_adapter_loads_total", tier="device", result="ok") == 0
+        assert value(m, "loraplex_adapter_load_seconds_count", tier="device") == 0  # failures are not timed
+        got = cache.acquire(stored)  # the slot went back to the free ones: the next try takes it
+        assert got.state is Residency.READY
+        assert value(m, "loraplex_adapter_loads_total", tier="device", result="ok") == 1
+        assert value(m, "loraplex_adapter_loads_total", tier="device", result="failed") == 1
+        cache.release(got.slot)
+    finally:
+        cache.close()

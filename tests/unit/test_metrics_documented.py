@@ -37,8 +37,9 @@ def _exported() -> dict[str, tuple[str, set[str]]]:
     """Every metric of a registry with all options on, each written once so that labelled ones have series."""
     m = Metrics(MetricsConfig(adapter_top_k=5, vllm_compatible=True))
     m.model_name = "tiny"
-    m.first_token("adapter", 0.02, 0.01, "some-adapter")
-    m.finished("adapter", "stop", 0.2, 0.01, 7, 5, "some-adapter")
+    m.first_token("adapter", 0.02, 0.01, 7, "some-adapter")
+    m.generated("adapter")
+    m.finished("adapter", "stop", 0.2, 0.01, "some-adapter")
     m.engine_state(running=1, waiting=1, adapters_waiting=0, slots_used=1, slots_total=4, host_bytes=1,
                    host_limit=2, kv_usage=0.5)
     m.lora_requests({"some-adapter"}, set(), 4)

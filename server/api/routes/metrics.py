@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fastapi import APIRouter
 from fastapi.responses import Response
@@ -12,6 +13,7 @@ from server.api.errors import ApiError
 from server.api.state import State
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 @router.get("/metrics", response_class=Response)
@@ -20,5 +22,9 @@ async def metrics(state: State) -> Response:
     m = state.serving.metrics
     if m is None:
         raise ApiError(404, "metrics are disabled (--metrics off)", "metrics_disabled")
-    m.stored.set(len(await asyncio.to_thread(state.serving.store.names)))
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    try:
+        m.stored.set(len(await asyncio.to_thread(state.serving.store.names)))
+    except OSError:
+        log.warning("metrics: could not count the stored adapters; keeping the last count", exc_info=True)
+    # Rendering takes milliseconds with many series: off the event loop, so streams do not stall.
+    return Response(await asyncio.to_thread(generate_latest, m.registry), media_type=CONTENT_TYPE_LATEST)
