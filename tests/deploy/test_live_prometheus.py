@@ -39,7 +39,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers.server_process import free_port, running_server
+from tests.helpers.server_process import free_port, running_server, wait_until_up
 from tests.helpers.tiny import AdapterSpec, make_adapter
 from tests.helpers.tiny_server import save_tiny_model
 
@@ -209,18 +209,7 @@ def running_prometheus(config: Path, folder: Path, timeout: float = 30.0) -> Ite
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"prometheus exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-                try:
-                    if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"prometheus not ready after {timeout} s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
+            wait_until_up(proc, url + "/-/ready", log_path, timeout, poll=0.2)
             yield url
         finally:
             proc.send_signal(signal.SIGTERM)

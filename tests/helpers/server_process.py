@@ -26,6 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: float, poll: float = 0.1) -> None:
+    """Wait until ``url`` answers 200; fail with the log's tail if ``proc`` exits or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not up after {timeout} s:\n{log_path.read_text()[-3000:]}")
+        time.sleep(poll)
+
+
 @contextmanager
 def running_server(args: list[str], log_path: Path, timeout: float = 180.0):
     port = free_port()
@@ -36,18 +52,7 @@ def running_server(args: list[str], log_path: Path, timeout: float = 180.0):
         base = Running(f"http://127.0.0.1:{port}")
         base.pid = proc.pid
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-                try:
-                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"server not ready after {timeout} s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.2)
+            wait_until_up(proc, base + "/ready", log_path, timeout)
             yield base
         finally:
             proc.send_signal(signal.SIGTERM)

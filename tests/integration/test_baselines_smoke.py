@@ -15,14 +15,13 @@ import itertools
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.helpers.reference import greedy, peft_model
-from tests.helpers.server_process import free_port
+from tests.helpers.server_process import free_port, wait_until_up
 from tests.helpers.tiny import AdapterSpec, make_adapter
 from tests.helpers.tiny_server import save_tiny_model
 
@@ -82,19 +81,6 @@ def _complete(base: str, case: tuple) -> tuple[str, str, int]:
     return text, last["choices"][0]["finish_reason"], usage["usage"]["completion_tokens"]
 
 
-def _wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"no /health after {timeout} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("baseline", ["peft_swap", "peft_mixed", "merged"])
 def test_baseline_serves_the_reference_outputs(baseline, setup, tmp_path):
     model_dir, store, cases, expected = setup
@@ -106,7 +92,7 @@ def test_baseline_serves_the_reference_outputs(baseline, setup, tmp_path):
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_healthy(proc, base, log)
+        wait_until_up(proc, base + "/health", log, 60.0)
         models = [m["id"] for m in httpx.get(base + "/v1/models").json()["data"]]
         assert models == ["tiny-llama", "alpha", "beta"]
         r = httpx.post(base + "/v1/completions", json={"model": "nope", "prompt": "hi", "temperature": 0})

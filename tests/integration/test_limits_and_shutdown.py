@@ -35,7 +35,7 @@ from server.config import CacheConfig, Config, LimitsConfig, LoraConfig, ModelCo
 from server.engine.builder import build_serving_in_fresh_thread
 from server.engine.scheduler import SchedulerConfig
 from server.model.loading import LoadedModel
-from tests.helpers.server_process import free_port, running_server
+from tests.helpers.server_process import free_port, running_server, wait_until_up
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
 from tests.helpers.tiny_server import save_tiny_model
 
@@ -515,16 +515,7 @@ def spawned(args: list[str], log_path: Path) -> Iterator[tuple[str, subprocess.P
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-                try:
-                    if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, f"server not ready:\n{log_path.read_text()[-3000:]}"
-                time.sleep(0.1)
+            wait_until_up(proc, url + "/ready", log_path, 120)
             yield url, proc
         finally:
             if proc.poll() is None:
