@@ -23,11 +23,9 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-import httpx
-
 from loadtests.client import ClientConfig
-from loadtests.run import _range, run_once, server_models, write_run
-from loadtests.workload import WorkloadSpec
+from loadtests.run import add_workload_args, run_once, server_models, workload_spec, write_run
+from tests.helpers.server_process import free_port, wait_until_up
 
 log = logging.getLogger("loadtests.compare")
 
@@ -86,18 +84,10 @@ def server_cmd(system: str, store: Path, port: int) -> list[str]:
     return [sys.executable, "-m", f"loadtests.baselines.{system}", "--adapters-dir", str(store), "--port", str(port)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running(system: str, store: Path, log_path: Path, timeout: float = 300.0):
     """Start ``system``'s server, yield its URL once /ready (or /health) answers 200, and always stop it."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,30 +96,10 @@ def running(system: str, store: Path, log_path: Path, timeout: float = 300.0):
             server_cmd(system, store, port), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{system} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-                if _ready(url):
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{system} not ready after {timeout} s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.3)
+            wait_until_up(proc, url + "/ready", log_path, timeout, poll=0.3)  # the baselines serve /ready too
             yield url
         finally:
             _stop(proc)
-
-
-def _ready(url: str) -> bool:
-    """/ready is 200 (loraplex: model and scheduler up); /health only where there is no /ready."""
-    for path in ("/ready", "/health"):
-        try:
-            code = httpx.get(url + path, timeout=1, trust_env=False).status_code
-        except httpx.HTTPError:
-            return False
-        if code != 404:
-            return code == 200
-    return False
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -207,17 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", default="loraplex,peft_swap,peft_mixed", help=f"comma-separated, of {SYSTEMS}")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/peers"))
     p.add_argument("--store", type=Path, default=None, help="adapter store (default: <out>/adapters_store)")
-    p.add_argument("--adapters", type=int, default=64)
-    p.add_argument("--adapter-prefix", default="lora-")
-    p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (1 = uniform, smaller = skewed)")
-    p.add_argument("--base-share", type=float, default=0.0)
-    p.add_argument("--rate", type=float, default=math.inf, help="requests per second ('inf' = all at once)")
-    p.add_argument("--cv", type=float, default=1.0)
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--duration", type=float, default=None)
-    p.add_argument("--prompt-len", type=_range, default=(32, 32))
-    p.add_argument("--output-len", type=_range, default=(32, 32))
-    p.add_argument("--seed", type=int, default=0)
+    add_workload_args(p, adapters=64, rate=math.inf, requests=128, lengths=(32, 32))
     p.add_argument("--drain-timeout", type=float, default=600.0)
     p.add_argument("--request-timeout", type=float, default=1200.0)
     p.add_argument("--start-timeout", type=float, default=300.0)
@@ -234,19 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not systems:
         log.error("error: unknown systems %s (choose from %s)", unknown, ", ".join(SYSTEMS))
         return 2
-    spec = WorkloadSpec(
-        num_adapters=args.adapters,
-        adapter_prefix=args.adapter_prefix,
-        alpha=args.alpha,
-        base_share=args.base_share,
-        rate=args.rate,
-        cv=args.cv,
-        num_requests=args.requests or None,
-        duration=args.duration,
-        prompt_len=args.prompt_len,
-        output_len=args.output_len,
-        seed=args.seed,
-    )
+    try:
+        spec = workload_spec(args)
+    except ValueError as exc:
+        log.error("error: %s", exc)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     store = make_store(
         (args.store or args.out / "adapters_store").resolve(), args.adapters, args.adapter_prefix, args.seed
@@ -269,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                 drain_timeout=args.drain_timeout,
                 request_timeout=args.request_timeout,
             )
-            report = run_once(spec, cfg, progress=not args.no_progress)
+            prompts_file = str(args.prompts_file) if args.prompts_file else None
+            report = run_once(spec, cfg, prompts_file, progress=not args.no_progress)
         report["system"] = system
         write_run(report, folder, title=system)
         reports[system] = report

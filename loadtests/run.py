@@ -81,24 +81,55 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="server root (loopback only)")
-    p.add_argument("--out", type=Path, default=Path("loadtests/results/run"), help="output folder")
-    p.add_argument("--adapters", type=int, default=8, help="number of adapters, named <prefix><i>")
+def add_workload_args(
+    p: argparse.ArgumentParser,
+    adapters: int,
+    rate: float,
+    requests: int,
+    lengths: tuple[int, int],
+) -> None:
+    """The workload's flags (shared with ``loadtests.compare``); the defaults differ per tool."""
+    p.add_argument("--adapters", type=int, default=adapters, help="number of adapters, named <prefix><i>")
     p.add_argument("--adapter-prefix", default="lora-")
     p.add_argument("--popularity", choices=("power", "zipf"), default="power")
     p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (1 = uniform, smaller = skewed)")
     p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent (with --popularity zipf)")
     p.add_argument("--base-share", type=float, default=0.0, help="share of base-only requests, 0..1")
-    p.add_argument("--rate", type=float, default=4.0, help="requests per second ('inf' = all at once)")
+    p.add_argument("--rate", type=float, default=rate, help="requests per second ('inf' = all at once)")
     p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of arrival gaps (1 = Poisson)")
-    p.add_argument("--requests", type=int, default=100, help="number of requests (0 = bounded by --duration only)")
+    p.add_argument("--requests", type=int, default=requests, help="number of requests (0 = bounded by --duration)")
     p.add_argument("--duration", type=float, default=None, help="seconds: no request is sent after this")
-    p.add_argument("--prompt-len", type=_range, default=(32, 64), help="prompt words, LO:HI")
-    p.add_argument("--output-len", type=_range, default=(32, 64), help="max_tokens, LO:HI")
+    p.add_argument("--prompt-len", type=_range, default=lengths, help="prompt words, LO:HI")
+    p.add_argument("--output-len", type=_range, default=lengths, help="max_tokens, LO:HI")
     p.add_argument("--prompts-file", type=Path, default=None, help='JSONL of {"prompt", "max_tokens"}')
     p.add_argument("--seed", type=int, default=0)
+
+
+def workload_spec(args: argparse.Namespace) -> WorkloadSpec:
+    """The plan the workload flags describe; ValueError for a bad one."""
+    return WorkloadSpec(
+        num_adapters=args.adapters,
+        adapter_prefix=args.adapter_prefix,
+        popularity=args.popularity,
+        alpha=args.alpha,
+        zipf_s=args.zipf_s,
+        base_share=args.base_share,
+        rate=args.rate,
+        cv=args.cv,
+        num_requests=args.requests or None,
+        duration=args.duration,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        prompts=load_prompts(args.prompts_file) if args.prompts_file else None,
+        seed=args.seed,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server root (loopback only)")
+    p.add_argument("--out", type=Path, default=Path("loadtests/results/run"), help="output folder")
+    add_workload_args(p, adapters=8, rate=4.0, requests=100, lengths=(32, 64))
     p.add_argument("--base-model", default=None, help="model for base requests (default: from /v1/models)")
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (default: exact lengths)")
     p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to wait for in-flight requests")
@@ -115,22 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_loopback(args.url)
-        spec = WorkloadSpec(
-            num_adapters=args.adapters,
-            adapter_prefix=args.adapter_prefix,
-            popularity=args.popularity,
-            alpha=args.alpha,
-            zipf_s=args.zipf_s,
-            base_share=args.base_share,
-            rate=args.rate,
-            cv=args.cv,
-            num_requests=args.requests or None,
-            duration=args.duration,
-            prompt_len=args.prompt_len,
-            output_len=args.output_len,
-            prompts=load_prompts(args.prompts_file) if args.prompts_file else None,
-            seed=args.seed,
-        )
+        spec = workload_spec(args)
     except ValueError as exc:
         log.error("error: %s", exc)
         return 2
