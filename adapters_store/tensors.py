@@ -21,27 +21,54 @@ def read_tensors(folder: Path, manifest: AdapterManifest, keys: list[str]) -> di
     """The tensors named by ``keys``, checked finite; raises :class:`InvalidAdapter` on NaN or Inf."""
     path = folder / WEIGHTS_FILE
     size = path.stat().st_size
-    buffer = bytearray(size)  # writable, so torch.from_numpy can share it without a copy
+    buffer = np.empty(size, dtype=np.uint8)  # writable (torch.from_numpy shares it), and not zeroed first
     with path.open("rb") as f:
         if f.readinto(buffer) != size:
             raise InvalidAdapter(f"{WEIGHTS_FILE} changed while being read")
-    out: dict[str, np.ndarray] = {}
-    for key in keys:
-        info = manifest.tensors[key]
-        dtype = np.dtype(NUMPY_DTYPES[info.dtype])
-        count = (info.end - info.start) // dtype.itemsize
-        try:
-            array = np.frombuffer(buffer, dtype=dtype, count=count, offset=manifest.data_offset + info.start)
-        except ValueError:
-            raise InvalidAdapter(f"{WEIGHTS_FILE} changed while being read") from None
-        array = array.reshape(info.shape)
-        if not _finite(array, info.dtype):
-            raise InvalidAdapter(f"tensor {key!r} contains NaN or Inf")
-        out[key] = array
+    out = {key: _view(buffer, manifest, key) for key in keys}
+    if not _span_finite(buffer, manifest, keys):  # something is not finite (or no one-pass check): find what
+        for key in keys:
+            if not _finite(out[key], manifest.tensors[key].dtype):
+                raise InvalidAdapter(f"tensor {key!r} contains NaN or Inf")
     return out
 
 
+def _view(buffer: np.ndarray, manifest: AdapterManifest, key: str) -> np.ndarray:
+    info = manifest.tensors[key]
+    dtype = np.dtype(NUMPY_DTYPES[info.dtype])
+    count = (info.end - info.start) // dtype.itemsize
+    try:
+        array = np.frombuffer(buffer, dtype=dtype, count=count, offset=manifest.data_offset + info.start)
+    except ValueError:
+        raise InvalidAdapter(f"{WEIGHTS_FILE} changed while being read") from None
+    return array.reshape(info.shape)
+
+
+def _span_finite(buffer: np.ndarray, manifest: AdapterManifest, keys: list[str]) -> bool:
+    """One pass over the bytes from the first to the last of ``keys`` when they share a dtype.
+
+    True: every value there is finite. False: a value there is not (perhaps in a tensor that is
+    not asked for), or the tensors differ in dtype; the caller then checks tensor by tensor.
+    """
+    infos = [manifest.tensors[k] for k in keys]
+    if not infos or len({i.dtype for i in infos}) != 1:
+        return False
+    dtype = np.dtype(NUMPY_DTYPES[infos[0].dtype])
+    start, end = min(i.start for i in infos), max(i.end for i in infos)
+    if (end - start) % dtype.itemsize:
+        return False
+    try:
+        count, offset = (end - start) // dtype.itemsize, manifest.data_offset + start
+        span = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)
+    except ValueError:
+        return False
+    return _finite(span, infos[0].dtype)
+
+
 def _finite(array: np.ndarray, dtype: str) -> bool:
+    if array.size == 0:
+        return True
     if dtype == "BF16":
         return not bool(((array & _BF16_EXPONENT) == _BF16_EXPONENT).any())
-    return bool(np.isfinite(array).all())
+    # min and max propagate NaN and reach any infinity, in two passes without a temporary array
+    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))

@@ -3,113 +3,110 @@
     python -m loadtests.compare --adapters 64 --requests 128 --rate inf --alpha 0.3 \\
         --prompt-len 32:32 --output-len 32:32 --systems loraplex,peft_swap,peft_mixed --out loadtests/results/peers
 
-Makes N rank-16 PEFT adapters for the default model in ``<out>/adapters_store`` (reused when the same count
-is already there), then for each system in turn starts its server on 127.0.0.1, runs the workload (same spec,
-same seed), writes ``<out>/<system>/report.json`` and ``latency_cdfs.png`` and stops the server. Finally writes
-``<out>/summary.json`` and ``<out>/summary.png`` and prints a markdown table.
+Makes N PEFT adapters for the default model in ``<out>/adapters_store`` (reused when the same ones are already
+there; ``--ranks 8,16,32,64`` cycles ranks over them), then for each system in turn starts its server on
+127.0.0.1, runs a warm-up pass (the same workload with the next seed; its figures are kept in the report as
+``warmup``), runs the measured workload, writes ``<out>/<system>/report.json`` and ``latency_cdfs.png`` and stops
+the server. Finally writes ``<out>/summary.json`` and ``<out>/summary.png`` and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
-import os
-import signal
-import subprocess
 import sys
 import time
-from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests.client import ClientConfig
-from loadtests.run import add_workload_args, run_once, server_models, workload_spec, write_run
-from tests.helpers.server_process import free_port, wait_until_up
+from loadtests.run import add_workload_args, ints, run_once, server_models, workload_spec, write_run
+from loadtests.servers import SYSTEMS, running
+from loadtests.stores import make_store
+from loadtests.workload import WorkloadSpec
 
 log = logging.getLogger("loadtests.compare")
 
-SYSTEMS = ("loraplex", "peft_swap", "peft_mixed", "merged")
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-RANK = 16
 KEYS = ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
+WARMUP_KEYS = ("completed", "failed", "duration", "output_throughput", "p99_ttft_ms")
 
 
-def make_store(store: Path, count: int, prefix: str, seed: int) -> Path:
-    """``count`` rank-16 adapters named ``<prefix><i>`` in ``store``; reused when exactly those are there."""
-    names = [f"{prefix}{i}" for i in range(count)]
-    # loraplex keeps ``.lock`` and ``.staging/`` in the store: hidden entries are not adapters
-    present = (
-        {p.name for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")} if store.is_dir() else set()
+@dataclass(frozen=True)
+class RunSettings:
+    """How each measured run is driven, whatever the system."""
+
+    warmup: bool = True  # one pass of the same workload with the next seed first, unmeasured
+    drain_timeout: float = 600.0
+    request_timeout: float = 1200.0
+    start_timeout: float = 300.0
+    progress: bool = True
+    prompts_file: str | None = None
+
+
+def loraplex_args(ranks: list[int] | tuple[int, ...], max_loras: int, host_cache: str | None) -> list[str]:
+    """The loraplex flags of a load run: slots for ``max_loras`` adapters of the largest rank in the store."""
+    args = ["--max-lora-rank", str(max(ranks)), "--max-loras", str(max_loras)]
+    return args + (["--host-cache", host_cache] if host_cache else [])
+
+
+def measure(url: str, spec: WorkloadSpec, settings: RunSettings, folder: Path, title: str) -> dict:
+    """Warm up (when asked), run ``spec`` against the server at ``url``, write the report in ``folder``."""
+    base_model, available = server_models(url)
+    missing = [n for n in spec.adapter_names if n not in available]
+    if missing:
+        raise RuntimeError(f"{title}: {len(missing)} adapters missing on the server, e.g. {missing[:5]}")
+    cfg = ClientConfig(
+        url=url,
+        base_model=base_model,
+        max_duration=spec.duration,
+        drain_timeout=settings.drain_timeout,
+        request_timeout=settings.request_timeout,
     )
-    if present == set(names) and all((store / n / "adapter_config.json").is_file() for n in names):
-        log.info("reusing %d adapters in %s", count, store)
-        return store
-    import shutil
-
-    from server.model.loading import load_model
-    from tests.helpers.tiny import AdapterSpec, make_adapter
-
-    if store.exists():
-        shutil.rmtree(store)
-    tmp = store.with_name(store.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    base = load_model(None, Path.home() / ".cache" / "loraplex").hf_model
-    for i, name in enumerate(names):
-        make_adapter(base, AdapterSpec(name, RANK, 2 * RANK, TARGETS), tmp, seed + i, std=0.02)
-    tmp.rename(store)
-    log.info("made %d adapters in %s", count, store)
-    return store
-
-
-def server_cmd(system: str, store: Path, port: int) -> list[str]:
-    if system == "loraplex":
-        return [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--adapters-dir",
-            str(store),
-            "--max-lora-rank",
-            str(RANK),
-            "--max-loras",
-            "16",
-        ]
-    return [sys.executable, "-m", f"loadtests.baselines.{system}", "--adapters-dir", str(store), "--port", str(port)]
+    warm = None
+    if settings.warmup:
+        log.info("%s: warm-up pass (seed %d)", title, spec.seed + 1)
+        warm = run_once(dataclasses.replace(spec, seed=spec.seed + 1), cfg, settings.prompts_file, settings.progress)
+    report = run_once(spec, cfg, settings.prompts_file, settings.progress)
+    if warm is not None:
+        report["warmup"] = {k: warm[k] for k in WARMUP_KEYS}
+    write_run(report, folder, title=title)
+    log.info(
+        "%s: completed %d, failed %d, %.2f req/s, %.1f out tok/s, p99 TTFT %s ms",
+        title,
+        report["completed"],
+        report["failed"],
+        report["request_throughput"] or 0.0,
+        report["output_throughput"] or 0.0,
+        report["p99_ttft_ms"],
+    )
+    return report
 
 
-@contextmanager
-def running(system: str, store: Path, log_path: Path, timeout: float = 300.0):
-    """Start ``system``'s server, yield its URL once /ready (or /health) answers 200, and always stop it."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            server_cmd(system, store, port), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            wait_until_up(proc, url + "/ready", log_path, timeout, poll=0.3)  # the baselines serve /ready too
-            yield url
-        finally:
-            _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-    with suppress(ProcessLookupError, PermissionError):  # anything left in the server's own process group
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def compare_systems(
+    systems: list[str],
+    store: Path,
+    spec: WorkloadSpec,
+    settings: RunSettings,
+    out: Path,
+    lp_args: list[str],
+) -> dict[str, dict]:
+    """One server per system in turn, the same workload against each; the reports by system."""
+    reports: dict[str, dict] = {}
+    for system in systems:
+        folder = out / system
+        log.info("== %s: starting server", system)
+        t0 = time.monotonic()
+        with running(system, store, folder / "server.log", settings.start_timeout, lp_args) as url:
+            log.info("%s ready in %.1f s at %s", system, time.monotonic() - t0, url)
+            report = measure(url, spec, settings, folder, system)
+        report["system"] = system
+        report["server_args"] = lp_args if system == "loraplex" else []
+        write_run(report, folder, title=system)
+        reports[system] = report
+    return reports
 
 
 def summarize(reports: dict[str, dict]) -> dict:
@@ -177,7 +174,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", default="loraplex,peft_swap,peft_mixed", help=f"comma-separated, of {SYSTEMS}")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/peers"))
     p.add_argument("--store", type=Path, default=None, help="adapter store (default: <out>/adapters_store)")
+    p.add_argument("--ranks", type=ints, default=[16], help="adapter ranks, cycled over the adapters (8,16,32,64)")
+    p.add_argument("--max-loras", type=int, default=64, help="loraplex's device slots")
+    p.add_argument("--host-cache", default=None, help="loraplex's host cache bound (default: the server's)")
     add_workload_args(p, adapters=64, rate=math.inf, requests=128, lengths=(32, 32))
+    p.add_argument("--no-warmup", action="store_true", help="measure the first pass (cold caches)")
     p.add_argument("--drain-timeout", type=float, default=600.0)
     p.add_argument("--request-timeout", type=float, default=1200.0)
     p.add_argument("--start-timeout", type=float, default=300.0)
@@ -201,50 +202,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     store = make_store(
-        (args.store or args.out / "adapters_store").resolve(), args.adapters, args.adapter_prefix, args.seed
+        (args.store or args.out / "adapters_store").resolve(), args.adapters, args.adapter_prefix, args.seed, args.ranks
     )
-    reports: dict[str, dict] = {}
-    for system in systems:
-        folder = args.out / system
-        log.info("== %s: starting server", system)
-        t0 = time.monotonic()
-        with running(system, store, folder / "server.log", args.start_timeout) as url:
-            log.info("%s ready in %.1f s at %s", system, time.monotonic() - t0, url)
-            base_model, available = server_models(url)
-            missing = [n for n in spec.adapter_names if n not in available]
-            if missing:
-                raise RuntimeError(f"{system}: {len(missing)} adapters missing, e.g. {missing[:5]}")
-            cfg = ClientConfig(
-                url=url,
-                base_model=base_model,
-                max_duration=args.duration,
-                drain_timeout=args.drain_timeout,
-                request_timeout=args.request_timeout,
-            )
-            prompts_file = str(args.prompts_file) if args.prompts_file else None
-            report = run_once(spec, cfg, prompts_file, progress=not args.no_progress)
-        report["system"] = system
-        write_run(report, folder, title=system)
-        reports[system] = report
-        log.info(
-            "%s: completed %d, failed %d, %.2f req/s, %.1f out tok/s, p99 TTFT %s ms",
-            system,
-            report["completed"],
-            report["failed"],
-            report["request_throughput"] or 0.0,
-            report["output_throughput"] or 0.0,
-            report["p99_ttft_ms"],
-        )
-
+    settings = RunSettings(
+        warmup=not args.no_warmup,
+        drain_timeout=args.drain_timeout,
+        request_timeout=args.request_timeout,
+        start_timeout=args.start_timeout,
+        progress=not args.no_progress,
+        prompts_file=str(args.prompts_file) if args.prompts_file else None,
+    )
+    lp_args = loraplex_args(args.ranks, args.max_loras, args.host_cache)
+    reports = compare_systems(systems, store, spec, settings, args.out, lp_args)
     rows = summarize(reports)
-    workload = (
-        {k: v for k, v in reports[systems[0]]["workload"].items() if k != "url"}
-        if "workload" in reports[systems[0]]
-        else {}
-    )
+    workload = {k: v for k, v in reports[systems[0]]["workload"].items() if k != "url"}
     summary = {
         "command": "python -m loadtests.compare " + " ".join(sys.argv[1:] if argv is None else argv),
         "workload": workload,
+        "loraplex_args": lp_args,
+        "warmup": settings.warmup,
         "systems": rows,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

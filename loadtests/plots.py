@@ -85,3 +85,34 @@ def plot_rate_sweep(reports: Sequence[dict[str, Any]], path: Path, title: str = 
 
 def plot_adapter_sweep(reports: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     return plot_sweep(reports, "num_adapters", "number of adapters", path, title)
+
+
+def plot_series(
+    series: dict[str, Sequence[dict[str, Any]]],
+    x_key: str,
+    x_label: str,
+    path: Path,
+    title: str = "",
+    log_x: bool = False,
+) -> Path:
+    """Output throughput and p99 TTFT against ``report["workload"][x_key]``, one line per named series of runs."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, reports in series.items():
+        ordered = sorted(reports, key=lambda r: r["workload"][x_key])
+        xs = [r["workload"][x_key] for r in ordered]
+        left.plot(xs, [r["output_throughput"] for r in ordered], "o-", label=name)
+        right.plot(xs, [r["p99_ttft_ms"] for r in ordered], "o-", label=name)
+    left.set_ylabel("output tokens/s")
+    left.set_ylim(bottom=0)
+    right.set_ylabel("p99 time to first token (ms)")
+    for ax in (left, right):
+        ax.set_xlabel(x_label)
+        if log_x:
+            ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -73,11 +73,11 @@ def _range(text: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
-def _floats(text: str) -> list[float]:
+def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def _ints(text: str) -> list[int]:
+def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
@@ -136,8 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--no-progress", action="store_true")
     sweep = p.add_mutually_exclusive_group()
-    sweep.add_argument("--sweep-rates", type=_floats, default=None, help="comma-separated request rates")
-    sweep.add_argument("--sweep-adapters", type=_ints, default=None, help="comma-separated adapter counts")
+    sweep.add_argument("--sweep-rates", type=floats, default=None, help="comma-separated request rates")
+    sweep.add_argument("--sweep-adapters", type=ints, default=None, help="comma-separated adapter counts")
     return p.parse_args(argv)
 
 

@@ -135,9 +135,7 @@ class AdapterCache:
             return Acquired(Residency.FAILED, error=self._failed[key])
         weights = self._host.get(key)
         if weights is None:
-            if key not in self._loading:
-                self._loading.add(key)
-                self._jobs.put(adapter)
+            self.fetch(adapter)
             return Acquired(Residency.LOADING)
         self._host.move_to_end(key)
         if not new_slot or not self._idle:
@@ -166,6 +164,19 @@ class AdapterCache:
         self._slot_of[key] = slot
         self._take(slot)
         return Acquired(Residency.READY, slot)
+
+    def fetch(self, adapter: StoredAdapter) -> None:
+        """Start reading ``adapter`` from disk into host memory if it is in neither tier, without a slot.
+
+        For requests that are queued behind full batches: their adapters load while they wait,
+        so they can take a slot as soon as one frees instead of queueing for the loader then.
+        """
+        self.collect()
+        key = adapter.key
+        if key in self._slot_of or key in self._host or key in self._loading or key in self._failed:
+            return
+        self._loading.add(key)
+        self._jobs.put(adapter)
 
     def release(self, slot: int) -> None:
         if slot < 0:

@@ -118,14 +118,19 @@ class Scheduler:
         # Once an older request waits for a free slot, newer ones may only use adapters already on a slot:
         # slots are handed out in arrival order, so a composition needing several is not starved.
         slots_reserved = False
+        # Queued requests that cannot start this step have their adapters read into host memory meanwhile
+        # (at most a batch's worth of them), so a load never waits for a free sequence slot to begin.
+        look_ahead = self.config.max_num_seqs
         try:
             while self.waiting:
                 req = self.waiting.popleft()
-                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                full = budget <= 0 or len(self.running) >= self.config.max_num_seqs
+                if full or not self.blocks.can_allocate(req.max_total_tokens):
                     still_waiting.append(req)
-                    continue
-                if not self.blocks.can_allocate(req.max_total_tokens):
-                    still_waiting.append(req)
+                    if req.adapters and look_ahead > 0:
+                        look_ahead -= 1
+                        for a in req.adapters:
+                            self.adapters.fetch(a)
                     continue
                 if req.adapters:
                     waiting_for = self._acquire_adapters(req, batch, new_slots=not slots_reserved)

@@ -79,7 +79,41 @@ class AdapterSpec:
 def make_adapter(base: PreTrainedModel, spec: AdapterSpec, folder: Path, seed: int, std: float = 0.3) -> Path:
     """A PEFT LoRA adapter with random (non-zero) A and B, saved in PEFT's format."""
     torch.manual_seed(seed)
-    config = LoraConfig(
+    peft_model = get_peft_model(copy.deepcopy(base), _lora_config(spec))
+    _randomize(peft_model, std)
+    out = folder / spec.name
+    peft_model.save_pretrained(out)
+    return out
+
+
+def make_adapters(
+    base: PreTrainedModel,
+    spec: AdapterSpec,
+    folder: Path,
+    seeds: dict[str, int],
+    std: float = 0.3,
+    on_saved: Callable[[int], object] | None = None,
+) -> list[Path]:
+    """Many adapters of ``spec``'s shape, one per name in ``seeds``, each with random A and B from its seed.
+
+    One PEFT wrap of ``base`` serves them all (only the LoRA values change between saves), so
+    the values differ from :func:`make_adapter`'s for the same seed. ``on_saved(count)`` is
+    called after each save (for progress).
+    """
+    peft_model = get_peft_model(copy.deepcopy(base), _lora_config(spec))
+    paths = []
+    for name, seed in seeds.items():
+        torch.manual_seed(seed)
+        _randomize(peft_model, std)
+        paths.append(folder / name)
+        peft_model.save_pretrained(paths[-1])
+        if on_saved:
+            on_saved(len(paths))
+    return paths
+
+
+def _lora_config(spec: AdapterSpec) -> LoraConfig:
+    return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         target_modules=list(spec.targets),
@@ -88,14 +122,13 @@ def make_adapter(base: PreTrainedModel, spec: AdapterSpec, folder: Path, seed: i
         init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(copy.deepcopy(base), config)
+
+
+def _randomize(peft_model, std: float) -> None:
     with torch.no_grad():  # B starts at zero in some PEFT versions: make both random and sizeable
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0.0, std)
-    out = folder / spec.name
-    peft_model.save_pretrained(out)
-    return out
 
 
 MIXED_ADAPTERS = (

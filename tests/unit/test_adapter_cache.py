@@ -152,3 +152,24 @@ def test_a_waiter_gets_the_slot_closest_to_free():
     assert cache.acquire(adapter("a")).slot == sa
     cache.release(sb)
     assert cache.acquire(adapter("ccc")).slot == sb
+
+
+def test_fetch_reads_into_host_memory_without_taking_a_slot_and_only_once():
+    calls: list[str] = []
+    cache = make(slots=1)
+    load = cache._load
+    cache._load = lambda stored: calls.append(stored.name) or load(stored)
+    slot = ready(cache, "held")  # the only slot is held by a running request
+    cache.fetch(adapter("queued"))
+    cache.fetch(adapter("queued"))  # already loading: no second read
+    deadline = time.monotonic() + 10
+    while cache.tier(adapter("queued")) != "host":
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+        cache.collect()
+    cache.fetch(adapter("queued"))  # in host memory: nothing to do
+    assert calls == ["held", "queued"]
+    assert cache.slots_in_use == 1 and cache.tier(adapter("held")) == "device"
+    cache.release(slot)
+    assert cache.acquire(adapter("queued")).state is Residency.READY  # straight from host memory
+    assert calls == ["held", "queued"]

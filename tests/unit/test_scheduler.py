@@ -27,9 +27,13 @@ class FakeAdapters:
         self.refs: dict[int, int] = {}
         self.loading, self.broken = set(loading), set(broken)
         self.pinned: set[str] = set()  # adapters holding a slot for good (one reference each)
+        self.fetched: list[str] = []  # adapters read ahead for queued requests, in order
 
     def tier(self, adapter):
         return "device" if adapter.name in self.slot_of else "disk"
+
+    def fetch(self, adapter):
+        self.fetched.append(adapter.name)
 
     def capacity(self, adapters):
         """Slots not pinned by adapters other than ``adapters``."""
@@ -326,3 +330,21 @@ def test_an_error_in_acquire_for_a_composition_leaks_no_slot():
     s, _ = _raising_pass(composed(2, ("a", 1.0), ("boom", 0.5)))  # "a" gets a slot, then "boom" raises
     held = s.adapters.held()
     assert held == {s.adapters.slot_of["c"]: 1}, f"slot references left behind by the composition that raised: {held}"
+
+
+def test_adapters_of_requests_queued_behind_a_full_batch_are_read_ahead_at_most_a_batch_of_them():
+    s = make(slots=4, max_num_seqs=2)
+    for i, name in enumerate(["a", "b", "c", None, "d", "e"]):
+        s.add(req(i, name=name))
+    assert stepped(s.schedule()) == ["r0", "r1"]
+    # r2..r5 wait: the adapters of the first two adapter requests among them (max_num_seqs) start loading
+    assert s.adapters.fetched == ["c", "d"]
+    assert ids(s.waiting) == ["r2", "r3", "r4", "r5"]
+
+
+def test_requests_waiting_for_kv_room_have_their_adapters_read_ahead():
+    s = make(slots=4, blocks=2, block_size=4)  # room for one request of 4 + 4 tokens
+    s.add(req(0))
+    s.add(req(1, name="a"))
+    assert stepped(s.schedule()) == ["r0"]
+    assert s.adapters.fetched == ["a"] and ids(s.waiting) == ["r1"]
