@@ -13,6 +13,7 @@ the server. Finally writes ``<out>/summary.json`` and ``<out>/summary.png`` and 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import logging
@@ -21,6 +22,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from loadtests.client import ClientConfig
 from loadtests.run import add_workload_args, ints, run_once, server_models, workload_spec, write_run
@@ -50,6 +53,23 @@ def loraplex_args(ranks: list[int] | tuple[int, ...], max_loras: int, host_cache
     """The loraplex flags of a load run: slots for ``max_loras`` adapters of the largest rank in the store."""
     args = ["--max-lora-rank", str(max(ranks)), "--max-loras", str(max_loras)]
     return args + (["--host-cache", host_cache] if host_cache else [])
+
+
+def touch_adapters(url: str, names: list[str], timeout: float = 120.0) -> None:
+    """One 1-token request per adapter, a few at a time, so every adapter has been loaded once (steady state)."""
+
+    async def go() -> None:
+        limit = asyncio.Semaphore(8)
+        async with httpx.AsyncClient(base_url=url, timeout=timeout, trust_env=False) as client:
+
+            async def one(name: str) -> None:
+                async with limit:
+                    body = {"model": name, "prompt": "the", "max_tokens": 1, "temperature": 0}
+                    (await client.post("/v1/completions", json=body)).raise_for_status()
+
+            await asyncio.gather(*(one(n) for n in names))
+
+    asyncio.run(go())
 
 
 def measure(url: str, spec: WorkloadSpec, settings: RunSettings, folder: Path, title: str) -> dict:

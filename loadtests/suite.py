@@ -9,8 +9,9 @@ Every part starts its own servers on 127.0.0.1 and stops them. Requests are exac
 - ``peers``: 64 adapters, skewed popularity (alpha 0.3), all at once: loraplex against PEFT with one
   active adapter at a time (a) and PEFT's mixed-adapter batch (b).
 - ``merged``: the same with 8 adapters, adding merged copies, one model per adapter (c).
-- ``rates``: loraplex, 64 adapters, half the requests base-only. Saturation first (all at once), then
-  Poisson arrivals at fractions of it; p99 TTFT of adapter vs base requests at 70%.
+- ``rates``: loraplex, 64 adapters, half the requests base-only, in steady state (every adapter has been
+  used once before). Saturation first (all at once), then Poisson arrivals at fractions of it, each run
+  with its own seed; p99 TTFT of adapter vs base requests at 70%.
 - ``adapters``: loraplex with 1, 8, 64 and 512 adapters, skewed (alpha 0.3) and uniform (alpha 1), all at
   once, on one server over a 512-adapter store.
 - ``ranks``: loraplex, 64 adapters, all rank 16 against ranks 8/16/32/64 in turn (slots sized for 64).
@@ -32,7 +33,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loadtests.compare import RunSettings, compare_systems, loraplex_args, markdown, measure, plot_summary, summarize
+from loadtests.compare import (
+    RunSettings,
+    compare_systems,
+    loraplex_args,
+    markdown,
+    measure,
+    plot_summary,
+    summarize,
+    touch_adapters,
+)
 from loadtests.plots import plot_rate_sweep, plot_series
 from loadtests.run import ints
 from loadtests.servers import running
@@ -109,13 +119,16 @@ class Suite:
         spec = self.spec(base_share=0.5)
         lp_args = loraplex_args([16], self.max_loras, None)
         with running("loraplex", self.store(64), folder / "server.log", self.settings.start_timeout, lp_args) as url:
+            touch_adapters(url, spec.adapter_names)  # steady state: no run pays an adapter's first-ever load
             saturation = measure(url, spec, self.settings, folder / "rate_inf", "all at once")
             sat = saturation["request_throughput"]
             no_warmup = dataclasses.replace(self.settings, warmup=False)
             reports = [saturation]
-            for fraction in RATE_FRACTIONS:
+            for i, fraction in enumerate(RATE_FRACTIONS):
                 seconds = self.rate_seconds * (2 if fraction == TTFT_FRACTION else 1)  # more samples for its p99
-                run = dataclasses.replace(spec, rate=round(sat * fraction, 3), num_requests=None, duration=seconds)
+                run = dataclasses.replace(
+                    spec, rate=round(sat * fraction, 3), num_requests=None, duration=seconds, seed=10 + i
+                )
                 report = measure(url, run, no_warmup, folder / f"rate_{fraction:g}x", f"{fraction:g}x saturation")
                 report["saturation_fraction"] = fraction
                 reports.append(report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adapters_store.peft_format import AdapterBinding, AdapterManifest
@@ -19,7 +20,7 @@ class AdapterWeights:
     """
 
     a: dict[str, torch.Tensor]  # module -> A [r, d_in]
-    bt: dict[str, torch.Tensor]  # module -> B^T [r, d_out], a transposed view of the stored B
+    bt: dict[str, torch.Tensor]  # module -> B^T [r, d_out], contiguous, as the slots hold it
     scale: dict[str, float]
 
     @property
@@ -30,16 +31,16 @@ class AdapterWeights:
 def load_weights(folder: Path, manifest: AdapterManifest, binding: AdapterBinding) -> AdapterWeights:
     """Read the tensors ``binding`` names (checked finite) without running a torch op.
 
-    Only numpy and zero-copy views (B^T is a strided view, transposed by the slot copy):
-    a torch op on the loader thread would give that thread an OpenMP team, and any CPU
-    time spent here is taken from the engine thread's parallel ops.
+    Only numpy (B is transposed here, so activating a slot, on the engine thread, is a
+    plain copy) and zero-copy views: a torch op on the loader thread would give that
+    thread an OpenMP team and slow the engine thread's parallel ops.
     """
     keys = [k for m in binding.modules for k in (m.a_key, m.b_key)]
     arrays = read_tensors(folder, manifest, keys)
     bf16 = {k for k in keys if manifest.tensors[k].dtype == "BF16"}
 
     def tensor(key: str, transpose: bool = False) -> torch.Tensor:
-        t = torch.from_numpy(arrays[key].T if transpose else arrays[key])
+        t = torch.from_numpy(np.ascontiguousarray(arrays[key].T) if transpose else arrays[key])
         return t.view(torch.bfloat16) if key in bf16 else t
 
     return AdapterWeights(
