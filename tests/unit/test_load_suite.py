@@ -82,7 +82,8 @@ def test_a_smaller_store_is_hard_links_into_a_larger_one(tmp_path):
     small = make_store(tmp_path / "small", 3, "lora-", 0, source=source)
     assert sorted(p.name for p in small.iterdir()) == ["lora-0", "lora-1", "lora-2"]
     linked = small / "lora-2" / "adapter_model.safetensors"
-    assert os.path.samefile(linked, source / "lora-2" / "adapter_model.safetensors") and linked.read_bytes() == b"lora-2"
+    assert os.path.samefile(linked, source / "lora-2" / "adapter_model.safetensors")
+    assert linked.read_bytes() == b"lora-2"
     assert make_store(tmp_path / "small", 3, "lora-", 0, source=None) == small  # reused as it is: nothing made
     assert not (tmp_path / "small.tmp").exists()
 
