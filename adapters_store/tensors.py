@@ -55,8 +55,8 @@ def _span_finite(buffer: np.ndarray, manifest: AdapterManifest, keys: list[str])
         return False
     dtype = np.dtype(NUMPY_DTYPES[infos[0].dtype])
     start, end = min(i.start for i in infos), max(i.end for i in infos)
-    if (end - start) % dtype.itemsize:
-        return False
+    if any((i.start - start) % dtype.itemsize or (i.end - start) % dtype.itemsize for i in infos):
+        return False  # a tensor would be read off its element boundaries: its values would not be checked
     try:
         count, offset = (end - start) // dtype.itemsize, manifest.data_offset + start
         span = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset)

@@ -14,6 +14,8 @@ Every part starts its own servers on 127.0.0.1 and stops them. Requests are exac
   with its own seed; p99 TTFT of adapter vs base requests at 70%.
 - ``adapters``: loraplex with 1, 8, 64 and 512 adapters, skewed (alpha 0.3) and uniform (alpha 1), all at
   once, on one server over a 512-adapter store.
+- ``adapters_in_memory``: the same sweep (all seven projections) with the host cache sized for every
+  adapter and each used once first: S-LoRA's setting, all adapters in host memory.
 - ``ranks``: loraplex, 64 adapters, all rank 16 against ranks 8/16/32/64 in turn (slots sized for 64).
 
 Each measured run follows a warm-up pass (the same workload with the next seed; its figures are kept in
@@ -51,7 +53,7 @@ from loadtests.workload import WorkloadSpec
 
 log = logging.getLogger("loadtests.suite")
 
-PARTS = ("peers", "merged", "rates", "adapters", "ranks")
+PARTS = ("peers", "merged", "rates", "adapters", "adapters_in_memory", "ranks")
 RATE_FRACTIONS = (0.25, 0.5, 0.7, 0.85, 1.0, 1.2)
 TTFT_FRACTION = 0.7
 QV = ("q_proj", "v_proj")
@@ -135,15 +137,22 @@ class Suite:
         plot_rate_sweep(reports, folder / "sweep_rate.png", "loraplex: 64 adapters (alpha 0.3), half base-only")
         return {"loraplex_args": lp_args, "saturation_request_throughput": sat, "runs": [_summary(r) for r in reports]}
 
-    def adapters(self) -> dict:
-        folder = self.out / "adapters"
+    def adapters(self, in_memory: bool = False) -> dict:
+        """The adapter-count sweeps; ``in_memory``: every adapter in host memory first (S-LoRA's setting)."""
+        part = "adapters_in_memory" if in_memory else "adapters"
+        folder = self.out / part
         top = max(self.adapter_counts)
-        lp_args = loraplex_args([16], self.max_loras, None)
         series: dict[str, list[dict]] = {}
         for targets in dict.fromkeys(t for _, t in ADAPTER_SERIES.values()):  # one server per store
+            if in_memory and targets != TARGETS:
+                continue
             sub = folder / ("all7" if targets == TARGETS else "-".join(targets))
             store = self.store(top, targets=targets)
+            host = f"{_store_bytes(store) * 11 // 10}" if in_memory else None
+            lp_args = loraplex_args([16], self.max_loras, host)
             with running("loraplex", store, sub / "server.log", self.settings.start_timeout, lp_args) as url:
+                if in_memory:
+                    touch_adapters(url, [f"lora-{i}" for i in range(top)])
                 for label, (alpha, t) in ADAPTER_SERIES.items():
                     if t != targets:
                         continue
@@ -162,7 +171,8 @@ class Suite:
             "num_adapters",
             "number of adapters",
             folder / "sweep_adapters.png",
-            f"loraplex: {self.requests} requests at once, rank 16",
+            f"loraplex: {self.requests} requests at once, rank 16"
+            + (", every adapter in host memory" if in_memory else ""),
             log_x=True,
         )
         return {
@@ -183,6 +193,10 @@ class Suite:
         rows = {label: summarize({"loraplex": r})["loraplex"] for label, r in reports.items()}
         plot_summary(rows, folder / "summary.png", "loraplex: 64 adapters, alpha 0.3, rank mix")
         return {"loraplex_args": lp_args, "systems": rows}
+
+
+def _store_bytes(store: Path) -> int:
+    return sum(f.stat().st_size for f in store.glob("*/adapter_model.safetensors"))
 
 
 def _workload(report: dict) -> dict:
@@ -207,9 +221,14 @@ def goals(parts: dict[str, Any]) -> list[dict]:
         other = peers.get(system, {}).get("output_throughput")
         goal(f"64 adapters, skewed, saturation: loraplex / {system} output tokens/s", _ratio(lp, other), bound, True)
 
-    skewed = parts.get("adapters", {}).get("series", {}).get(next(iter(ADAPTER_SERIES)), [])
-    by_count = {r["workload"]["num_adapters"]: r["output_throughput"] for r in skewed}
-    goal("512 adapters / 8 adapters output tokens/s (skewed)", _ratio(by_count.get(512), by_count.get(8)), 0.85, True)
+    for part, where in (
+        ("adapters", "adapters read from disk on demand"),
+        ("adapters_in_memory", "all in host memory"),
+    ):
+        skewed = parts.get(part, {}).get("series", {}).get(next(iter(ADAPTER_SERIES)), [])
+        by_count = {r["workload"]["num_adapters"]: r["output_throughput"] for r in skewed}
+        ratio = _ratio(by_count.get(512), by_count.get(8))
+        goal(f"512 adapters / 8 adapters output tokens/s (skewed, {where})", ratio, 0.85, True)
 
     runs = parts.get("rates", {}).get("runs", [])
     at70 = next((r for r in runs if r.get("saturation_fraction") == TTFT_FRACTION), None)
@@ -228,14 +247,16 @@ def summary_markdown(parts: dict[str, Any], goal_rows: list[dict]) -> str:
     for part in ("peers", "merged", "ranks"):
         if part in parts:
             lines += [f"## {part}", "", markdown(parts[part]["systems"]), ""]
-    if "adapters" in parts:
+    for part in ("adapters", "adapters_in_memory"):
+        if part not in parts:
+            continue
         lines += [
-            "## adapters",
+            f"## {part}",
             "",
             "| popularity | adapters | out tok/s | p99 TTFT ms | vs 8 adapters |",
             "|---" * 5 + "|",
         ]
-        for label, reports in parts["adapters"]["series"].items():
+        for label, reports in parts[part]["series"].items():
             eight = next((r["output_throughput"] for r in reports if r["workload"]["num_adapters"] == 8), None)
             for r in reports:
                 lines.append(
@@ -302,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("==== part %s (%.0f s in)", part, time.monotonic() - started)
         if part == "peers":
             done[part] = suite.peers(64, ["loraplex", "peft_swap", "peft_mixed"], part)
+        elif part == "adapters_in_memory":
+            done[part] = suite.adapters(in_memory=True)
         elif part == "merged":
             done[part] = suite.peers(8, ["loraplex", "merged", "peft_swap", "peft_mixed"], part)
         else:

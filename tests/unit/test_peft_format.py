@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -12,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from adapters_store.errors import InvalidAdapter, InvalidAdapterName
 from adapters_store.names import check_name
-from adapters_store.peft_format import bind, read_manifest
+from adapters_store.peft_format import WEIGHTS_FILE, AdapterManifest, TensorInfo, bind, read_manifest
+from adapters_store.tensors import read_tensors
 from adapters_store.validation import validate
 from server.engine.builder import base_model_spec
 from server.lora.weights import load_weights
@@ -191,3 +193,47 @@ def test_bad_names(name):
 def test_good_names():
     for name in ["a", "my-adapter_v1.2", "A" * 128]:
         assert check_name(name) == name
+
+
+def _raw_file(tmp_path, parts: list[tuple[str, np.ndarray]]) -> AdapterManifest:
+    """A data section holding ``parts`` back to back (no alignment padding), and its tensor table."""
+    tensors, data, at = {}, b"", 0
+    for key, array in parts:
+        raw = array.tobytes()
+        dtype = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}[array.dtype]
+        tensors[key] = TensorInfo(dtype, array.shape, at, at + len(raw))
+        data, at = data + raw, at + len(raw)
+    (tmp_path / WEIGHTS_FILE).write_bytes(data)
+    return AdapterManifest(config={}, tensors=tensors, data_offset=0)
+
+
+def test_a_non_finite_value_outside_the_requested_tensors_does_not_refuse_them(tmp_path):
+    manifest = _raw_file(
+        tmp_path,
+        [("a", np.ones(4, np.float32)), ("junk", np.full(2, np.nan, np.float32)), ("b", np.ones(4, np.float32))],
+    )
+    out = read_tensors(tmp_path, manifest, ["a", "b"])
+    assert out["a"].tolist() == [1.0] * 4 and out["b"].tolist() == [1.0] * 4
+    with pytest.raises(InvalidAdapter, match="'junk' contains NaN or Inf"):
+        read_tensors(tmp_path, manifest, ["a", "junk"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_found_in_tensors_placed_off_element_boundaries(tmp_path, bad):
+    # A hand-made file may pack an odd-sized fp16 tensor between fp32 ones: "b" then starts 2 bytes past
+    # a 4-byte boundary, so reading the whole span as fp32 would see none of its values.
+    b = np.array([1.0, bad, 1.0], np.float32)
+    manifest = _raw_file(
+        tmp_path,
+        [
+            ("a", np.ones(2, np.float32)),
+            ("h", np.ones(1, np.float16)),
+            ("b", b),
+            ("h2", np.ones(1, np.float16)),
+            ("c", np.ones(2, np.float32)),
+        ],
+    )
+    assert manifest.tensors["b"].start % 4 == 2
+    with pytest.raises(InvalidAdapter, match="'b' contains NaN or Inf"):
+        read_tensors(tmp_path, manifest, ["a", "b", "c"])
+    assert read_tensors(tmp_path, manifest, ["a", "c"])["c"].tolist() == [1.0, 1.0]
