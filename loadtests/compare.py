@@ -72,8 +72,10 @@ def touch_adapters(url: str, names: list[str], timeout: float = 120.0) -> None:
     asyncio.run(go())
 
 
-def measure(url: str, spec: WorkloadSpec, settings: RunSettings, folder: Path, title: str) -> dict:
-    """Warm up (when asked), run ``spec`` against the server at ``url``, write the report in ``folder``."""
+def measure(
+    url: str, spec: WorkloadSpec, settings: RunSettings, folder: Path, title: str, extra: dict | None = None
+) -> dict:
+    """Warm up (when asked), run ``spec`` against ``url``, write the report (plus ``extra``) in ``folder``."""
     base_model, available = server_models(url)
     missing = [n for n in spec.adapter_names if n not in available]
     if missing:
@@ -92,6 +94,7 @@ def measure(url: str, spec: WorkloadSpec, settings: RunSettings, folder: Path, t
     report = run_once(spec, cfg, settings.prompts_file, settings.progress)
     if warm is not None:
         report["warmup"] = {k: warm[k] for k in WARMUP_KEYS}
+    report.update(extra or {})
     write_run(report, folder, title=title)
     log.info(
         "%s: completed %d, failed %d, %.2f req/s, %.1f out tok/s, p99 TTFT %s ms",
@@ -121,11 +124,8 @@ def compare_systems(
         t0 = time.monotonic()
         with running(system, store, folder / "server.log", settings.start_timeout, lp_args) as url:
             log.info("%s ready in %.1f s at %s", system, time.monotonic() - t0, url)
-            report = measure(url, spec, settings, folder, system)
-        report["system"] = system
-        report["server_args"] = lp_args if system == "loraplex" else []
-        write_run(report, folder, title=system)
-        reports[system] = report
+            extra = {"system": system, "server_args": lp_args if system == "loraplex" else []}
+            reports[system] = measure(url, spec, settings, folder, system, extra)
     return reports
 
 
