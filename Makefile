@@ -39,5 +39,6 @@ prometheus-tools:
 test: lint prometheus-tools
 	$(PY) -m pytest -q $(ARGS)
 
+# the full load-test suite on the default model (about 35 minutes; README "Load tests")
 bench: setup
-	$(PY) -m loadtests.bench.run_all $(ARGS)
+	$(PY) -m loadtests.suite $(ARGS)
