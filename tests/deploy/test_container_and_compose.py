@@ -26,8 +26,8 @@ COMPOSE = ROOT / "deploy" / "compose.yaml"
 
 def tool(name: str) -> str:
     """A binary of the dev extras (installed into the virtual environment beside python)."""
-    exe = Path(sys.executable).parent / name
-    found = str(exe) if exe.exists() else shutil.which(name)
+    exe = Path(sys.executable).parent / name  # not a kubectl elsewhere on PATH: the pinned one
+    found = str(exe) if exe.exists() else None
     if found is None:
         pytest.fail(f"{name} not found: `pip install -e '.[dev]'` installs it")
     return found

