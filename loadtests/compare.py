@@ -26,7 +26,16 @@ from pathlib import Path
 import httpx
 
 from loadtests.client import ClientConfig
-from loadtests.run import add_workload_args, ints, run_once, server_models, workload_spec, write_run
+from loadtests.run import (
+    add_workload_args,
+    ints,
+    log_to_stderr,
+    names,
+    run_once,
+    server_models,
+    workload_spec,
+    write_run,
+)
 from loadtests.servers import SYSTEMS, running
 from loadtests.stores import make_store
 from loadtests.workload import WorkloadSpec
@@ -191,7 +200,9 @@ def plot_summary(rows: dict[str, dict], path: Path, title: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--systems", default="loraplex,peft_swap,peft_mixed", help=f"comma-separated, of {SYSTEMS}")
+    p.add_argument(
+        "--systems", type=names, default="loraplex,peft_swap,peft_mixed", help=f"comma-separated, of {SYSTEMS}"
+    )
     p.add_argument("--out", type=Path, default=Path("loadtests/results/peers"))
     p.add_argument("--store", type=Path, default=None, help="adapter store (default: <out>/adapters_store)")
     p.add_argument("--ranks", type=ints, default=[16], help="adapter ranks, cycled over the adapters (8,16,32,64)")
@@ -207,10 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    log_to_stderr()
     args = parse_args(argv)
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    systems = args.systems
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown or not systems:
         log.error("error: unknown systems %s (choose from %s)", unknown, ", ".join(SYSTEMS))

@@ -73,12 +73,23 @@ def _range(text: str) -> tuple[int, int]:
     return int(lo), int(hi or lo)
 
 
+def names(text: str) -> list[str]:
+    """A comma-separated list, blanks dropped (for argparse ``type=``; ``floats`` and ``ints`` convert too)."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+    return [float(x) for x in names(text)]
 
 
 def ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    return [int(x) for x in names(text)]
+
+
+def log_to_stderr() -> None:
+    """The load tools' logging: plain messages at INFO, without httpx's line per request."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def add_workload_args(
@@ -142,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_to_stderr()
     args = parse_args(argv)
     try:
         check_loopback(args.url)

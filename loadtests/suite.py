@@ -46,7 +46,7 @@ from loadtests.compare import (
     touch_adapters,
 )
 from loadtests.plots import plot_rate_sweep, plot_series
-from loadtests.run import ints
+from loadtests.run import ints, log_to_stderr, names
 from loadtests.servers import running
 from loadtests.stores import TARGETS, make_store
 from loadtests.workload import WorkloadSpec
@@ -288,7 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.suite", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("loadtests/results/full"))
     p.add_argument("--stores", type=Path, default=None, help="where the adapter stores are made (<out>/stores)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument("--parts", type=names, default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     p.add_argument("--requests", type=int, default=128, help="requests per all-at-once run")
     p.add_argument("--max-loras", type=int, default=64, help="loraplex's device slots")
     p.add_argument("--rate-seconds", type=float, default=45.0, help="length of each Poisson run (70%%: twice)")
@@ -298,10 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    log_to_stderr()
     args = parse_args(argv)
-    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    parts = args.parts
     if not parts or any(p not in PARTS for p in parts):
         log.error("error: --parts takes a comma-separated list of %s", ", ".join(PARTS))
         return 2
