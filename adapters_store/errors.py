@@ -35,3 +35,9 @@ class StoreConflict(AdapterError):
     """The store's state does not allow the change (e.g. a foreign folder under the name)."""
 
     code = "store_conflict"
+
+
+class StoreUnavailable(AdapterError):
+    """The store could not be reached or answered with an error; the request may succeed if retried."""
+
+    code = "store_unavailable"

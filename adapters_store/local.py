@@ -28,9 +28,10 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from adapters_store.backend import ADAPTER_FILES, PutResult, StoredAdapter, content_digest
-from adapters_store.errors import AdapterNotFound, InvalidAdapterName, StoreConflict
+from adapters_store.errors import AdapterNotFound, StoreConflict
 from adapters_store.names import check_name
 from adapters_store.peft_format import CONFIG_FILE
+from adapters_store.scratch import clear_abandoned, fsync, remove, scratch_folder
 
 OBJECTS, STAGING, TRASH, LOCK = ".objects", ".staging", ".trash", ".lock"
 _VERSION = re.compile(r"[0-9a-f]{64}")
@@ -75,18 +76,8 @@ class LocalAdapterStore:
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
-        area = self.root / STAGING
-        area.mkdir(parents=True, exist_ok=True)
-        token = uuid.uuid4().hex
-        path, lock_path = area / token, area / f"{token}.lock"
-        with lock_path.open("w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # tells recover() a live process owns this folder
-            path.mkdir()
-            try:
-                yield path
-            finally:
-                shutil.rmtree(path, ignore_errors=True)
-                lock_path.unlink(missing_ok=True)
+        with scratch_folder(self.root / STAGING) as path:
+            yield path
 
     def put(self, name: str, staged: Path) -> PutResult:
         check_name(name)
@@ -96,7 +87,7 @@ class LocalAdapterStore:
         version = content_digest(staged)
         for f in ADAPTER_FILES:
             if (staged / f).exists():
-                _fsync(staged / f)
+                fsync(staged / f)
         with self._write_lock():
             obj = self._objects / version
             if obj.exists():
@@ -104,7 +95,7 @@ class LocalAdapterStore:
             else:
                 self._objects.mkdir(exist_ok=True)
                 os.rename(staged, obj)
-                _fsync(self._objects)
+                fsync(self._objects)
             previous = self._lookup(name)
             if previous is not None and self._linked_version(path) == version:
                 return PutResult(StoredAdapter(name, version, obj), previous)
@@ -114,7 +105,7 @@ class LocalAdapterStore:
             if previous is not None and self._linked_version(path) is None:
                 aside = self._move_aside(path, name + _REPLACED)
             os.replace(link, path)
-            _fsync(self.root)
+            fsync(self.root)
             if aside is not None and previous is not None:
                 self._retire_folder(aside, previous.version)
         return PutResult(StoredAdapter(name, version, obj), previous)
@@ -130,7 +121,7 @@ class LocalAdapterStore:
                 path.unlink()
             else:
                 self._retire_folder(path, adapter.version)
-            _fsync(self.root)
+            fsync(self.root)
         return adapter
 
     def collect_garbage(self, in_use: Collection[str]) -> list[str]:
@@ -141,18 +132,7 @@ class LocalAdapterStore:
         """Remove unfinished uploads, undo an interrupted replacement, drop unreferenced versions."""
         report: list[str] = []
         with self._write_lock():
-            staging = self.root / STAGING
-            staging.mkdir(exist_ok=True)
-            for p in sorted(staging.iterdir()) if staging.is_dir() else []:
-                if p.suffix == ".lock":
-                    if not (staging / p.stem).exists() and _unowned(p):
-                        p.unlink(missing_ok=True)
-                    continue
-                if not _unowned(staging / f"{p.name}.lock"):
-                    continue
-                report.append(f"removed an unfinished upload ({_size(p)} bytes): {p.name}")
-                _remove(p)
-                (staging / f"{p.name}.lock").unlink(missing_ok=True)
+            report += clear_abandoned(self.root / STAGING)
             trash = self.root / TRASH
             for p in sorted(trash.iterdir()) if trash.is_dir() else []:
                 name = p.name.removesuffix(_REPLACED)
@@ -161,13 +141,13 @@ class LocalAdapterStore:
                     os.rename(p, target)
                     report.append(f"restored adapter {name!r}: its replacement was interrupted")
                 else:
-                    _remove(p)
+                    remove(p)
                     report.append(f"finished removing {p.name}")
             for p in sorted(self.root.iterdir()):
                 if not p.name.startswith(".") and p.is_symlink() and not p.exists():
                     report.append(f"adapter {p.name!r} points to missing files ({os.readlink(p)}); not served")
             report += self._collect(set())
-            _fsync(self.root)
+            fsync(self.root)
         return report
 
     # -- internals ------------------------------------------------------------
@@ -194,7 +174,7 @@ class LocalAdapterStore:
         trash = self.root / TRASH
         trash.mkdir(exist_ok=True)
         aside = trash / as_name
-        _remove(aside)
+        remove(aside)
         os.rename(path, aside)
         return aside
 
@@ -202,11 +182,11 @@ class LocalAdapterStore:
         """Keep a hand-placed folder's files readable as ``.objects/<version>`` until garbage collection."""
         obj = self._objects / version
         if obj.exists():
-            _remove(self._move_aside(folder, f"{version}-{uuid.uuid4().hex}"))
+            remove(self._move_aside(folder, f"{version}-{uuid.uuid4().hex}"))
         else:
             self._objects.mkdir(exist_ok=True)
             os.rename(folder, obj)
-            _fsync(self._objects)
+            fsync(self._objects)
 
     def _collect(self, in_use: set[str]) -> list[str]:
         if not self._objects.is_dir():
@@ -216,7 +196,7 @@ class LocalAdapterStore:
         for obj in sorted(self._objects.iterdir()):
             if obj.name in referenced or obj.name in in_use:
                 continue
-            _remove(self._move_aside(obj, f"{obj.name}-{uuid.uuid4().hex}"))
+            remove(self._move_aside(obj, f"{obj.name}-{uuid.uuid4().hex}"))
             removed.append(f"removed unreferenced version {obj.name[:12]}")
         return removed
 
@@ -238,44 +218,3 @@ class LocalAdapterStore:
         with self._write_mutex, (self.root / LOCK).open("a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        check_name(name)
-    except InvalidAdapterName:
-        return False
-    return True
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unowned(lock_path: Path) -> bool:
-    """True unless a live process holds the lock (a crashed one's lock is gone with it)."""
-    if not lock_path.exists():
-        return True
-    with lock_path.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

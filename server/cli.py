@@ -79,7 +79,26 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
 
     opt("--model", "transformers model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     opt("--served-model-name", "name clients use for the base model (default: the model's name)")
-    opt("--adapters-dir", "adapter store: one PEFT folder per adapter name", str(default_adapters_dir()), type=Path)
+    opt(
+        "--adapters-dir",
+        "adapter store: one PEFT folder per adapter name (with an s3:// --adapter-store: this replica's cache)",
+        str(default_adapters_dir()),
+        type=Path,
+    )
+    opt(
+        "--adapter-store",
+        "s3://bucket/prefix: adapters live in an S3-compatible bucket shared by every replica "
+        "(credentials from the AWS variables; needs `pip install loraplex[s3]`); empty = --adapters-dir",
+        "",
+    )
+    opt("--s3-endpoint-url", "S3-compatible service URL (MinIO, Ceph, ...); empty = AWS", "")
+    opt(
+        "--store-refresh",
+        "seconds a replica trusts what it last read of an adapter in a shared store: a delete or re-upload "
+        "through another replica is seen within this time (0 = check on every request)",
+        1.0,
+        type=float,
+    )
     opt("--dtype", "serving dtype; auto = bfloat16 on CUDA, float32 on CPU", "auto", choices=DTYPES)
     opt("--device", "auto = CUDA when present, else CPU", "auto", choices=DEVICES)
     opt("--max-lora-rank", "largest adapter rank accepted", 64, type=int)
@@ -179,6 +198,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         ),
         lora=LoraConfig(
             adapters_dir=Path(args.adapters_dir),
+            store_url=args.adapter_store,
+            s3_endpoint_url=args.s3_endpoint_url or None,
+            store_refresh=args.store_refresh,
             max_lora_rank=args.max_lora_rank,
             max_loras=args.max_loras,
             host_cache_bytes=args.host_cache,

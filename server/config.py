@@ -37,7 +37,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    adapters_dir: Path = Path("adapters_store/data")  # one folder per adapter name, PEFT format
+    adapters_dir: Path = Path("adapters_store/data")  # one folder per adapter name, PEFT format; S3: the cache
+    store_url: str = ""  # "" = adapters_dir is the store; s3://bucket/prefix = a bucket shared by replicas
+    s3_endpoint_url: str | None = None  # an S3-compatible service other than AWS (MinIO, Ceph, rclone, ...)
+    store_refresh: float = 1.0  # seconds a replica trusts what it read of a name in a shared store
     max_lora_rank: int = 64  # largest adapter rank accepted; sizes the device slots
     max_loras: int = 16  # device slots: distinct adapters in one step
     host_cache_bytes: int = 2 << 30  # host-memory tier bound
@@ -55,6 +58,12 @@ class LoraConfig:
             raise ValueError("host_cache_bytes must be >= 0")
         if self.backend not in LORA_BACKENDS:
             raise ValueError(f"lora backend must be one of {', '.join(LORA_BACKENDS)}, got {self.backend!r}")
+        if self.store_url:
+            from adapters_store.s3 import parse_url
+
+            parse_url(self.store_url)  # raises ValueError naming the problem
+        if not 0 <= self.store_refresh <= 3600:
+            raise ValueError(f"store_refresh must be 0..3600 seconds, got {self.store_refresh}")
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,8 @@ class Metrics:
                                       ["model_name"], registry=r)
             self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM's name).",
                                       ["model_name"], registry=r)
+            self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full (vLLM's name).",
+                                       ["model_name"], registry=r)
             self.vllm_lora = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests (vLLM's semantics).",
                                    ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
         self._last_lora_info = -1.0
@@ -268,6 +270,7 @@ class Metrics:
         if self.config.vllm_compatible:
             self.vllm_waiting.labels(self.model_name).set(waiting)
             self.vllm_running.labels(self.model_name).set(running)
+            self.vllm_kv_usage.labels(self.model_name).set(kv_usage)
 
     def lora_requests_due(self) -> bool:
         """Whether ``lora_requests_info`` is due an update (at most once a second)."""

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store.errors import AdapterError, AdapterNotFound, StoreConflict, UploadTooLarge
+from adapters_store.errors import AdapterError, AdapterNotFound, StoreConflict, StoreUnavailable, UploadTooLarge
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -61,6 +61,8 @@ def install_error_handlers(app: FastAPI, before_validation: Callable[[Request], 
 
     @app.exception_handler(AdapterError)
     async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
+        if isinstance(exc, StoreUnavailable):
+            return await _api_error(_, unavailable(str(exc), exc.code))
         status = {AdapterNotFound: 404, UploadTooLarge: 413, StoreConflict: 409}.get(type(exc), 400)
         return error_response(status, str(exc), exc.code)
 

@@ -20,7 +20,7 @@ from typing import BinaryIO, TypeVar
 
 from adapters_store.backend import AdapterStore, PutResult, StoredAdapter, content_digest
 from adapters_store.base_model import BaseModelSpec
-from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName
+from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName, StoreUnavailable
 from adapters_store.names import check_name
 from adapters_store.upload import place_files
 from adapters_store.validation import AdapterSummary, inspect, summarize, validate
@@ -74,6 +74,7 @@ class AdapterRegistry:
         self._leases: Counter[tuple[str, str]] = Counter()
         self._deleting: set[str] = set()
         self._last_used: dict[str, float] = {}
+        self._current: dict[str, StoredAdapter] = {}  # the version each name had when this replica last looked
         self._summaries: dict[str, AdapterSummary | str] = {}  # version -> summary, or why it cannot be served
         self._admin_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -116,12 +117,26 @@ class AdapterRegistry:
             folder = self.store.locate(adapter)
             manifest, binding = inspect(folder, self.spec, self.max_rank)
             result: AdapterSummary | str = summarize(folder, manifest, binding)
+        except (AdapterNotFound, StoreUnavailable):
+            raise  # about the store now, not about this version: not remembered
         except AdapterError as exc:
             result = str(exc)
         except OSError as exc:
             result = f"unreadable: {exc}"
         self._summaries[adapter.version] = result
         return result
+
+    def observe(self, name: str, adapter: StoredAdapter | None) -> None:
+        """What a request's lookup found for ``name`` (None: not found). If the name moved on since this
+        replica last looked (a re-upload or delete through another replica sharing the store), the version
+        it knew is retired here too: its pin carries over, and it leaves memory once no request uses it.
+        Runs on the event loop."""
+        old = self._current.pop(name, None)
+        if adapter is not None:
+            self._current[name] = adapter
+        if old is not None and (adapter is None or adapter.version != old.version):
+            log.info("adapter %s changed in the store (now %s)", old.ref, adapter.ref if adapter else "deleted")
+            self._spawn(self._follow(old, adapter))
 
     def in_flight(self, name: str) -> int:
         with self._lock:
@@ -160,6 +175,8 @@ class AdapterRegistry:
     async def upload(self, name: str, files: list[tuple[str, BinaryIO]], dry_run: bool) -> Uploaded:
         async with self._admin_lock(name):
             uploaded, result = await asyncio.to_thread(self.stage_upload, name, files, dry_run)
+            if result is not None:
+                self._current[name] = result.adapter
             if result is not None and result.previous is not None and result.changed:
                 pinned = await self._on_engine(lambda: self.cache.pinned(name))
                 self._spawn(self._retire(result.previous, pin_next=result.adapter if pinned else None))
@@ -181,6 +198,7 @@ class AdapterRegistry:
             await self._on_engine(lambda: self.cache.evict(name, reason="delete"))
             await asyncio.to_thread(self.store.collect_garbage, self.leased_versions())
             self._last_used.pop(name, None)
+            self._current.pop(name, None)
             log.info("adapter %s deleted", adapter.ref)
             return adapter
 
@@ -230,6 +248,10 @@ class AdapterRegistry:
             task.cancel()
 
     # -- internals ----------------------------------------------------------------
+
+    async def _follow(self, old: StoredAdapter, new: StoredAdapter | None) -> None:
+        pinned = await self._on_engine(lambda: self.cache.pinned(old.name))
+        await self._retire(old, pin_next=new if pinned else None)
 
     async def _retire(self, old: StoredAdapter, pin_next: StoredAdapter | None) -> None:
         """After a re-upload: carry a pin over, then free the old version once no request uses it."""

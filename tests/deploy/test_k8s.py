@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from server.metrics import Metrics, MetricsConfig
-from tests.deploy.test_container_and_compose import tool
+from tests.helpers.dev_tools import tool
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

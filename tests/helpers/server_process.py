@@ -43,12 +43,13 @@ def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: flo
 
 
 @contextmanager
-def running_server(args: list[str], log_path: Path, timeout: float = 180.0):
+def running_server(args: list[str], log_path: Path, timeout: float = 180.0, env: dict[str, str] | None = None):
+    """``env``: variables added to the process's environment (LORAPLEX_* ones are otherwise stripped)."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")} | (env or {})
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
         base = Running(f"http://127.0.0.1:{port}")
         base.pid = proc.pid
         try:

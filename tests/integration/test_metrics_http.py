@@ -402,6 +402,7 @@ def test_gauges_while_a_request_runs_then_at_rest_again(world):
         assert s.get("vllm:num_requests_waiting", model_name="tiny") == 0
         assert s.get("loraplex_adapter_slots_used") >= 1
         assert 0 < s.get("loraplex_kv_cache_usage_ratio") <= 1
+        assert s.get("vllm:kv_cache_usage_perc", model_name="tiny") == s.get("loraplex_kv_cache_usage_ratio")
         assert len(info) == 1 and info[0]["max_lora"] == str(MAX_LORAS) and info[0]["waiting_lora_adapters"] == ""
     finally:
         w.gate.delay = 0.0
@@ -424,6 +425,7 @@ def test_gauges_while_a_request_runs_then_at_rest_again(world):
         assert s.get(idle) == 0, idle
     assert s.get("vllm:num_requests_running", model_name="tiny") == 0
     assert s.get("vllm:num_requests_waiting", model_name="tiny") == 0
+    assert s.get("vllm:kv_cache_usage_perc", model_name="tiny") == 0
 
 
 def test_the_adapter_label_stays_within_the_top_k(world):
@@ -453,7 +455,9 @@ def test_metrics_need_no_api_key_but_inference_does(world):
     assert r.status_code == 200
     s = Scrape(r.text)
     assert all(n.startswith(("loraplex_", "vllm:")) for n in s.types), sorted(s.types)
-    assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:lora_requests_info"} <= set(s.types)
+    assert {
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info"
+    } <= set(s.types)
 
 
 def test_a_request_that_could_never_be_admitted_is_not_counted_as_rejected(world):

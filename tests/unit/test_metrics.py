@@ -277,6 +277,7 @@ def test_vllm_queue_gauges_carry_the_model_name():
     assert value(m, "vllm:num_requests_running", model_name="tiny") == 3
     assert value(m, "vllm:num_requests_waiting", model_name="tiny") == 2
     assert value(m, "loraplex_kv_cache_usage_ratio") == 0.25
+    assert value(m, "vllm:kv_cache_usage_perc", model_name="tiny") == 0.25  # vLLM's name, also a fraction
     plain = Metrics()
     assert not plain.lora_requests_due()  # never due without the vLLM subset
     assert not any(n.startswith("vllm:") for n in families(plain))

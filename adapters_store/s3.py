@@ -1,0 +1,386 @@
+"""The S3-compatible store: one bucket is the source of truth for every replica; each replica keeps a disk cache.
+
+Layout under ``s3://<bucket>/<prefix>``::
+
+    objects/<version>/adapter_config.json         the files of one version, content-addressed, never modified
+    objects/<version>/adapter_model.safetensors
+    adapters/<name>.json                          the manifest: {"name", "version", "files": {file: size}}
+    retired/<version>                             empty; written when a delete or re-upload unnamed the version
+
+An upload sends the files first and the manifest last, in one PUT, which S3
+makes visible atomically: a crash before it leaves no visible adapter (only
+orphan objects); after it, the new version. A delete removes the manifest.
+Garbage collection removes a version no manifest names once it has been
+unnamed (or, for a crashed upload, written) for longer than a grace period,
+so other replicas still serving or fetching it have time to finish.
+
+A replica trusts what it last read of a manifest for ``refresh`` seconds, then
+reads it again when the name is next used; so a delete or re-upload made
+through any replica reaches every other within ``refresh`` seconds.
+
+The cache under ``cache_dir``::
+
+    objects/<version>/    versions fetched on first use, each checked against its digest before it is kept
+    .staging/             uploads being assembled and downloads being checked
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from adapters_store.backend import ADAPTER_FILES, PutResult, StoredAdapter, content_digest
+from adapters_store.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterName, StoreUnavailable
+from adapters_store.names import check_name
+from adapters_store.peft_format import CONFIG_FILE
+from adapters_store.scratch import clear_abandoned, fsync, remove, scratch_folder
+
+log = logging.getLogger(__name__)
+
+OBJECTS, MANIFESTS, RETIRED, STAGING = "objects/", "adapters/", "retired/", ".staging"
+MANIFEST_FORMAT = 1
+MAX_MANIFEST_BYTES = 64 << 10
+_VERSION = re.compile(r"[0-9a-f]{64}")
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_SEEN_LIMIT = 65536  # names remembered (found or not) before the memory is cleared
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ("bucket", "some/prefix/"); the prefix may be empty."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// URL: {url!r}")
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"{url!r}: {bucket!r} is not a valid bucket name")
+    prefix = prefix.strip("/")
+    return bucket, prefix + "/" if prefix else ""
+
+
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client; credentials and region from the usual AWS variables and files.
+
+    With ``endpoint_url`` (MinIO, Ceph, rclone, ...) requests use path-style addressing.
+    """
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise RuntimeError("the S3 adapter store needs boto3: pip install 'loraplex[s3]'") from None
+    config = Config(
+        s3={"addressing_style": "path"} if endpoint_url else {},
+        retries={"max_attempts": 4, "mode": "standard"},
+        connect_timeout=5,
+        read_timeout=60,
+    )
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
+
+
+class S3AdapterStore:
+    """Adapters in an S3-compatible bucket; see the module docstring for the layout and guarantees."""
+
+    def __init__(
+        self,
+        url: str,
+        cache_dir: Path,
+        client: Any,
+        refresh: float = 1.0,
+        orphan_grace: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.url = url
+        self.bucket, self.prefix = parse_url(url)
+        self.cache_dir = Path(cache_dir)
+        self.client = client
+        self.refresh = refresh
+        self.orphan_grace = orphan_grace  # orphan objects younger than this may be an upload in progress
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, StoredAdapter | None]] = {}
+        self._names: tuple[float, list[str]] | None = None
+        self._manifests: dict[str, tuple[str, str]] = {}  # manifest key -> (ETag, version), for collection
+        self._fetching: dict[str, threading.Lock] = {}
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        self._client_error, self._errors = ClientError, (BotoCoreError, ClientError, Boto3Error)
+
+    # -- reading --------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        now = self._clock()
+        with self._lock:
+            if self._names is not None and now - self._names[0] < self.refresh:
+                return list(self._names[1])
+        names = sorted(
+            name
+            for key, _, _ in self._list(MANIFESTS)
+            if key.endswith(".json") and _valid_name(name := key.removesuffix(".json"))
+        )
+        with self._lock:
+            self._names = (now, names)
+        return list(names)
+
+    def get(self, name: str) -> StoredAdapter:
+        check_name(name)
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(name)
+        if seen is not None and now - seen[0] < self.refresh:
+            adapter = seen[1]
+        else:
+            adapter = self._read_manifest(name)
+            self._remember(name, adapter, now)
+        if adapter is None:
+            raise AdapterNotFound(f"adapter {name!r} not found")
+        return adapter
+
+    def locate(self, adapter: StoredAdapter) -> Path:
+        local = self._local(adapter.version)
+        if (local / CONFIG_FILE).is_file():
+            return local
+        with self._fetch_lock(adapter.version):
+            if not (local / CONFIG_FILE).is_file():
+                self._fetch(adapter, local)
+        return local
+
+    # -- writing --------------------------------------------------------------
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        with scratch_folder(self.cache_dir / STAGING) as path:
+            yield path
+
+    def put(self, name: str, staged: Path) -> PutResult:
+        check_name(name)
+        version = content_digest(staged)
+        sizes = {f: (staged / f).stat().st_size for f in ADAPTER_FILES if (staged / f).exists()}
+        for f, size in sizes.items():
+            key = self._object_key(version, f)
+            if self._size_of(key) != size:  # content-addressed: a complete object of this size is these bytes
+                self._call(f"upload {key}", self.client.upload_file, str(staged / f), self.bucket, key)
+        previous = self._read_manifest(name)
+        adapter = StoredAdapter(name, version, self._local(version))
+        if previous is None or previous.version != version:
+            manifest = {"format": MANIFEST_FORMAT, "name": name, "version": version, "files": sizes}
+            body = json.dumps(manifest, sort_keys=True).encode()
+            self._call(
+                f"write the manifest of {name!r}",
+                self.client.put_object, Bucket=self.bucket, Key=self._manifest_key(name), Body=body,
+                ContentType="application/json",
+            )
+            if previous is not None:
+                self._retire(previous.version)
+        self._keep_locally(staged, adapter.path)
+        self._remember(name, adapter, self._clock(), names_changed=previous is None)
+        return PutResult(adapter, previous)
+
+    def delete(self, name: str) -> StoredAdapter:
+        check_name(name)
+        adapter = self._read_manifest(name)
+        if adapter is None:
+            self._remember(name, None, self._clock())
+            raise AdapterNotFound(f"adapter {name!r} not found")
+        self._call(
+            f"delete the manifest of {name!r}",
+            self.client.delete_object, Bucket=self.bucket, Key=self._manifest_key(name),
+        )
+        self._retire(adapter.version)
+        self._remember(name, None, self._clock(), names_changed=True)
+        return adapter
+
+    def collect_garbage(self, in_use: Collection[str]) -> list[str]:
+        """Remove versions no manifest names, except ``in_use``: from this replica's cache, and from the bucket
+        once older than ``orphan_grace`` (younger ones may be another replica's upload in progress)."""
+        referenced = self._referenced_versions()
+        keep = referenced | set(in_use)
+        removed: list[str] = []
+        cached = self.cache_dir / OBJECTS.rstrip("/")
+        for folder in sorted(cached.iterdir()) if cached.is_dir() else []:
+            if folder.name not in keep:
+                remove(folder)
+                removed.append(f"removed cached version {folder.name[:12]}")
+        cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.orphan_grace)
+        retired = {key: modified for key, _, modified in self._list(RETIRED)}
+        newest: dict[str, datetime] = {}
+        keys: dict[str, list[str]] = {}
+        for key, _, modified in self._list(OBJECTS):
+            version = key.partition("/")[0]
+            if _VERSION.fullmatch(version) and version not in keep:
+                keys.setdefault(version, []).append(self.prefix + OBJECTS + key)
+                newest[version] = max(modified, newest.get(version, modified))
+        for version in sorted(keys):
+            if retired.get(version, newest[version]) > cutoff:
+                continue  # recently unnamed, or an upload that may still be in progress
+            if version in retired:
+                keys[version].append(self.prefix + RETIRED + version)
+            for key in keys[version]:
+                self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
+            removed.append(f"removed unreferenced version {version[:12]} from the bucket")
+        for version in retired.keys() - keys.keys():
+            if version not in keep:
+                key = self.prefix + RETIRED + version
+                self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
+        return removed
+
+    def recover(self) -> list[str]:
+        """At start-up: clear what a crash left in the cache's staging area, then collect garbage if the
+        bucket answers (a store that is down now is retried on use, not fatal)."""
+        report = clear_abandoned(self.cache_dir / STAGING, "upload or download")
+        try:
+            report += self.collect_garbage(())
+        except StoreUnavailable as exc:
+            report.append(f"garbage collection skipped: {exc}")
+        return report
+
+    # -- internals ------------------------------------------------------------
+
+    def _read_manifest(self, name: str) -> StoredAdapter | None:
+        key = self._manifest_key(name)
+        try:
+            response = self._call(f"read the manifest of {name!r}", self.client.get_object, Bucket=self.bucket, Key=key)
+        except _Missing:
+            return None
+        if response.get("ContentLength", 0) > MAX_MANIFEST_BYTES:
+            raise InvalidAdapter(f"the store's manifest of {name!r} is larger than {MAX_MANIFEST_BYTES} bytes")
+        body = self._call(f"read the manifest of {name!r}", response["Body"].read, MAX_MANIFEST_BYTES + 1)
+        try:
+            manifest = json.loads(body)
+            version = manifest["version"]
+            ok = manifest.get("name") == name and isinstance(version, str) and _VERSION.fullmatch(version)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            ok = False
+        if not ok:
+            raise InvalidAdapter(f"the store's manifest of {name!r} ({key}) is malformed")
+        with self._lock:
+            self._manifests[key] = (response.get("ETag", ""), version)
+        return StoredAdapter(name, version, self._local(version))
+
+    def _fetch(self, adapter: StoredAdapter, local: Path) -> None:
+        with self.staging() as scratch:
+            for f in ADAPTER_FILES:
+                key = self._object_key(adapter.version, f)
+                try:
+                    self._call(f"download {key}", self.client.download_file, self.bucket, key, str(scratch / f))
+                except _Missing:
+                    with self._lock:
+                        self._seen.pop(adapter.name, None)  # the name has probably moved on: look again next time
+                    raise AdapterNotFound(
+                        f"version {adapter.version[:12]} of adapter {adapter.name!r} is no longer stored"
+                    ) from None
+            if content_digest(scratch) != adapter.version:
+                raise InvalidAdapter(f"the store's copy of {adapter.ref} does not match its version (corrupted)")
+            self._keep_locally(scratch, local)
+        log.info("fetched %s from %s", adapter.ref, self.url)
+
+    def _keep_locally(self, folder: Path, local: Path) -> None:
+        """Move a complete, checked version into the cache (atomic rename), unless it is already there."""
+        if (local / CONFIG_FILE).is_file():
+            return
+        for f in ADAPTER_FILES:
+            if (folder / f).exists():
+                fsync(folder / f)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        remove(local)  # a partial folder cannot exist (renames are atomic), but a stray file could
+        os.rename(folder, local)
+
+    def _retire(self, version: str) -> None:
+        """Note when ``version`` lost its name (collection waits ``orphan_grace`` after that)."""
+        key = self.prefix + RETIRED + version
+        self._call(f"write {key}", self.client.put_object, Bucket=self.bucket, Key=key, Body=b"")
+
+    def _referenced_versions(self) -> set[str]:
+        """The versions every manifest names; unchanged manifests (same ETag) are not read again."""
+        versions: set[str] = set()
+        for rel, etag, _ in self._list(MANIFESTS):
+            key = self.prefix + MANIFESTS + rel
+            with self._lock:
+                known = self._manifests.get(key)
+            if known is not None and known[0] == etag:
+                versions.add(known[1])
+                continue
+            name = rel.removesuffix(".json")
+            if not _valid_name(name):
+                continue
+            try:
+                adapter = self._read_manifest(name)
+            except InvalidAdapter as exc:
+                log.warning("%s", exc)
+                continue
+            if adapter is not None:
+                versions.add(adapter.version)
+        return versions
+
+    def _list(self, under: str) -> Iterator[tuple[str, str, datetime]]:
+        """(key relative to ``prefix + under``, ETag, last modified) of every object there."""
+        token: str | None = None
+        while True:
+            kw = {"Bucket": self.bucket, "Prefix": self.prefix + under}
+            if token:
+                kw["ContinuationToken"] = token
+            page = self._call(f"list {self.prefix + under}", self.client.list_objects_v2, **kw)
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.prefix + under) :], obj.get("ETag", ""), obj["LastModified"]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def _size_of(self, key: str) -> int | None:
+        try:
+            return self._call(f"check {key}", self.client.head_object, Bucket=self.bucket, Key=key)["ContentLength"]
+        except _Missing:
+            return None
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Run one client call; a missing key raises :class:`_Missing`, any other failure StoreUnavailable."""
+        try:
+            return fn(*args, **kw)
+        except self._client_error as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in _NOT_FOUND:
+                raise _Missing from None
+            raise StoreUnavailable(f"adapter store {self.url}: could not {what}: {exc}") from None
+        except self._errors as exc:
+            raise StoreUnavailable(f"adapter store {self.url}: could not {what}: {exc}") from None
+
+    def _remember(self, name: str, adapter: StoredAdapter | None, at: float, names_changed: bool = False) -> None:
+        with self._lock:
+            if len(self._seen) >= _SEEN_LIMIT:
+                self._seen.clear()
+            self._seen[name] = (at, adapter)
+            if names_changed:
+                self._names = None
+
+    def _fetch_lock(self, version: str) -> threading.Lock:
+        with self._lock:
+            return self._fetching.setdefault(version, threading.Lock())
+
+    def _local(self, version: str) -> Path:
+        return self.cache_dir / OBJECTS / version
+
+    def _object_key(self, version: str, file: str) -> str:
+        return f"{self.prefix}{OBJECTS}{version}/{file}"
+
+    def _manifest_key(self, name: str) -> str:
+        return f"{self.prefix}{MANIFESTS}{name}.json"
+
+
+class _Missing(Exception):
+    """The key does not exist (internal: callers turn it into their own answer)."""
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except InvalidAdapterName:
+        return False
+    return True

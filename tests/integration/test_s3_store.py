@@ -1,0 +1,216 @@
+"""The S3 store against a real S3-compatible server on loopback (rclone serve s3): two replicas share one bucket."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from adapters_store.backend import content_digest
+from adapters_store.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterName, StoreUnavailable
+from adapters_store.peft_format import CONFIG_FILE, WEIGHTS_FILE
+from adapters_store.s3 import S3AdapterStore, parse_url, s3_client
+from tests.helpers.s3_server import S3Server, running_s3
+from tests.unit.test_local_store import INVALID_NAMES, put, read_files
+
+URL = "s3://adapters/team-a"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> S3Server:
+    with running_s3(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(s3, request) -> str:
+    """A fresh prefix per test in the shared bucket."""
+    return f"{URL}/{request.node.name.replace('[', '-').replace(']', '')}"
+
+
+def replica(s3: S3Server, url: str, cache: Path, **kw) -> S3AdapterStore:
+    return S3AdapterStore(url, cache, s3.client(), **kw)
+
+
+def keys(s3: S3Server, url: str) -> list[str]:
+    bucket, prefix = parse_url(url)
+    root = s3.root / bucket / prefix
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_an_upload_through_one_replica_is_served_by_the_other(s3, bucket, tmp_path):
+    a, b = replica(s3, bucket, tmp_path / "a"), replica(s3, bucket, tmp_path / "b")
+    result, files = put(a, "sql", weights=b"w" * 100_000)
+    assert result.previous is None and result.changed
+    got = b.get("sql")
+    assert got.version == result.adapter.version == content_digest(a.locate(result.adapter))
+    folder = b.locate(got)
+    assert folder.is_relative_to(tmp_path / "b") and read_files(folder) == files
+    assert b.names() == ["sql"]
+    version = got.version
+    assert keys(s3, bucket) == [
+        "adapters/sql.json", f"objects/{version}/{CONFIG_FILE}", f"objects/{version}/{WEIGHTS_FILE}"
+    ]
+    _, prefix = parse_url(bucket)
+    manifest = json.loads((s3.root / "adapters" / prefix / "adapters" / "sql.json").read_text())
+    assert manifest == {"format": 1, "name": "sql", "version": version,
+                        "files": {CONFIG_FILE: len(files[CONFIG_FILE]), WEIGHTS_FILE: 100_000}}
+
+
+def test_a_delete_or_reupload_reaches_the_other_replica_within_refresh(s3, bucket, tmp_path):
+    clock = Clock()
+    a = replica(s3, bucket, tmp_path / "a", clock=clock)
+    b = replica(s3, bucket, tmp_path / "b", refresh=2.0, clock=clock)
+    first, _ = put(a, "x", weights=b"one")
+    assert b.get("x").version == first.adapter.version
+    second, _ = put(a, "x", weights=b"two")
+    assert second.previous == first.adapter and second.changed
+    clock.now += 1.9
+    assert b.get("x").version == first.adapter.version  # trusted for `refresh` seconds
+    clock.now += 0.2
+    assert b.get("x").version == second.adapter.version
+    a.delete("x")
+    clock.now += 2.1
+    with pytest.raises(AdapterNotFound, match="'x' not found"):
+        b.get("x")
+    assert b.names() == [] and a.names() == []
+
+
+def test_refresh_zero_checks_the_bucket_on_every_use(s3, bucket, tmp_path):
+    a, b = replica(s3, bucket, tmp_path / "a"), replica(s3, bucket, tmp_path / "b", refresh=0.0)
+    with pytest.raises(AdapterNotFound):
+        b.get("late")
+    put(a, "late")
+    assert b.get("late").name == "late"  # a miss is not remembered either
+    a.delete("late")
+    with pytest.raises(AdapterNotFound):
+        b.get("late")
+
+
+def test_the_same_content_is_stored_once_and_a_reput_changes_nothing(s3, bucket, tmp_path):
+    a = replica(s3, bucket, tmp_path / "a")
+    one, _ = put(a, "p", weights=b"same")
+    two, _ = put(a, "q", weights=b"same")
+    again, _ = put(a, "p", weights=b"same")
+    assert one.adapter.version == two.adapter.version == again.adapter.version
+    assert not again.changed
+    assert len([k for k in keys(s3, bucket) if k.startswith("objects/")]) == 2
+
+
+def test_an_upload_that_dies_before_its_manifest_is_not_visible(s3, bucket, tmp_path):
+    """The files reach the bucket, the manifest write fails: nothing is served, the old version stays."""
+    a, b = replica(s3, bucket, tmp_path / "a"), replica(s3, bucket, tmp_path / "b", refresh=0.0)
+    old, _ = put(a, "keep", weights=b"old")
+
+    class FailingManifest:
+        def __init__(self, client) -> None:
+            self._client = client
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+        def put_object(self, **kw):
+            if kw["Key"].endswith(".json"):
+                raise KeyboardInterrupt("killed")  # not an error the store handles: like a kill
+            return self._client.put_object(**kw)
+
+    crashing = S3AdapterStore(bucket, tmp_path / "c", FailingManifest(s3.client()))
+    for name in ("keep", "new"):
+        with pytest.raises(KeyboardInterrupt), crashing.staging() as staged:
+            (staged / CONFIG_FILE).write_text('{"peft_type": "LORA", "r": 2}')
+            (staged / WEIGHTS_FILE).write_bytes(b"half-way " + name.encode())
+            crashing.put(name, staged)
+    assert b.get("keep").version == old.adapter.version
+    with pytest.raises(AdapterNotFound):
+        b.get("new")
+    assert b.names() == ["keep"]
+    assert len([k for k in keys(s3, bucket) if k.startswith("objects/")]) == 6  # orphans, until collected
+
+
+def test_collection_waits_a_grace_period_and_keeps_versions_in_use(s3, bucket, tmp_path):
+    clock = Clock()
+    a = replica(s3, bucket, tmp_path / "a", orphan_grace=3600, clock=clock)
+    first, _ = put(a, "g", weights=b"v1")
+    second, _ = put(a, "g", weights=b"v2")
+    v1, v2 = first.adapter.version, second.adapter.version
+    assert a.collect_garbage(()) == [f"removed cached version {v1[:12]}"]  # recent in the bucket: kept there
+    assert f"retired/{v1}" in keys(s3, bucket)
+    eager = replica(s3, bucket, tmp_path / "a", orphan_grace=0)
+    assert eager.collect_garbage({v1}) == []  # in use here
+    assert eager.collect_garbage(()) == [f"removed unreferenced version {v1[:12]} from the bucket"]
+    assert keys(s3, bucket) == ["adapters/g.json", f"objects/{v2}/{CONFIG_FILE}", f"objects/{v2}/{WEIGHTS_FILE}"]
+    assert eager.get("g").version == v2 and read_files(eager.locate(eager.get("g")))[WEIGHTS_FILE] == b"v2"
+    with pytest.raises(AdapterNotFound, match="no longer stored"):
+        replica(s3, bucket, tmp_path / "fresh").locate(first.adapter)
+
+
+def test_a_corrupted_object_is_refused_and_not_cached(s3, bucket, tmp_path):
+    a = replica(s3, bucket, tmp_path / "a")
+    result, _ = put(a, "c", weights=b"x" * 1000)
+    version = result.adapter.version
+    _, prefix = parse_url(bucket)
+    (s3.root / "adapters" / prefix / "objects" / version / WEIGHTS_FILE).write_bytes(b"y" * 1000)
+    b = replica(s3, bucket, tmp_path / "b")
+    with pytest.raises(InvalidAdapter, match="does not match its version"):
+        b.locate(b.get("c"))
+    assert not (tmp_path / "b" / "objects" / version).exists()
+    assert list((tmp_path / "b" / ".staging").iterdir()) == []
+
+
+def test_a_malformed_manifest_is_named_in_the_error(s3, bucket, tmp_path):
+    a = replica(s3, bucket, tmp_path / "a")
+    put(a, "m")
+    _, prefix = parse_url(bucket)
+    (s3.root / "adapters" / prefix / "adapters" / "m.json").write_text('{"name": "m", "version": "../../etc"}')
+    with pytest.raises(InvalidAdapter, match=r"manifest of 'm'.*malformed"):
+        replica(s3, bucket, tmp_path / "b").get("m")
+
+
+@pytest.mark.parametrize("name", INVALID_NAMES)
+def test_invalid_names_are_refused_before_any_request(s3, bucket, tmp_path, name):
+    store = replica(s3, bucket, tmp_path / "a")
+    with pytest.raises(InvalidAdapterName):
+        store.get(name)
+    with pytest.raises(InvalidAdapterName), store.staging() as staged:
+        store.put(name, staged)
+    assert keys(s3, bucket) == []
+
+
+def test_an_unreachable_store_is_a_retryable_error_naming_the_url(tmp_path, monkeypatch):
+    from tests.helpers.server_process import free_port
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    store = S3AdapterStore(URL, tmp_path, s3_client(f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(StoreUnavailable, match=r"s3://adapters/team-a: could not read the manifest of 'x'"):
+        store.get("x")
+    assert store.recover()[-1].startswith("garbage collection skipped: adapter store s3://adapters/team-a")
+
+
+def test_recover_clears_a_crashed_download(s3, bucket, tmp_path):
+    (tmp_path / "a" / ".staging" / "dead").mkdir(parents=True)
+    (tmp_path / "a" / ".staging" / "dead" / WEIGHTS_FILE).write_bytes(b"12345")
+    assert replica(s3, bucket, tmp_path / "a").recover() == ["removed an unfinished upload or download (5 bytes): dead"]
+
+
+@pytest.mark.parametrize(
+    ("url", "parsed"),
+    [("s3://bkt", ("bkt", "")), ("s3://bkt/", ("bkt", "")), ("s3://my.bkt/a/b/", ("my.bkt", "a/b/"))],
+)
+def test_parse_url(url, parsed):
+    assert parse_url(url) == parsed
+
+
+@pytest.mark.parametrize("url", ["http://bkt/x", "s3://", "s3://B/x", "s3://a/x", "bkt/x"])
+def test_parse_url_refuses(url):
+    with pytest.raises(ValueError, match=r"s3://|bucket name"):
+        parse_url(url)
