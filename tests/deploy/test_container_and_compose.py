@@ -124,3 +124,79 @@ def test_promtool_accepts_the_prometheus_config_as_mounted(rendered, tmp_path):
     assert_ok(result)
     rules = len(list((ROOT / "deploy/prometheus/rules").glob("*.yml")))
     assert f"SUCCESS: {rules} rule files found" in result.stdout  # the rules are where the config looks for them
+
+
+# ---- compose, profile s3 --------------------------------------------------------------------------------------------
+
+S3_ENV = {"LORAPLEX_ADAPTER_STORE": "s3://adapters", "LORAPLEX_S3_ENDPOINT_URL": "http://s3:9000"}
+
+
+@pytest.fixture(scope="module")
+def rendered_s3() -> dict:
+    """The file as `docker compose --profile s3 up` sees it, with the README's two variables."""
+    import os
+
+    result = run(
+        tool("docker-compose"), "-f", str(COMPOSE), "--profile", "s3", "config", "--format", "json",
+        env={**os.environ, **S3_ENV},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_the_s3_profile_adds_an_object_store_the_server_waits_for_and_uses(rendered, rendered_s3):
+    assert "s3" not in rendered["services"]  # off unless asked for
+    assert rendered["services"]["loraplex"]["environment"]["LORAPLEX_ADAPTER_STORE"] == ""  # the local volume
+    services = rendered_s3["services"]
+    server, s3 = services["loraplex"], services["s3"]
+    assert server["depends_on"]["s3"] == {"condition": "service_healthy", "required": False}
+    assert s3["healthcheck"]["test"][0] == "CMD"
+    assert all(p["host_ip"] == "127.0.0.1" for p in s3["ports"])
+    env = server["environment"]
+    assert env["LORAPLEX_ADAPTER_STORE"] == "s3://adapters"
+    host, port = env["LORAPLEX_S3_ENDPOINT_URL"].removeprefix("http://").split(":")
+    command = s3["entrypoint"][-1]
+    assert host == "s3" and f"--addr :{port}" in command and "mkdir -p /data/adapters" in command
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (
+        s3["environment"]["S3_ACCESS_KEY"], s3["environment"]["S3_SECRET_KEY"]
+    )
+    assert any(v["target"] == "/data" for v in s3["volumes"])
+
+
+def test_the_s3_service_command_and_healthcheck_work_as_written(rendered_s3, tmp_path):
+    """Run the s3 service's own entrypoint and healthcheck with the pinned rclone, then use the store
+    with the server's credentials: the same wiring as in the containers, on loopback."""
+    import os
+    import time
+
+    from adapters_store.s3 import S3AdapterStore, s3_client
+    from tests.helpers.server_process import free_port
+    from tests.unit.test_local_store import put
+
+    services = rendered_s3["services"]
+    s3, server_env = services["s3"], services["loraplex"]["environment"]
+    port = free_port()
+    command = (
+        s3["entrypoint"][-1].replace("$$", "$").replace("/data", str(tmp_path / "data"))
+        .replace("exec rclone ", f"exec {tool('rclone')} ").replace("--addr :9000", f"--addr 127.0.0.1:{port}")
+    )
+    env = {**os.environ, **s3["environment"], "RCLONE_CONFIG": "/dev/null",
+           "RCLONE_S3_ENDPOINT": f"http://127.0.0.1:{port}"}
+    proc = subprocess.Popen(["sh", "-c", command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        check = [tool("rclone"), *s3["healthcheck"]["test"][2:]]
+        deadline = time.monotonic() + 20
+        while run(*check, env=env).returncode != 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "the s3 service never became healthy"
+            time.sleep(0.2)
+        wrong = {**env, "RCLONE_S3_SECRET_ACCESS_KEY": "not-the-secret"}
+        assert run(*check, env=wrong).returncode != 0  # the healthcheck can fail
+        keys = server_env["AWS_ACCESS_KEY_ID"], server_env["AWS_SECRET_ACCESS_KEY"]
+        client = s3_client(f"http://127.0.0.1:{port}", *keys)
+        store = S3AdapterStore(server_env["LORAPLEX_ADAPTER_STORE"], tmp_path / "cache", client)
+        result, _ = put(store, "wired")
+        assert store.get("wired").version == result.adapter.version
+        assert (tmp_path / "data" / "adapters" / "adapters" / "wired.json").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(10)

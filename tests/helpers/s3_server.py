@@ -30,16 +30,7 @@ class S3Server:
     def client(self):
         from adapters_store.s3 import s3_client
 
-        saved = {k: os.environ.get(k) for k in self.env()}
-        os.environ.update(self.env())
-        try:
-            return s3_client(self.endpoint)
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return s3_client(self.endpoint, ACCESS_KEY, SECRET_KEY)
 
 
 @contextmanager

@@ -120,6 +120,10 @@ def test_kill_9_while_sending_an_upload_to_the_bucket_leaves_nothing_visible(wor
             sender.join(30)
         assert proxy.stalled_on.endswith("/adapter_model.safetensors")
     bucket = s3.root / "adapters" / "shared"
+    version = proxy.stalled_on.split("/")[-2]
+    assert (bucket / "objects" / version / "adapter_config.json").exists()  # the upload was under way
+    weights = bucket / "objects" / version / "adapter_model.safetensors"
+    assert not weights.exists() or weights.stat().st_size < (adapters[3] / "adapter_model.safetensors").stat().st_size
     assert not (bucket / "adapters" / "half.json").exists()
     with running_server(server_args(world, "d"), root / "d.log", env=s3.env()) as d:
         assert complete(d, "half").status_code == 404

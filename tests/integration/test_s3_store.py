@@ -196,6 +196,22 @@ def test_an_unreachable_store_is_a_retryable_error_naming_the_url(tmp_path, monk
     assert store.recover()[-1].startswith("garbage collection skipped: adapter store s3://adapters/team-a")
 
 
+def test_while_the_store_is_down_known_names_keep_their_last_version(s3, bucket, tmp_path, monkeypatch):
+    clock = Clock()
+    a = replica(s3, bucket, tmp_path / "a", clock=clock)
+    put(a, "known")
+    b = replica(s3, bucket, tmp_path / "b", clock=clock)
+    known = b.get("known")
+    b.locate(known)
+    from tests.helpers.server_process import free_port
+
+    b.client = s3_client(f"http://127.0.0.1:{free_port()}", "k", "s")  # the bucket is gone from B's view
+    clock.now += 10
+    assert b.get("known") == known and content_digest(b.locate(known)) == known.version
+    with pytest.raises(StoreUnavailable):
+        b.get("never-seen")
+
+
 def test_recover_clears_a_crashed_download(s3, bucket, tmp_path):
     (tmp_path / "a" / ".staging" / "dead").mkdir(parents=True)
     (tmp_path / "a" / ".staging" / "dead" / WEIGHTS_FILE).write_bytes(b"12345")

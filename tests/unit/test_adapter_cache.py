@@ -10,7 +10,7 @@ import torch
 
 from adapters_store.backend import StoredAdapter
 from adapters_store.base_model import BaseModelSpec
-from adapters_store.errors import InvalidAdapter
+from adapters_store.errors import AdapterNotFound, InvalidAdapter, StoreUnavailable
 from server.engine.adapter_cache import AdapterCache, PinLimitReached, Residency
 from server.lora.slots import SlotPool
 from server.lora.weights import AdapterWeights
@@ -91,6 +91,35 @@ def test_a_broken_adapter_fails_without_touching_the_others():
         time.sleep(0.005)
     assert got.state is Residency.FAILED and "broken" in got.error
     assert ready(cache, "a") >= 0 and cache.slots_in_use == 1
+    assert cache.acquire(adapter("bad")).state is Residency.FAILED  # remembered: a broken version stays broken
+
+
+def settle(cache: AdapterCache, name: str):
+    deadline = time.monotonic() + 10
+    while (got := cache.acquire(adapter(name))).state is Residency.LOADING:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    return got
+
+
+def test_a_store_outage_fails_the_waiting_request_and_the_next_one_tries_again():
+    spec = BaseModelSpec("llama", {MODULE: (8, 8)}, frozenset())
+    pool = SlotPool({MODULE: (8, 8)}, 2, 4, torch.float32, torch.device("cpu"))
+    outage = [StoreUnavailable("adapter store s3://b: could not download"), AdapterNotFound("version gone")]
+    calls = []
+
+    def load(stored: StoredAdapter) -> AdapterWeights:
+        calls.append(stored.name)
+        if outage:
+            raise outage.pop(0)
+        return weights(1.0)
+
+    cache = AdapterCache(spec, pool, 1 << 20, 4, loader=load)
+    cache.acquire(adapter("a"))
+    got = settle(cache, "a")
+    assert got.state is Residency.FAILED and "could not download" in got.error
+    assert settle(cache, "a").state is Residency.FAILED and calls == ["a", "a"]  # retried: failed again
+    assert settle(cache, "a").state is Residency.READY and calls == ["a", "a", "a"]
 
 
 def test_pinned_adapters_survive_churn_and_one_slot_stays_unpinned():
