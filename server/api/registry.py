@@ -251,10 +251,11 @@ class AdapterRegistry:
 
     async def _follow(self, old: StoredAdapter, new: StoredAdapter | None) -> None:
         pinned = await self._on_engine(lambda: self.cache.pinned(old.name))
-        await self._retire(old, pin_next=new if pinned else None)
+        await self._retire(old, pin_next=new if pinned else None, reason="replaced" if new else "delete")
 
-    async def _retire(self, old: StoredAdapter, pin_next: StoredAdapter | None) -> None:
-        """After a re-upload: carry a pin over, then free the old version once no request uses it."""
+    async def _retire(self, old: StoredAdapter, pin_next: StoredAdapter | None, reason: str = "replaced") -> None:
+        """After a re-upload or delete (through this replica or another): carry a pin over to the new version,
+        then free the old one once no request uses it."""
         try:
             if pin_next is not None:
                 try:
@@ -264,7 +265,7 @@ class AdapterRegistry:
             while True:
                 with self._lock:
                     leased = self._leases.get(old.key, 0)
-                evict = lambda: self.cache.evict(old.name, old.version, "replaced")  # noqa: E731
+                evict = lambda: self.cache.evict(old.name, old.version, reason)  # noqa: E731
                 if not leased and await self._on_engine(evict) == 0:
                     break
                 await asyncio.sleep(0.1)

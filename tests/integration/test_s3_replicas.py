@@ -82,6 +82,9 @@ def test_two_replicas_share_uploads_reuploads_and_deletes(world):
         assert got.json()["choices"][0]["text"] == expected(world, adapters[1])
         assert "sql" in [m["id"] for m in httpx.get(b + "/v1/models").json()["data"]]
 
+        pinned = httpx.post(b + "/admin/adapters/sql/load", json={"pin": True}, timeout=60).json()
+        assert (pinned["pinned"], pinned["tier"]) == (True, "device")
+
         r = upload(a, "sql", adapters[2])  # re-upload through A: B follows
         assert r.status_code == 201, r.text
         v2 = r.json()["version"]
@@ -89,6 +92,8 @@ def test_two_replicas_share_uploads_reuploads_and_deletes(world):
         seen = wait_for(lambda: complete(b, "sql").headers.get("x-loraplex-adapter") == f"sql@{v2[:12]}")
         assert seen <= REFRESH + 1.0
         assert complete(b, "sql").json()["choices"][0]["text"] == expected(world, adapters[2])
+        info = lambda: httpx.get(b + "/admin/adapters/sql").json()  # noqa: E731
+        wait_for(lambda: (info()["version"], info()["pinned"], info()["tier"]) == (v2, True, "device"))  # pin moved
 
         assert httpx.delete(a + "/admin/adapters/sql", timeout=60).status_code == 200  # delete through A
         seen = wait_for(lambda: complete(b, "sql").status_code == 404)
@@ -97,7 +102,7 @@ def test_two_replicas_share_uploads_reuploads_and_deletes(world):
         assert r.json()["error"]["code"] == "adapter_not_found"
         wait_for(lambda: "sql" not in [m["id"] for m in httpx.get(b + "/v1/models").json()["data"]])
         # B retired both versions it had loaded from its host tier (A's changes, noticed on use)
-        wait_for(lambda: evictions(b, "host", "replaced") == 2)
+        wait_for(lambda: evictions(b, "host", "replaced") == 1 and evictions(b, "host", "delete") == 1)
         log = (root / "b.log").read_text()
         assert f"sql@{v1[:12]} changed in the store (now sql@{v2[:12]})" in log
         assert f"sql@{v2[:12]} changed in the store (now deleted)" in log
