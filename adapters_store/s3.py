@@ -24,10 +24,13 @@ The cache under ``cache_dir``::
 
     objects/<version>/    versions fetched on first use, each checked against its digest before it is kept
     .staging/             uploads being assembled and downloads being checked
+    .lock                 held by the process using the cache; another one on the same folder caches in
+    .replicas/<random>/   (same layout), so replicas on one node never remove each other's files
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -48,7 +51,7 @@ from adapters_store.scratch import clear_abandoned, fsync, remove, scratch_folde
 
 log = logging.getLogger(__name__)
 
-OBJECTS, MANIFESTS, RETIRED, STAGING = "objects/", "adapters/", "retired/", ".staging"
+OBJECTS, MANIFESTS, RETIRED, STAGING, REPLICAS = "objects/", "adapters/", "retired/", ".staging", ".replicas"
 MANIFEST_FORMAT = 1
 MAX_MANIFEST_BYTES = 64 << 10
 _VERSION = re.compile(r"[0-9a-f]{64}")
@@ -104,7 +107,7 @@ class S3AdapterStore:
     ) -> None:
         self.url = url
         self.bucket, self.prefix = parse_url(url)
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = self._claim_cache(Path(cache_dir))
         self.client = client
         self.refresh = refresh
         self.orphan_grace = orphan_grace  # orphan objects younger than this may be an upload in progress
@@ -249,6 +252,8 @@ class S3AdapterStore:
         """At start-up: clear what a crash left in the cache's staging area, then collect garbage if the
         bucket answers (a store that is down now is retried on use, not fatal)."""
         report = clear_abandoned(self.cache_dir / STAGING, "upload or download")
+        if self._private is None:
+            report += clear_abandoned(self.cache_dir / REPLICAS, "replica cache")
         try:
             report += self.collect_garbage(())
         except StoreUnavailable as exc:
@@ -256,6 +261,27 @@ class S3AdapterStore:
         return report
 
     # -- internals ------------------------------------------------------------
+
+    def _claim_cache(self, folder: Path) -> Path:
+        """``folder`` if no other live process uses it as its cache, else a private sub-folder of it.
+
+        Replicas on one node (Ray Serve's, for one) may be given the same folder. The first keeps it (and
+        what it cached across restarts); the others each get a folder under ``.replicas`` owned through a
+        lock like a scratch folder, so one process's garbage collection never removes another's files and
+        a dead replica's folder is cleared by the next :meth:`recover`.
+        """
+        folder.mkdir(parents=True, exist_ok=True)
+        self._owner = (folder / ".lock").open("a")
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._private = None
+            return folder
+        except BlockingIOError:
+            self._owner.close()
+        self._private = scratch_folder(folder / REPLICAS)
+        private = self._private.__enter__()  # held for the store's life; removed when it is collected
+        log.info("adapter cache %s is in use by another process: this one caches in %s", folder, private)
+        return private
 
     def _read_manifest(self, name: str) -> StoredAdapter | None:
         key = self._manifest_key(name)
@@ -303,8 +329,11 @@ class S3AdapterStore:
             if (folder / f).exists():
                 fsync(folder / f)
         local.parent.mkdir(parents=True, exist_ok=True)
-        remove(local)  # a partial folder cannot exist (renames are atomic), but a stray file could
-        os.rename(folder, local)
+        try:
+            os.rename(folder, local)
+        except OSError:
+            if not (local / CONFIG_FILE).is_file():
+                raise  # not "someone placed the same version first"
 
     def _retire(self, version: str) -> None:
         """Note when ``version`` lost its name (collection waits ``orphan_grace`` after that)."""

@@ -307,6 +307,10 @@ def serve(config: Config, sock: socket.socket) -> int:
             port=config.http.port,
             log_level=config.http.log_level,
             timeout_graceful_shutdown=config.limits.shutdown_timeout,
+            # the same event loop and HTTP parser whether or not uvloop/httptools are installed (Ray's
+            # uvicorn[standard] brings them): the behaviour the tests check is the behaviour served
+            loop="asyncio",
+            http="h11",
         )
     )
     server.run(sockets=[sock])

@@ -70,8 +70,10 @@ class LoraplexReplica:
             raise RuntimeError("the engine is not serving")
 
     async def __del__(self) -> None:
+        """Serve calls this when the replica stops, after its requests drained (graceful_shutdown_timeout_s)."""
         await self._bridge.aclose(self._shutdown_timeout)
-        await self._lifespan.__aexit__(None, None, None)  # stops the engine
+        await self._lifespan.__aexit__(None, None, None)  # aborts what still runs, stops the engine
+        log.info("replica %s stopped", self._name)
 
     def _spawn_claim(self, adapter: str) -> None:
         """Tell Ray (in the background: the response does not wait) that ``adapter`` is resident here.

@@ -212,6 +212,27 @@ def test_while_the_store_is_down_known_names_keep_their_last_version(s3, bucket,
         b.get("never-seen")
 
 
+def test_replicas_given_one_cache_folder_never_remove_each_others_files(s3, bucket, tmp_path):
+    import gc
+
+    shared = tmp_path / "node-cache"
+    first = replica(s3, bucket, shared)
+    result, files = put(first, "n", weights=b"n" * 500)
+    second = replica(s3, bucket, shared)  # another process on the node, same --adapters-dir
+    assert first.cache_dir == shared and second.cache_dir.parent == shared / ".replicas"
+    folder = second.locate(second.get("n"))
+    assert folder.is_relative_to(second.cache_dir) and read_files(folder) == files
+    first.delete("n")
+    first.collect_garbage(())  # removes its own copy, not the other process's
+    assert read_files(folder) == files and not (shared / "objects" / result.adapter.version).exists()
+    (shared / ".replicas" / "crashed").mkdir()  # a replica that died without cleaning up
+    private = second.cache_dir
+    del second
+    gc.collect()
+    assert not private.exists()  # a replica that stops removes its private cache
+    assert first.recover()[0] == "removed an unfinished replica cache (0 bytes): crashed"
+
+
 def test_recover_clears_a_crashed_download(s3, bucket, tmp_path):
     (tmp_path / "a" / ".staging" / "dead").mkdir(parents=True)
     (tmp_path / "a" / ".staging" / "dead" / WEIGHTS_FILE).write_bytes(b"12345")
