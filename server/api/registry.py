@@ -25,6 +25,7 @@ from adapters_store.names import check_name
 from adapters_store.upload import place_files
 from adapters_store.validation import AdapterSummary, inspect, summarize, validate
 from server.api.errors import ApiError, unavailable
+from server.api.model_names import adapter_named_by
 from server.engine.adapter_cache import AdapterCache, PinLimitReached, Residence, Residency
 from server.engine.engine import Engine
 
@@ -83,9 +84,7 @@ class AdapterRegistry:
 
     def base_alias(self, model: str) -> str | None:
         """The adapter ``model`` names: None for the base model ('' or its name), the name after ``base:``."""
-        if model in ("", self.base_name):
-            return None
-        return model.removeprefix(self.base_name + ":")
+        return adapter_named_by(model, self.base_name)
 
     def lease(self, name: str, param: str = "model") -> Lease:
         """A lease on ``name``'s current version, checked servable. Runs on a worker thread."""

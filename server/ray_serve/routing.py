@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from server.api.model_names import adapter_named_by
+
 
 def adapter_named(body: bytes, base_model: str) -> str | None:
     """The adapter a request's ``model`` names, as the replica's registry reads it: None for the base model
@@ -13,6 +15,6 @@ def adapter_named(body: bytes, base_model: str) -> str | None:
         model = json.loads(body).get("model")
     except (ValueError, AttributeError, RecursionError):
         return None
-    if not isinstance(model, str) or model in ("", base_model):
+    if not isinstance(model, str):
         return None
-    return model.removeprefix(base_model + ":") or None
+    return adapter_named_by(model, base_model) or None
