@@ -105,7 +105,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     opt("--max-lora-rank", "largest adapter rank accepted", 64, type=int)
     opt("--max-loras", "device adapter slots (distinct adapters in one step)", 16, type=int)
     opt("--host-cache", "host-memory adapter cache bound (bytes, or 512M, 2G)", "2G", type=_size)
-    opt("--lora-backend", "batched LoRA op; auto = the CPU kernel on CPU", "auto", choices=LORA_BACKENDS)
+    opt(
+        "--lora-backend", "batched LoRA op; auto = our Triton kernels on CUDA, our C kernel on CPU", "auto",
+        choices=LORA_BACKENDS,
+    )
     opt(
         "--lora-dtype",
         "adapter weights in device slots; auto = the serving dtype (exact). bfloat16 under float32 serving "

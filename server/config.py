@@ -16,7 +16,7 @@ from server.metrics import MetricsConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-LORA_BACKENDS = ("auto", "cpu", "torch", "reference")
+LORA_BACKENDS = ("auto", "cpu", "triton", "torch", "reference")
 MIN_API_KEY_LENGTH = 8
 
 

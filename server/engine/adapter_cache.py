@@ -363,7 +363,8 @@ class AdapterCache:
     def _load_from_disk(self, adapter: StoredAdapter) -> AdapterWeights:
         folder = self._locate(adapter)
         manifest, binding = inspect(folder, self.spec, self.max_rank)
-        return load_weights(folder, manifest, binding)
+        weights = load_weights(folder, manifest, binding)
+        return weights.pinned() if self.slots.device.type == "cuda" else weights  # async copies into slots
 
     def _loader_loop(self) -> None:
         while True:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -70,13 +72,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> LoraBackend:
+    """The batched LoRA op for the whole run (every step and layer uses it): auto = our Triton kernels on
+    CUDA, our C kernel on CPU, pure torch where neither can run."""
     if name == "auto":
+        if device.type == "cuda":
+            return LoraBackend.TRITON if triton_available() else LoraBackend.TORCH
         cpu_ok = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernel.available()
         return LoraBackend.CPU_KERNEL if cpu_ok else LoraBackend.TORCH
     backend = LoraBackend(name)
     if backend is LoraBackend.CPU_KERNEL and not (device.type == "cpu" and cpu_kernel.available()):
         raise ValueError("--lora-backend cpu needs a CPU device and a C compiler (gcc) to build the kernel")
+    if backend is LoraBackend.TRITON:
+        if not triton_available():
+            raise ValueError("--lora-backend triton needs the triton package (installed with CUDA builds of torch)")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("--lora-backend triton needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
     return backend
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def base_model_spec(shape: ModelShape) -> BaseModelSpec:

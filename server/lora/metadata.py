@@ -14,6 +14,48 @@ class LoraBackend(enum.Enum):
     REFERENCE = "reference"  # fp32 loop, the oracle
     TORCH = "torch"  # gather + bmm, pure torch, any device and dtype
     CPU_KERNEL = "cpu"  # our C/OpenMP kernel (fp32 and bf16 on CPU)
+    TRITON = "triton"  # our Triton shrink/expand kernels (CUDA; the interpreter elsewhere)
+
+
+TILE_TOKENS = 16  # tokens of one slot per Triton program (tl.dot needs >= 16 rows on GPUs)
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """The adapter tokens of a packed batch grouped by slot and cut into tiles of at most ``TILE_TOKENS``.
+
+    ``rows[tile_start[k] : tile_start[k] + tile_len[k]]`` are the packed-batch rows of tile ``k``, which all
+    use slot ``tile_slot[k]``. Built on the host from the step's slot list, so kernels get their grid
+    without a device synchronisation.
+    """
+
+    rows: torch.Tensor  # [n] int32: adapter tokens' rows, grouped by slot (ascending), in order within a slot
+    tile_slot: torch.Tensor  # [K] int32
+    tile_start: torch.Tensor  # [K] int32: offset into rows
+    tile_len: torch.Tensor  # [K] int32: 1..TILE_TOKENS
+    num_tiles: int
+
+    @classmethod
+    def build(cls, token_slots: list[int], device: torch.device) -> TokenGroups:
+        by_slot: dict[int, list[int]] = {}
+        for t, s in enumerate(token_slots):
+            if s >= 0:
+                by_slot.setdefault(s, []).append(t)
+        rows: list[int] = []
+        tiles: list[tuple[int, int, int]] = []
+        for slot in sorted(by_slot):
+            group = by_slot[slot]
+            for i in range(0, len(group), TILE_TOKENS):
+                tiles.append((slot, len(rows) + i, min(TILE_TOKENS, len(group) - i)))
+            rows += group
+        table = torch.tensor(tiles, dtype=torch.int32).reshape(-1, 3).T.contiguous().to(device)
+        return cls(
+            rows=torch.tensor(rows, dtype=torch.int32, device=device),
+            tile_slot=table[0],
+            tile_start=table[1],
+            tile_len=table[2],
+            num_tiles=len(tiles),
+        )
 
 
 @dataclass(frozen=True)
@@ -61,10 +103,16 @@ class LoraBatch:
     sparse_rows: torch.Tensor | None  # [n] int64: the rows of sparse_slots that are >= 0
     backend: LoraBackend
     composed: ComposedTerms | None = None
+    groups: TokenGroups | None = None  # the Triton backend's tiles (every adapter token; nothing dense or sparse)
 
     @property
     def has_lora(self) -> bool:
-        return bool(self.dense_segments) or self.sparse_rows is not None or self.composed is not None
+        return (
+            bool(self.dense_segments)
+            or self.sparse_rows is not None
+            or self.composed is not None
+            or (self.groups is not None and self.groups.num_tiles > 0)
+        )
 
     @classmethod
     def build(
@@ -78,6 +126,17 @@ class LoraBatch:
         """``composed``: (token row, slot, weight) terms of composing requests, whose own slot is -1."""
         if dense_min_tokens < 1:
             raise ValueError("dense_min_tokens must be at least 1")
+        if backend is LoraBackend.TRITON:
+            groups = TokenGroups.build(token_slots, device)
+            return cls(
+                token_slots=torch.tensor(token_slots, dtype=torch.int32, device=device),
+                dense_segments=(),
+                sparse_slots=None,
+                sparse_rows=None,
+                backend=backend,
+                composed=_composed(composed, device, backend, dense_min_tokens) if composed else None,
+                groups=groups,
+            )
         segments = _runs(token_slots) if backend is LoraBackend.TORCH else []
         dense = tuple(s for s in segments if s.slot >= 0 and s.length >= dense_min_tokens)
         sparse = list(token_slots)

@@ -41,6 +41,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, w: ModuleSlots, batch: LoraBatch)
     """
     if batch.backend is LoraBackend.REFERENCE:
         add_lora_reference(y, x, w.a, w.bt, w.scale, w.rank, batch.token_slots)
+    elif batch.backend is LoraBackend.TRITON:
+        if batch.groups is not None and batch.groups.num_tiles:
+            from server.lora.triton_kernels import add_lora_triton  # imports triton: only on this backend
+
+            add_lora_triton(y, x, w.a, w.bt, w.scale, w.rank, batch.groups)
     else:
         for seg in batch.dense_segments:
             r = w.host_rank[seg.slot]

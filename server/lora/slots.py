@@ -28,7 +28,7 @@ class SlotPool:
     ) -> None:
         if num_slots < 1 or max_rank < 1:
             raise ValueError("num_slots and max_rank must be positive")
-        self.num_slots, self.max_rank = num_slots, max_rank
+        self.num_slots, self.max_rank, self.device = num_slots, max_rank, device
         self.modules: dict[str, ModuleSlots] = {}
         # One [modules, slots] table each, so activating a slot sets a whole column in one op.
         self._scale = torch.zeros(len(module_dims), num_slots, dtype=torch.float32, device=device)

@@ -27,6 +27,14 @@ class AdapterWeights:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.a.values(), *self.bt.values()))
 
+    def pinned(self) -> AdapterWeights:
+        """The same matrices in page-locked host memory, so copies into CUDA slots are asynchronous."""
+        return AdapterWeights(
+            a={k: t.pin_memory() for k, t in self.a.items()},
+            bt={k: t.pin_memory() for k, t in self.bt.items()},
+            scale=self.scale,
+        )
+
 
 def load_weights(folder: Path, manifest: AdapterManifest, binding: AdapterBinding) -> AdapterWeights:
     """Read the tensors ``binding`` names (checked finite) without running a torch op.

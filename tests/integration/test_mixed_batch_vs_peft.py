@@ -53,7 +53,7 @@ def arch_setup(request, tokenizer, tmp_path_factory):
     return request.param, base, store, paths, plan, expected
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])  # triton: interpreted without a GPU
 def test_concurrent_mixed_batch_matches_peft(arch_setup, tokenizer, tmp_path, backend):
     arch, base, store, _, plan, expected = arch_setup
     serving = eng.build(base, tokenizer, store, tmp_path, backend=backend)
