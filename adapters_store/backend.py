@@ -14,6 +14,7 @@ Invariants every backend keeps:
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Protocol
 from adapters_store.peft_format import CONFIG_FILE, WEIGHTS_FILE
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+VERSION = re.compile(r"[0-9a-f]{64}")  # what content_digest gives
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,9 @@ class AdapterStore(Protocol):
 
     def locate(self, adapter: StoredAdapter) -> Path:
         """A local folder with the files of exactly ``adapter.version`` (fetched if need be)."""
+
+    def cached(self, adapter: StoredAdapter) -> bool:
+        """Whether :meth:`locate` can answer from local files, without a download."""
 
     def staging(self) -> AbstractContextManager[Path]:
         """An empty scratch folder to assemble an upload in; removed on exit unless :meth:`put` took it."""

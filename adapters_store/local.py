@@ -20,21 +20,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import shutil
 import threading
 import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from adapters_store.backend import ADAPTER_FILES, PutResult, StoredAdapter, content_digest
+from adapters_store.backend import ADAPTER_FILES, VERSION, PutResult, StoredAdapter, content_digest
 from adapters_store.errors import AdapterNotFound, StoreConflict
 from adapters_store.names import check_name
 from adapters_store.peft_format import CONFIG_FILE
 from adapters_store.scratch import clear_abandoned, fsync, remove, scratch_folder
 
 OBJECTS, STAGING, TRASH, LOCK = ".objects", ".staging", ".trash", ".lock"
-_VERSION = re.compile(r"[0-9a-f]{64}")
 _REPLACED = ".replaced"  # suffix of a hand-placed folder moved aside while a symlink replaces it
 
 
@@ -71,6 +69,9 @@ class LocalAdapterStore:
         if self._linked_version(path) is None and path.is_dir() and self._digest(path) == adapter.version:
             return path
         raise AdapterNotFound(f"version {adapter.version[:12]} of adapter {adapter.name!r} is no longer stored")
+
+    def cached(self, adapter: StoredAdapter) -> bool:
+        return True  # every version is on this disk
 
     # -- writing --------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class LocalAdapterStore:
             return None
         target = os.readlink(path)
         head, _, version = target.partition("/")
-        return version if head == OBJECTS and _VERSION.fullmatch(version) else None
+        return version if head == OBJECTS and VERSION.fullmatch(version) else None
 
     def _move_aside(self, path: Path, as_name: str) -> Path:
         trash = self.root / TRASH

@@ -24,3 +24,11 @@ def check_name(name: str) -> str:
             f"invalid adapter name {name[:64]!r}: use letters, digits, '-', '_' and '.', not starting with '.'"
         )
     return name
+
+
+def is_valid_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except InvalidAdapterName:
+        return False
+    return True

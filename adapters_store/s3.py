@@ -5,14 +5,14 @@ Layout under ``s3://<bucket>/<prefix>``::
     objects/<version>/adapter_config.json         the files of one version, content-addressed, never modified
     objects/<version>/adapter_model.safetensors
     adapters/<name>.json                          the manifest: {"name", "version", "files": {file: size}}
-    retired/<version>                             empty; written when a delete or re-upload unnamed the version
+    touched/<version>                             the time; rewritten whenever the version is uploaded or unnamed
 
 An upload sends the files first and the manifest last, in one PUT, which S3
 makes visible atomically: a crash before it leaves no visible adapter (only
 orphan objects); after it, the new version. A delete removes the manifest.
 Garbage collection removes a version no manifest names once it has been
-unnamed (or, for a crashed upload, written) for longer than a grace period,
-so other replicas still serving or fetching it have time to finish.
+untouched (uploaded, re-uploaded or unnamed) for longer than a grace period,
+so other replicas still serving, fetching or uploading it have time to finish.
 
 A replica trusts what it last read of a manifest for ``refresh`` seconds, then
 reads it again when the name is next used; so a delete or re-upload made
@@ -43,18 +43,17 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from adapters_store.backend import ADAPTER_FILES, PutResult, StoredAdapter, content_digest
-from adapters_store.errors import AdapterNotFound, InvalidAdapter, InvalidAdapterName, StoreUnavailable
-from adapters_store.names import check_name
+from adapters_store.backend import ADAPTER_FILES, VERSION, PutResult, StoredAdapter, content_digest
+from adapters_store.errors import AdapterNotFound, InvalidAdapter, StoreUnavailable
+from adapters_store.names import check_name, is_valid_name
 from adapters_store.peft_format import CONFIG_FILE
 from adapters_store.scratch import clear_abandoned, fsync, remove, scratch_folder
 
 log = logging.getLogger(__name__)
 
-OBJECTS, MANIFESTS, RETIRED, STAGING, REPLICAS = "objects/", "adapters/", "retired/", ".staging", ".replicas"
+OBJECTS, MANIFESTS, TOUCHED, STAGING, REPLICAS = "objects/", "adapters/", "touched/", ".staging", ".replicas"
 MANIFEST_FORMAT = 1
 MAX_MANIFEST_BYTES = 64 << 10
-_VERSION = re.compile(r"[0-9a-f]{64}")
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _SEEN_LIMIT = 65536  # names remembered (found or not) before the memory is cleared
 
@@ -133,7 +132,7 @@ class S3AdapterStore:
         names = sorted(
             name
             for key, _, _ in self._list(MANIFESTS)
-            if key.endswith(".json") and _valid_name(name := key.removesuffix(".json"))
+            if key.endswith(".json") and is_valid_name(name := key.removesuffix(".json"))
         )
         with self._lock:
             self._names = (now, names)
@@ -152,7 +151,8 @@ class S3AdapterStore:
             except StoreUnavailable:
                 if seen is None:
                     raise
-                adapter = seen[1]  # the store is down: keep serving what this replica last knew
+                adapter = seen[1]  # the store is down: keep serving what this replica last knew,
+                self._remember(name, adapter, now)  # and ask again only after another `refresh`
                 self._warn_stale(name)
             else:
                 self._remember(name, adapter, now)
@@ -169,6 +169,10 @@ class S3AdapterStore:
                 self._fetch(adapter, local)
         return local
 
+    def cached(self, adapter: StoredAdapter) -> bool:
+        """Whether this replica holds the version's files already (reading it needs no download)."""
+        return (self._local(adapter.version) / CONFIG_FILE).is_file()
+
     # -- writing --------------------------------------------------------------
 
     @contextmanager
@@ -180,13 +184,17 @@ class S3AdapterStore:
         check_name(name)
         version = content_digest(staged)
         sizes = {f: (staged / f).stat().st_size for f in ADAPTER_FILES if (staged / f).exists()}
-        for f, size in sizes.items():
-            key = self._object_key(version, f)
-            if self._size_of(key) != size:  # content-addressed: a complete object of this size is these bytes
-                self._call(f"upload {key}", self.client.upload_file, str(staged / f), self.bucket, key)
         previous = self._read_manifest(name)
         adapter = StoredAdapter(name, version, self._local(version))
-        if previous is None or previous.version != version:
+        changed = previous is None or previous.version != version
+        # Touch both versions first: garbage collection spares a version touched within the grace period,
+        # and the old one may still be in use on other replicas.
+        self._touch(version)
+        if previous is not None and changed:
+            self._touch(previous.version)
+        for f in sizes:  # always sent: this also repairs a damaged object and refreshes an old one's age
+            self._upload(staged / f, self._object_key(version, f))
+        if changed:
             manifest = {"format": MANIFEST_FORMAT, "name": name, "version": version, "files": sizes}
             body = json.dumps(manifest, sort_keys=True).encode()
             self._call(
@@ -194,8 +202,10 @@ class S3AdapterStore:
                 self.client.put_object, Bucket=self.bucket, Key=self._manifest_key(name), Body=body,
                 ContentType="application/json",
             )
-            if previous is not None:
-                self._retire(previous.version)
+        for f, size in sizes.items():  # a collection that decided before the touch: send again what it removed
+            key = self._object_key(version, f)
+            if self._size_of(key) != size:
+                self._upload(staged / f, key)
         self._keep_locally(staged, adapter.path)
         self._remember(name, adapter, self._clock(), names_changed=previous is None)
         return PutResult(adapter, previous)
@@ -206,45 +216,45 @@ class S3AdapterStore:
         if adapter is None:
             self._remember(name, None, self._clock())
             raise AdapterNotFound(f"adapter {name!r} not found")
+        self._touch(adapter.version)  # first: replicas still using it keep it for the grace period
         self._call(
             f"delete the manifest of {name!r}",
             self.client.delete_object, Bucket=self.bucket, Key=self._manifest_key(name),
         )
-        self._retire(adapter.version)
         self._remember(name, None, self._clock(), names_changed=True)
         return adapter
 
     def collect_garbage(self, in_use: Collection[str]) -> list[str]:
         """Remove versions no manifest names, except ``in_use``: from this replica's cache, and from the bucket
-        once older than ``orphan_grace`` (younger ones may be another replica's upload in progress)."""
-        referenced = self._referenced_versions()
-        keep = referenced | set(in_use)
+        once untouched (uploaded, re-uploaded or unnamed) for ``orphan_grace`` seconds, since other replicas
+        may still be serving or fetching them, or uploading them."""
+        started = time.time()
+        keep = self._referenced_versions() | set(in_use)
         removed: list[str] = []
         cached = self.cache_dir / OBJECTS.rstrip("/")
         for folder in sorted(cached.iterdir()) if cached.is_dir() else []:
-            if folder.name not in keep:
+            # a folder placed after the manifests were listed may be a version just fetched for a request
+            if folder.name not in keep and folder.stat().st_mtime < started - 1:
                 remove(folder)
                 removed.append(f"removed cached version {folder.name[:12]}")
         cutoff = datetime.now(timezone.utc) - timedelta(seconds=self.orphan_grace)
-        retired = {key: modified for key, _, modified in self._list(RETIRED)}
-        newest: dict[str, datetime] = {}
+        touched = {key: modified for key, _, modified in self._list(TOUCHED)}
         keys: dict[str, list[str]] = {}
+        last: dict[str, datetime] = {}
         for key, _, modified in self._list(OBJECTS):
             version = key.partition("/")[0]
-            if _VERSION.fullmatch(version) and version not in keep:
+            if VERSION.fullmatch(version) and version not in keep:
                 keys.setdefault(version, []).append(self.prefix + OBJECTS + key)
-                newest[version] = max(modified, newest.get(version, modified))
+                last[version] = max(modified, last.get(version, modified), touched.get(version, modified))
         for version in sorted(keys):
-            if retired.get(version, newest[version]) > cutoff:
-                continue  # recently unnamed, or an upload that may still be in progress
-            if version in retired:
-                keys[version].append(self.prefix + RETIRED + version)
-            for key in keys[version]:
+            if last[version] > cutoff or self._touched_since(version, cutoff):
+                continue  # recently in use, or an upload that may still be in progress
+            for key in [*keys[version], self.prefix + TOUCHED + version]:
                 self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
             removed.append(f"removed unreferenced version {version[:12]} from the bucket")
-        for version in retired.keys() - keys.keys():
-            if version not in keep:
-                key = self.prefix + RETIRED + version
+        for version in touched.keys() - keys.keys() - keep:
+            if touched[version] < cutoff:  # a marker whose objects are gone
+                key = self.prefix + TOUCHED + version
                 self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=key)
         return removed
 
@@ -252,8 +262,7 @@ class S3AdapterStore:
         """At start-up: clear what a crash left in the cache's staging area, then collect garbage if the
         bucket answers (a store that is down now is retried on use, not fatal)."""
         report = clear_abandoned(self.cache_dir / STAGING, "upload or download")
-        if self._private is None:
-            report += clear_abandoned(self.cache_dir / REPLICAS, "replica cache")
+        report += clear_abandoned(self._shared_dir / REPLICAS, "replica cache")  # lock-checked: live ones stay
         try:
             report += self.collect_garbage(())
         except StoreUnavailable as exc:
@@ -271,6 +280,7 @@ class S3AdapterStore:
         a dead replica's folder is cleared by the next :meth:`recover`.
         """
         folder.mkdir(parents=True, exist_ok=True)
+        self._shared_dir = folder
         self._owner = (folder / ".lock").open("a")
         try:
             fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -295,8 +305,8 @@ class S3AdapterStore:
         try:
             manifest = json.loads(body)
             version = manifest["version"]
-            ok = manifest.get("name") == name and isinstance(version, str) and _VERSION.fullmatch(version)
-        except (ValueError, TypeError, KeyError, AttributeError):
+            ok = manifest.get("name") == name and isinstance(version, str) and VERSION.fullmatch(version)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             ok = False
         if not ok:
             raise InvalidAdapter(f"the store's manifest of {name!r} ({key}) is malformed")
@@ -335,10 +345,23 @@ class S3AdapterStore:
             if not (local / CONFIG_FILE).is_file():
                 raise  # not "someone placed the same version first"
 
-    def _retire(self, version: str) -> None:
-        """Note when ``version`` lost its name (collection waits ``orphan_grace`` after that)."""
-        key = self.prefix + RETIRED + version
-        self._call(f"write {key}", self.client.put_object, Bucket=self.bucket, Key=key, Body=b"")
+    def _touch(self, version: str) -> None:
+        """Mark ``version`` as in use now (collection waits ``orphan_grace`` after the last mark)."""
+        key = self.prefix + TOUCHED + version
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds").encode()  # not empty: rclone's S3 server
+        self._call(f"write {key}", self.client.put_object, Bucket=self.bucket, Key=key, Body=now)  # stalls after one
+
+    def _touched_since(self, version: str, cutoff: datetime) -> bool:
+        """Checked again just before a removal: an upload may have touched the version since the listing."""
+        key = self.prefix + TOUCHED + version
+        try:
+            head = self._call(f"check {key}", self.client.head_object, Bucket=self.bucket, Key=key)
+        except _Missing:
+            return False
+        return head["LastModified"] > cutoff
+
+    def _upload(self, path: Path, key: str) -> None:
+        self._call(f"upload {key}", self.client.upload_file, str(path), self.bucket, key)
 
     def _referenced_versions(self) -> set[str]:
         """The versions every manifest names; unchanged manifests (same ETag) are not read again."""
@@ -351,7 +374,7 @@ class S3AdapterStore:
                 versions.add(known[1])
                 continue
             name = rel.removesuffix(".json")
-            if not _valid_name(name):
+            if not is_valid_name(name):
                 continue
             try:
                 adapter = self._read_manifest(name)
@@ -425,10 +448,3 @@ class S3AdapterStore:
 class _Missing(Exception):
     """The key does not exist (internal: callers turn it into their own answer)."""
 
-
-def _valid_name(name: str) -> bool:
-    try:
-        check_name(name)
-    except InvalidAdapterName:
-        return False
-    return True

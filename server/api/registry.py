@@ -20,7 +20,7 @@ from typing import BinaryIO, TypeVar
 
 from adapters_store.backend import AdapterStore, PutResult, StoredAdapter, content_digest
 from adapters_store.base_model import BaseModelSpec
-from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName, StoreUnavailable
+from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName
 from adapters_store.names import check_name
 from adapters_store.upload import place_files
 from adapters_store.validation import AdapterSummary, inspect, summarize, validate
@@ -75,7 +75,10 @@ class AdapterRegistry:
         self._leases: Counter[tuple[str, str]] = Counter()
         self._deleting: set[str] = set()
         self._last_used: dict[str, float] = {}
-        self._current: dict[str, StoredAdapter] = {}  # the version each name had when this replica last looked
+        # the version each name had at this replica's latest lookup (its sequence number, the version or None)
+        self._current: dict[str, tuple[int, StoredAdapter | None]] = {}
+        self._lookups = 0
+        self._changes: list[tuple[StoredAdapter, StoredAdapter | None]] = []
         self._summaries: dict[str, AdapterSummary | str] = {}  # version -> summary, or why it cannot be served
         self._admin_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -88,7 +91,14 @@ class AdapterRegistry:
 
     def lease(self, name: str, param: str = "model") -> Lease:
         """A lease on ``name``'s current version, checked servable. Runs on a worker thread."""
-        adapter = self.find(name, param=param)
+        seq = self._begin_lookup()
+        try:
+            adapter = self.find(name, param=param)
+        except ApiError as exc:
+            if exc.code == "adapter_not_found":
+                self._observe(seq, name, None)
+            raise
+        self._observe(seq, name, adapter)
         summary = self.summary(adapter)
         if isinstance(summary, str):
             raise ApiError(400, f"adapter {adapter.name!r} cannot be served: {summary}", "invalid_adapter", param)
@@ -112,30 +122,49 @@ class AdapterRegistry:
         cached = self._summaries.get(adapter.version)
         if cached is not None:
             return cached
+        # The store's errors (down, version gone, a damaged copy a re-upload repairs) are about now, not
+        # about the version: raised, not remembered. So are read errors (a file removed meanwhile).
+        folder = self.store.locate(adapter)
         try:
-            folder = self.store.locate(adapter)
             manifest, binding = inspect(folder, self.spec, self.max_rank)
             result: AdapterSummary | str = summarize(folder, manifest, binding)
-        except (AdapterNotFound, StoreUnavailable):
-            raise  # about the store now, not about this version: not remembered
         except AdapterError as exc:
             result = str(exc)
-        except OSError as exc:
-            result = f"unreadable: {exc}"
         self._summaries[adapter.version] = result
         return result
 
-    def observe(self, name: str, adapter: StoredAdapter | None) -> None:
-        """What a request's lookup found for ``name`` (None: not found). If the name moved on since this
-        replica last looked (a re-upload or delete through another replica sharing the store), the version
-        it knew is retired here too: its pin carries over, and it leaves memory once no request uses it.
-        Runs on the event loop."""
-        old = self._current.pop(name, None)
-        if adapter is not None:
-            self._current[name] = adapter
-        if old is not None and (adapter is None or adapter.version != old.version):
-            log.info("adapter %s changed in the store (now %s)", old.ref, adapter.ref if adapter else "deleted")
-            self._spawn(self._follow(old, adapter))
+    def follow_changes(self) -> None:
+        """Retire the versions lookups found replaced or deleted since the last call (re-uploads and deletes
+        made through another replica sharing the store): a pin carries over to the new version, and the old
+        one leaves memory once no request uses it. Runs on the event loop."""
+        with self._lock:
+            changes, self._changes = self._changes, []
+        for old, new in changes:
+            log.info("adapter %s changed in the store (now %s)", old.ref, new.ref if new else "deleted")
+            self._spawn(self._follow(old, new))
+
+    def _begin_lookup(self) -> int:
+        """A sequence number taken before a lookup: observations apply in the order lookups began."""
+        with self._lock:
+            self._lookups += 1
+            return self._lookups
+
+    def _set_current(self, name: str, adapter: StoredAdapter | None) -> None:
+        """This replica's own upload or delete: the name's new state, with nothing to follow (the caller
+        retires the old version itself)."""
+        seq = self._begin_lookup()
+        with self._lock:
+            self._current[name] = (seq, adapter)
+
+    def _observe(self, seq: int, name: str, adapter: StoredAdapter | None) -> None:
+        """What lookup ``seq`` found for ``name``; a lookup older than the last one applied is ignored."""
+        with self._lock:
+            last, old = self._current.get(name, (0, None))
+            if seq < last:
+                return
+            self._current[name] = (seq, adapter)
+            if old is not None and (adapter is None or adapter.version != old.version):
+                self._changes.append((old, adapter))
 
     def in_flight(self, name: str) -> int:
         with self._lock:
@@ -175,10 +204,9 @@ class AdapterRegistry:
         async with self._admin_lock(name):
             uploaded, result = await asyncio.to_thread(self.stage_upload, name, files, dry_run)
             if result is not None:
-                self._current[name] = result.adapter
+                self._set_current(name, result.adapter)
             if result is not None and result.previous is not None and result.changed:
-                pinned = await self._on_engine(lambda: self.cache.pinned(name))
-                self._spawn(self._retire(result.previous, pin_next=result.adapter if pinned else None))
+                self._spawn(self._follow(result.previous, result.adapter))
             log.info("adapter %s %s", uploaded.adapter.ref, "validated (dry run)" if dry_run else "stored")
             return uploaded
 
@@ -197,7 +225,7 @@ class AdapterRegistry:
             await self._on_engine(lambda: self.cache.evict(name, reason="delete"))
             await asyncio.to_thread(self.store.collect_garbage, self.leased_versions())
             self._last_used.pop(name, None)
-            self._current.pop(name, None)
+            self._set_current(name, None)
             log.info("adapter %s deleted", adapter.ref)
             return adapter
 
@@ -249,6 +277,10 @@ class AdapterRegistry:
     # -- internals ----------------------------------------------------------------
 
     async def _follow(self, old: StoredAdapter, new: StoredAdapter | None) -> None:
+        with self._lock:
+            now = self._current.get(old.name, (0, None))[1]
+        if now is not None and now.version == old.version:
+            return  # the name came back to this version meanwhile: nothing to retire
         pinned = await self._on_engine(lambda: self.cache.pinned(old.name))
         await self._retire(old, pin_next=new if pinned else None, reason="replaced" if new else "delete")
 
@@ -259,8 +291,8 @@ class AdapterRegistry:
             if pin_next is not None:
                 try:
                     await self.load(pin_next.name, pin=True)
-                except ApiError as exc:
-                    log.warning("could not pin the new version %s: %s", pin_next.ref, exc.message)
+                except (ApiError, AdapterError) as exc:
+                    log.warning("could not pin the new version %s: %s", pin_next.ref, exc)
             while True:
                 with self._lock:
                     leased = self._leases.get(old.key, 0)

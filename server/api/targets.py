@@ -116,13 +116,9 @@ async def _lease(registry: AdapterRegistry, name: str, param: str) -> Lease:
     """A lease taken on a worker thread; if the caller is cancelled meanwhile, it is released when taken."""
     task = asyncio.ensure_future(asyncio.to_thread(registry.lease, name, param))
     try:
-        lease = await asyncio.shield(task)
+        return await asyncio.shield(task)
     except asyncio.CancelledError:
         task.add_done_callback(lambda t: t.result().release() if not t.cancelled() and not t.exception() else None)
         raise
-    except ApiError as exc:
-        if exc.code == "adapter_not_found":
-            registry.observe(name, None)
-        raise
-    registry.observe(name, lease.adapter)
-    return lease
+    finally:
+        registry.follow_changes()  # what this lookup (or another) found changed in the store

@@ -47,6 +47,7 @@ class Acquired:
     state: Residency
     slot: int = -1
     error: str | None = None
+    retryable: bool = False  # the failure says nothing lasting about the adapter (e.g. the store was down)
 
 
 @dataclass
@@ -137,10 +138,11 @@ class AdapterCache:
             return Acquired(Residency.READY, slot)
         if key in self._failed:
             error = self._failed[key]
-            if key in self._retry:  # the store was down or the version gone: this request fails, the next tries again
+            retryable = key in self._retry
+            if retryable:  # the store was down or the version gone: this request fails, the next tries again
                 self._retry.discard(key)
                 del self._failed[key]
-            return Acquired(Residency.FAILED, error=error)
+            return Acquired(Residency.FAILED, error=error, retryable=retryable)
         weights = self._host.get(key)
         if weights is None:
             self.fetch(adapter)

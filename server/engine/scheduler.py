@@ -171,7 +171,8 @@ class Scheduler:
             for slot in slots:
                 self.adapters.release(slot)
             if got.error is not None:
-                self._fail(req, batch, f"adapter {adapter.name!r} cannot be loaded: {got.error}")
+                kind = ErrorKind.UNAVAILABLE if got.retryable else ErrorKind.ADAPTER
+                self._fail(req, batch, f"adapter {adapter.name!r} cannot be loaded: {got.error}", kind)
                 return "failed"
             capacity = self.adapters.capacity(req.adapters)
             if len(req.adapters) > capacity:

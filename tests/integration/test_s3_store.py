@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -58,7 +61,8 @@ def test_an_upload_through_one_replica_is_served_by_the_other(s3, bucket, tmp_pa
     assert b.names() == ["sql"]
     version = got.version
     assert keys(s3, bucket) == [
-        "adapters/sql.json", f"objects/{version}/{CONFIG_FILE}", f"objects/{version}/{WEIGHTS_FILE}"
+        "adapters/sql.json", f"objects/{version}/{CONFIG_FILE}", f"objects/{version}/{WEIGHTS_FILE}",
+        f"touched/{version}",
     ]
     _, prefix = parse_url(bucket)
     manifest = json.loads((s3.root / "adapters" / prefix / "adapters" / "sql.json").read_text())
@@ -142,15 +146,94 @@ def test_collection_waits_a_grace_period_and_keeps_versions_in_use(s3, bucket, t
     first, _ = put(a, "g", weights=b"v1")
     second, _ = put(a, "g", weights=b"v2")
     v1, v2 = first.adapter.version, second.adapter.version
+    for version in (v1, v2):  # cached a while ago (a folder placed during a collection is spared)
+        os.utime(tmp_path / "a" / "objects" / version, (time.time() - 60, time.time() - 60))
     assert a.collect_garbage(()) == [f"removed cached version {v1[:12]}"]  # recent in the bucket: kept there
-    assert f"retired/{v1}" in keys(s3, bucket)
+    assert f"touched/{v1}" in keys(s3, bucket)
     eager = replica(s3, bucket, tmp_path / "a", orphan_grace=0)
     assert eager.collect_garbage({v1}) == []  # in use here
     assert eager.collect_garbage(()) == [f"removed unreferenced version {v1[:12]} from the bucket"]
-    assert keys(s3, bucket) == ["adapters/g.json", f"objects/{v2}/{CONFIG_FILE}", f"objects/{v2}/{WEIGHTS_FILE}"]
+    assert keys(s3, bucket) == [
+        "adapters/g.json", f"objects/{v2}/{CONFIG_FILE}", f"objects/{v2}/{WEIGHTS_FILE}", f"touched/{v2}"
+    ]
     assert eager.get("g").version == v2 and read_files(eager.locate(eager.get("g")))[WEIGHTS_FILE] == b"v2"
     with pytest.raises(AdapterNotFound, match="no longer stored"):
         replica(s3, bucket, tmp_path / "fresh").locate(first.adapter)
+
+
+class AgingClient:
+    """The bucket as seen hours later for keys under ``aged`` (their LastModified moved back by ``by``)."""
+
+    def __init__(self, client, by: timedelta) -> None:
+        self._client, self.by, self.aged = client, by, set()
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def _age(self, item: dict) -> dict:
+        if any(item["Key"].startswith(p) for p in self.aged):
+            item = {**item, "LastModified": item["LastModified"] - self.by}
+        return item
+
+    def list_objects_v2(self, **kw):
+        page = self._client.list_objects_v2(**kw)
+        return {**page, "Contents": [self._age(o) for o in page.get("Contents", [])]}
+
+    def head_object(self, **kw):
+        return self._age({**self._client.head_object(**kw), "Key": kw["Key"]})
+
+
+def test_a_recent_touch_keeps_an_old_unnamed_version_until_the_grace_period_has_passed(s3, bucket, tmp_path):
+    client = AgingClient(s3.client(), timedelta(hours=2))
+    a = S3AdapterStore(bucket, tmp_path / "a", client, orphan_grace=3600)
+    first, _ = put(a, "t", weights=b"t1")
+    put(a, "t", weights=b"t2")  # v1 unnamed (touched) now
+    v1 = first.adapter.version
+    _, prefix = parse_url(bucket)
+    client.aged.add(f"{prefix}objects/{v1}/")  # uploaded two hours ago, unnamed just now: kept
+    assert all("from the bucket" not in line for line in a.collect_garbage(()))
+    assert f"objects/{v1}/{WEIGHTS_FILE}" in keys(s3, bucket)
+    client.aged.add(f"{prefix}touched/{v1}")  # and unnamed two hours ago: collected
+    assert f"removed unreferenced version {v1[:12]} from the bucket" in a.collect_garbage(())
+    assert not [k for k in keys(s3, bucket) if v1 in k]
+
+
+def test_a_reupload_repairs_a_damaged_object_of_the_same_size(s3, bucket, tmp_path):
+    a = replica(s3, bucket, tmp_path / "a")
+    result, files = put(a, "r", weights=b"r" * 1000)
+    _, prefix = parse_url(bucket)
+    (s3.root / "adapters" / prefix / "objects" / result.adapter.version / WEIGHTS_FILE).write_bytes(b"x" * 1000)
+    put(a, "r", weights=b"r" * 1000)  # the same content again
+    fresh = replica(s3, bucket, tmp_path / "fresh")
+    assert read_files(fresh.locate(fresh.get("r"))) == files
+
+
+def test_an_upload_sends_again_what_a_concurrent_collection_removed(s3, bucket, tmp_path):
+    """A collection on another replica decided to remove an old unnamed version just before this replica
+    re-uploaded the same content: the objects go between the upload and the manifest; put notices."""
+    old, files = put(replica(s3, bucket, tmp_path / "old"), "c1", weights=b"same")
+    replica(s3, bucket, tmp_path / "old").delete("c1")
+    _, prefix = parse_url(bucket)
+    version_dir = s3.root / "adapters" / prefix / "objects" / old.adapter.version
+
+    class CollectingMeanwhile:
+        def __init__(self, client) -> None:
+            self._client = client
+
+        def __getattr__(self, name):
+            return getattr(self._client, name)
+
+        def put_object(self, **kw):
+            if kw["Key"].endswith("c2.json"):  # just before the manifest: the other replica's removal lands
+                for f in (CONFIG_FILE, WEIGHTS_FILE):
+                    self._client.delete_object(Bucket="adapters", Key=f"{prefix}objects/{old.adapter.version}/{f}")
+                assert not version_dir.exists() or not any(version_dir.iterdir())
+            return self._client.put_object(**kw)
+
+    writer = S3AdapterStore(bucket, tmp_path / "w", CollectingMeanwhile(s3.client()))
+    put(writer, "c2", weights=b"same")
+    fresh = replica(s3, bucket, tmp_path / "fresh")
+    assert read_files(fresh.locate(fresh.get("c2"))) == files
 
 
 def test_a_corrupted_object_is_refused_and_not_cached(s3, bucket, tmp_path):
@@ -223,6 +306,7 @@ def test_replicas_given_one_cache_folder_never_remove_each_others_files(s3, buck
     folder = second.locate(second.get("n"))
     assert folder.is_relative_to(second.cache_dir) and read_files(folder) == files
     first.delete("n")
+    os.utime(shared / "objects" / result.adapter.version, (time.time() - 60, time.time() - 60))
     first.collect_garbage(())  # removes its own copy, not the other process's
     assert read_files(folder) == files and not (shared / "objects" / result.adapter.version).exists()
     (shared / ".replicas" / "crashed").mkdir()  # a replica that died without cleaning up

@@ -18,6 +18,7 @@ class Got:
     state: str
     slot: int = -1
     error: str | None = None
+    retryable: bool = False
 
 
 class FakeAdapters:
@@ -26,6 +27,7 @@ class FakeAdapters:
         self.slot_of: dict[str, int] = {}
         self.refs: dict[int, int] = {}
         self.loading, self.broken = set(loading), set(broken)
+        self.store_down: set[str] = set()  # adapters whose load failed for a reason that may pass
         self.pinned: set[str] = set()  # adapters holding a slot for good (one reference each)
         self.fetched: list[str] = []  # adapters read ahead for queued requests, in order
 
@@ -54,6 +56,8 @@ class FakeAdapters:
     def acquire(self, adapter, holding=(), new_slot=True):
         if adapter.name in self.broken:
             return Got("failed", error="broken adapter")
+        if adapter.name in self.store_down:
+            return Got("failed", error="adapter store s3://b: could not download", retryable=True)
         if adapter.name in self.loading:
             return Got("loading")
         slot = self.slot_of.get(adapter.name)
@@ -167,6 +171,16 @@ def test_failed_adapter_fails_only_its_request():
     assert [r.request_id for r in batch.failed] == ["r0"]
     assert batch.failed[0].finish_reason is FinishReason.ERROR
     assert [r.request_id for r, _ in batch.steps] == ["r1"]
+
+
+def test_a_load_that_failed_for_a_passing_reason_is_unavailable_not_invalid():
+    s = make()
+    s.adapters.broken.add("bad")
+    s.adapters.store_down.add("later")
+    s.add(req(0, name="bad"))
+    s.add(req(1, name="later"))
+    failed = {r.request_id: r.error_kind for r in s.schedule().failed}
+    assert failed == {"r0": ErrorKind.ADAPTER, "r1": ErrorKind.UNAVAILABLE}  # 400 vs 503 with Retry-After
 
 
 def test_batch_is_grouped_by_adapter_slot():

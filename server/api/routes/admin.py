@@ -16,7 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from adapters_store.backend import StoredAdapter
-from adapters_store.errors import AdapterNotFound
+from adapters_store.errors import AdapterError, AdapterNotFound
 from adapters_store.validation import AdapterSummary
 from server.api.admin_schemas import AdapterInfo, AdapterList, LoadRequest, UploadResult
 from server.api.auth import Admin
@@ -65,7 +65,7 @@ async def list_adapters(_: Admin, state: State) -> AdapterList:
     names = await asyncio.to_thread(state.serving.store.names)
     cache = state.serving.adapters
     return AdapterList(
-        data=await _describe(state, names),
+        data=await _describe(state, names, single=False),
         slots_total=cache.slots.num_slots,
         slots_in_use=cache.slots_in_use,
         host_bytes=cache.host_bytes,
@@ -114,7 +114,8 @@ async def delete_adapter(name: str, _: Admin, state: State) -> dict:
     return {"id": adapter.name, "version": adapter.version, "object": "adapter", "deleted": True}
 
 
-async def _describe(state: AppState, names: list[str]) -> list[AdapterInfo]:
+async def _describe(state: AppState, names: list[str], single: bool = True) -> list[AdapterInfo]:
+    """``single``: one adapter asked for by name (its errors are the answer) rather than a listing."""
     registry = state.registry
     residence = await registry.residence()
 
@@ -123,16 +124,17 @@ async def _describe(state: AppState, names: list[str]) -> list[AdapterInfo]:
         for name in names:
             try:
                 adapter = registry.store.get(name)
+                # A shared store's adapters that this replica never used have no local files: listed from
+                # the manifest alone, not downloaded for the listing.
+                summary = registry.summary(adapter) if single or registry.store.cached(adapter) else None
             except AdapterNotFound:
                 continue  # deleted meanwhile
+            except AdapterError as exc:
+                if single:
+                    raise
+                summary = str(exc)  # one adapter's problem does not fail the whole list
             rows.append(
-                _info(
-                    adapter,
-                    registry.summary(adapter),
-                    residence.get(adapter.key),
-                    registry.in_flight(name),
-                    registry.last_used(name),
-                )
+                _info(adapter, summary, residence.get(adapter.key), registry.in_flight(name), registry.last_used(name))
             )
         return rows
 
@@ -141,7 +143,7 @@ async def _describe(state: AppState, names: list[str]) -> list[AdapterInfo]:
 
 def _info(
     adapter: StoredAdapter,
-    summary: AdapterSummary | str,
+    summary: AdapterSummary | str | None,
     where: Residence | None,
     in_flight: int,
     last_used: float | None,

@@ -8,6 +8,7 @@ deletes the adapter from the store. Both need the admin token.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from contextlib import ExitStack
@@ -31,7 +32,7 @@ router = APIRouter(tags=["admin"])
 async def load_lora_adapter(body: LoadLoraAdapterRequest, _: Admin, state: State) -> PlainTextResponse:
     folder = _allowed_folder(body.lora_path, state.serving.config.admin.allowed_lora_dirs)
     registry = state.registry
-    if not body.load_inplace and body.lora_name in registry.store.names():
+    if not body.load_inplace and body.lora_name in await asyncio.to_thread(registry.store.names):
         raise ApiError(
             400,
             f"the LoRA adapter {body.lora_name!r} has already been loaded (pass load_inplace to replace it)",
