@@ -31,21 +31,30 @@ BLOCK_R, BLOCK_K, BLOCK_N = 16, 64, 64  # tl.dot needs every block dimension >= 
 
 
 @triton.jit
+def _tile(rank_ptr, rows_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr, BLOCK_M: tl.constexpr):
+    """This program's tile: its slot and that slot's rank, where its rows start, their lanes and which lanes
+    hold a row, and the packed-batch rows themselves."""
+    tile = tl.program_id(0)
+    slot = tl.load(tile_slot_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    m = tl.arange(0, BLOCK_M)
+    in_tile = m < tl.load(tile_len_ptr + tile)
+    rows = tl.load(rows_ptr + start + m, mask=in_tile, other=0).to(tl.int64)
+    return slot, tl.load(rank_ptr + slot), start, m, in_tile, rows
+
+
+@triton.jit
 def _shrink(
     x_ptr, a_ptr, h_ptr, rank_ptr, rows_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr,
     d_in, stride_x, stride_as, stride_ar, stride_h,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr,
 ):
     """h[i, r0:r0+BLOCK_R] = x[rows[i]] @ A[slot, r0:r0+BLOCK_R].T for the tile's rows i (fp32)."""
-    tile = tl.program_id(0)
     r0 = tl.program_id(1) * BLOCK_R
-    slot = tl.load(tile_slot_ptr + tile)
-    rank = tl.load(rank_ptr + slot)
+    slot, rank, start, m, in_tile, rows = _tile(
+        rank_ptr, rows_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr, BLOCK_M
+    )
     if r0 < rank:
-        start = tl.load(tile_start_ptr + tile)
-        m = tl.arange(0, BLOCK_M)
-        in_tile = m < tl.load(tile_len_ptr + tile)
-        rows = tl.load(rows_ptr + start + m, mask=in_tile, other=0).to(tl.int64)
         r = r0 + tl.arange(0, BLOCK_R)
         in_rank = r < rank
         a_base = a_ptr + slot.to(tl.int64) * stride_as
@@ -72,14 +81,10 @@ def _expand(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y[rows[i], cols] += scale[slot] * h[i, :rank] @ B^T[slot, :rank, cols], accumulated in fp32."""
-    tile = tl.program_id(0)
-    slot = tl.load(tile_slot_ptr + tile)
-    rank = tl.load(rank_ptr + slot)
+    slot, rank, start, m, in_tile, rows = _tile(
+        rank_ptr, rows_ptr, tile_slot_ptr, tile_start_ptr, tile_len_ptr, BLOCK_M
+    )
     if rank > 0:
-        start = tl.load(tile_start_ptr + tile)
-        m = tl.arange(0, BLOCK_M)
-        in_tile = m < tl.load(tile_len_ptr + tile)
-        rows = tl.load(rows_ptr + start + m, mask=in_tile, other=0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_cols = cols < d_out
         b_base = bt_ptr + slot.to(tl.int64) * stride_bs

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from tests.helpers.dev_tools import tool
-from tests.helpers.server_process import free_port
+from tests.helpers.server_process import free_port, stop
 
 ACCESS_KEY, SECRET_KEY = "LORAPLEXTESTKEY", "loraplex-test-secret-key"
 
@@ -60,9 +60,4 @@ def running_s3(root: Path, buckets: tuple[str, ...] = ("adapters",)) -> Iterator
                 time.sleep(0.1)
         yield S3Server(endpoint, root)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 10)

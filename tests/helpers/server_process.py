@@ -42,6 +42,16 @@ def wait_until_up(proc: subprocess.Popen, url: str, log_path: Path, timeout: flo
         time.sleep(poll)
 
 
+def stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def running_server(args: list[str], log_path: Path, timeout: float = 180.0, env: dict[str, str] | None = None):
     """``env``: variables added to the process's environment (LORAPLEX_* ones are otherwise stripped)."""
@@ -56,9 +66,4 @@ def running_server(args: list[str], log_path: Path, timeout: float = 180.0, env:
             wait_until_up(proc, base + "/ready", log_path, timeout)
             yield base
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tests.helpers.tiny import make_model, make_tokenizer
+from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
 
 # A plain chat template in the usual role-tag style; the tiny tokenizer has none of its own.
 CHAT_TEMPLATE = (
@@ -26,3 +26,13 @@ def save_tiny_model(
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder, model, tok
+
+
+def save_tiny_model_with_adapters(
+    root: Path, seeds: dict[str, int]
+) -> tuple[Path, PreTrainedModel, PreTrainedTokenizerBase, dict[str, Path]]:
+    """:func:`save_tiny_model` under ``root / "tiny"``, plus one rank-8 q/v PEFT adapter per name (its seed)."""
+    model_dir, base, tok = save_tiny_model(root / "tiny")
+    spec = AdapterSpec("a", 8, 16, ("q_proj", "v_proj"))
+    adapters = {name: make_adapter(base, spec, root / f"src-{name}", seed) for name, seed in seeds.items()}
+    return model_dir, base, tok, adapters

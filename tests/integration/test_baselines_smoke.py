@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.helpers.reference import greedy, peft_model
-from tests.helpers.server_process import free_port, wait_until_up
+from tests.helpers.server_process import free_port, stop, wait_until_up
 from tests.helpers.tiny import AdapterSpec, make_adapter
 from tests.helpers.tiny_server import save_tiny_model
 
@@ -102,12 +102,7 @@ def test_baseline_serves_the_reference_outputs(baseline, setup, tmp_path):
         for case, got in zip(cases, results, strict=True):
             assert got == expected[case], case
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 20)
 
 
 def test_merged_refuses_too_many_adapters(setup, tmp_path):

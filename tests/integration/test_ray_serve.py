@@ -26,8 +26,7 @@ from tests.helpers.ray_cluster import is_loopback, listening_addresses, local_se
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.s3_server import running_s3
 from tests.helpers.server_process import free_port
-from tests.helpers.tiny import AdapterSpec, make_adapter
-from tests.helpers.tiny_server import save_tiny_model
+from tests.helpers.tiny_server import save_tiny_model_with_adapters
 
 # ray is imported only once local_serve has set it up for loopback, so the check does not import it.
 pytestmark = pytest.mark.slow  # ray is in the dev extras: missing, the test fails rather than skips
@@ -46,9 +45,7 @@ KEY = "sk-ray-test-key-0001"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
-    model_dir, base, tok = save_tiny_model(root / "tiny")
-    spec = AdapterSpec("a", 8, 16, ("q_proj", "v_proj"))
-    adapters = {name: make_adapter(base, spec, root / f"src-{name}", seed) for name, seed in SEEDS.items()}
+    model_dir, base, tok, adapters = save_tiny_model_with_adapters(root, SEEDS)
     upload(LocalAdapterStore(root / "shared-dir"), adapters)
     with running_s3(root / "s3") as s3:
         upload(S3AdapterStore(BUCKET, root / "uploader-cache", s3.client()), adapters)

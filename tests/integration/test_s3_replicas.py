@@ -23,8 +23,7 @@ import pytest
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.s3_server import running_s3
 from tests.helpers.server_process import free_port, running_server
-from tests.helpers.tiny import AdapterSpec, make_adapter
-from tests.helpers.tiny_server import save_tiny_model
+from tests.helpers.tiny_server import save_tiny_model_with_adapters
 from tests.helpers.uploads import files_of
 
 PROMPT = "the quick brown fox"
@@ -35,9 +34,7 @@ STORE = "s3://adapters/shared"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
-    model_dir, base, tok = save_tiny_model(root / "tiny")
-    spec = AdapterSpec("a", 8, 16, ("q_proj", "v_proj"))
-    adapters = {seed: make_adapter(base, spec, root / f"src-{seed}", seed) for seed in (1, 2, 3)}
+    model_dir, base, tok, adapters = save_tiny_model_with_adapters(root, {1: 1, 2: 2, 3: 3})
     with running_s3(root / "s3") as s3:
         yield root, model_dir, base, tok, adapters, s3
 
