@@ -47,7 +47,7 @@ from adapters_store.backend import ADAPTER_FILES, VERSION, PutResult, StoredAdap
 from adapters_store.errors import AdapterNotFound, InvalidAdapter, StoreUnavailable
 from adapters_store.names import check_name, is_valid_name
 from adapters_store.peft_format import CONFIG_FILE
-from adapters_store.scratch import clear_abandoned, fsync, remove, scratch_folder
+from adapters_store.scratch import clear_abandoned, fsync, remove, scratch_folder, tree_size
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ OBJECTS, MANIFESTS, TOUCHED, STAGING, REPLICAS = "objects/", "adapters/", "touch
 MANIFEST_FORMAT = 1
 MAX_MANIFEST_BYTES = 64 << 10
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+RECENT_S = 60.0  # a cached version located this recently is never removed to bound the cache
 _SEEN_LIMIT = 65536  # names remembered (found or not) before the memory is cleared
 
 
@@ -102,6 +103,7 @@ class S3AdapterStore:
         client: Any,
         refresh: float = 1.0,
         orphan_grace: float = 3600.0,
+        cache_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
@@ -110,6 +112,8 @@ class S3AdapterStore:
         self.client = client
         self.refresh = refresh
         self.orphan_grace = orphan_grace  # orphan objects younger than this may be an upload in progress
+        self.cache_bytes = cache_bytes  # bound on the disk cache (0: none); see _bound_cache
+        self._used: dict[str, float] = {}  # version -> when it was last located (self._clock)
         self._clock = clock
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, StoredAdapter | None]] = {}
@@ -162,11 +166,14 @@ class S3AdapterStore:
 
     def locate(self, adapter: StoredAdapter) -> Path:
         local = self._local(adapter.version)
+        with self._lock:
+            self._used[adapter.version] = self._clock()
         if (local / CONFIG_FILE).is_file():
             return local
         with self._fetch_lock(adapter.version):
             if not (local / CONFIG_FILE).is_file():
                 self._fetch(adapter, local)
+        self._bound_cache()
         return local
 
     def cached(self, adapter: StoredAdapter) -> bool:
@@ -207,6 +214,9 @@ class S3AdapterStore:
             if self._size_of(key) != size:
                 self._upload(staged / f, key)
         self._keep_locally(staged, adapter.path)
+        with self._lock:
+            self._used[version] = self._clock()
+        self._bound_cache()
         self._remember(name, adapter, self._clock(), names_changed=previous is None)
         return PutResult(adapter, previous)
 
@@ -344,6 +354,29 @@ class S3AdapterStore:
         except OSError:
             if not (local / CONFIG_FILE).is_file():
                 raise  # not "someone placed the same version first"
+
+    def _bound_cache(self) -> None:
+        """Keep the disk cache under ``cache_bytes``: remove the least recently located versions first, but never
+        one located in the last ``RECENT_S`` seconds (a load may be reading it), so the bound can be exceeded
+        for that long. A removed version is fetched again when next used; the bucket keeps it."""
+        if not self.cache_bytes:
+            return
+        cached = self.cache_dir / OBJECTS.rstrip("/")
+        folders = [f for f in cached.iterdir() if VERSION.fullmatch(f.name)] if cached.is_dir() else []
+        sizes = {f: tree_size(f) for f in folders}
+        total, now = sum(sizes.values()), self._clock()
+        with self._lock:
+            by_use = sorted(folders, key=lambda f: self._used.get(f.name, float("-inf")))
+            used = {f: self._used.get(f.name, float("-inf")) for f in folders}
+        for folder in by_use:
+            if total <= self.cache_bytes:
+                return
+            if now - used[folder] < RECENT_S:
+                continue
+            remove(folder)
+            total -= sizes[folder]
+            log.info("adapter cache over %d bytes: removed version %s (fetched again on use)", self.cache_bytes,
+                     folder.name[:12])
 
     def _touch(self, version: str) -> None:
         """Mark ``version`` as in use now (collection waits ``orphan_grace`` after the last mark)."""

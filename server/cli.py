@@ -94,6 +94,13 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     opt("--s3-endpoint-url", "S3-compatible service URL (MinIO, Ceph, ...); empty = AWS", "")
     opt(
+        "--store-cache-size",
+        "with an s3:// store: bound on this replica's disk cache of adapters (e.g. 8G); the least recently "
+        "used versions are removed first and fetched again when used; 0 = no bound",
+        "0",
+        type=_size,
+    )
+    opt(
         "--store-refresh",
         "seconds a replica trusts what it last read of an adapter in a shared store: a delete or re-upload "
         "through another replica is seen within this time (0 = check on every request)",
@@ -205,6 +212,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             store_url=args.adapter_store,
             s3_endpoint_url=args.s3_endpoint_url or None,
             store_refresh=args.store_refresh,
+            store_cache_bytes=args.store_cache_size,
             max_lora_rank=args.max_lora_rank,
             max_loras=args.max_loras,
             host_cache_bytes=args.host_cache,

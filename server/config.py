@@ -41,6 +41,7 @@ class LoraConfig:
     store_url: str = ""  # "" = adapters_dir is the store; s3://bucket/prefix = a bucket shared by replicas
     s3_endpoint_url: str | None = None  # an S3-compatible service other than AWS (MinIO, Ceph, rclone, ...)
     store_refresh: float = 1.0  # seconds a replica trusts what it read of a name in a shared store
+    store_cache_bytes: int = 0  # bound on a shared store's disk cache on this replica (0: none)
     max_lora_rank: int = 64  # largest adapter rank accepted; sizes the device slots
     max_loras: int = 16  # device slots: distinct adapters in one step
     host_cache_bytes: int = 2 << 30  # host-memory tier bound
@@ -62,6 +63,8 @@ class LoraConfig:
             from adapters_store.s3 import parse_url
 
             parse_url(self.store_url)  # raises ValueError naming the problem
+        if self.store_cache_bytes < 0:
+            raise ValueError("store_cache_bytes must be >= 0")
         if not 0 <= self.store_refresh <= 3600:
             raise ValueError(f"store_refresh must be 0..3600 seconds, got {self.store_refresh}")
 

@@ -120,7 +120,10 @@ def open_store(lora: LoraConfig) -> AdapterStore:
         return LocalAdapterStore(lora.adapters_dir)
     from adapters_store.s3 import S3AdapterStore, s3_client
 
-    return S3AdapterStore(lora.store_url, lora.adapters_dir, s3_client(lora.s3_endpoint_url), lora.store_refresh)
+    return S3AdapterStore(
+        lora.store_url, lora.adapters_dir, s3_client(lora.s3_endpoint_url), lora.store_refresh,
+        cache_bytes=lora.store_cache_bytes,
+    )
 
 
 def build_serving_in_fresh_thread(config: Config, loaded: LoadedModel | None = None) -> Serving:

@@ -47,6 +47,10 @@ def test_the_store_settings_are_flags_the_server_accepts(docs):
     assert config.lora.store_url == settings["LORAPLEX_ADAPTER_STORE"].strip()
     assert config.lora.store_url.startswith("s3://")
     assert config.lora.store_refresh == float(settings["LORAPLEX_STORE_REFRESH"])
+    [deployment] = by_kind(docs, "Deployment")
+    [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "adapters"]
+    limit_gi = int(volume["emptyDir"]["sizeLimit"].removesuffix("Gi"))
+    assert 0 < config.lora.store_cache_bytes < limit_gi << 30  # the cache bound keeps the pod from eviction
 
 
 def test_a_misspelt_setting_is_caught(docs):

@@ -236,6 +236,28 @@ def test_an_upload_sends_again_what_a_concurrent_collection_removed(s3, bucket, 
     assert read_files(fresh.locate(fresh.get("c2"))) == files
 
 
+def test_the_disk_cache_stays_under_its_bound_least_recently_used_first(s3, bucket, tmp_path):
+    writer = replica(s3, bucket, tmp_path / "w")
+    for name in "abcd":
+        put(writer, name, weights=name.encode() * 1000)
+    clock = Clock()
+    size = len(b"a" * 1000) + len('{"peft_type": "LORA", "r": 4}')  # one version's files (write_adapter's)
+    b = replica(s3, bucket, tmp_path / "b", cache_bytes=2 * size + 10, clock=clock)
+    cached = lambda: sorted(p.name for p in (tmp_path / "b" / "objects").iterdir())  # noqa: E731
+    version = {n: b.get(n).version for n in "abcd"}
+    for n in "abc":  # a at t=0, b at 100, c at 200: three over a bound of two, a is the oldest
+        b.locate(b.get(n))
+        clock.now += 100
+    assert cached() == sorted([version["b"], version["c"]])
+    assert read_files(b.locate(b.get("a")))[WEIGHTS_FILE] == b"a" * 1000  # fetched again; b goes now
+    assert cached() == sorted([version["c"], version["a"]])
+    b.locate(b.get("d"))  # a was located just now (a load may be reading it), c 100 s ago: c goes
+    assert cached() == sorted([version["a"], version["d"]])
+    clock.now += 1
+    b.locate(b.get("c"))  # everything recent: the bound is exceeded for now rather than a file pulled away
+    assert len(cached()) == 3
+
+
 def test_a_corrupted_object_is_refused_and_not_cached(s3, bucket, tmp_path):
     a = replica(s3, bucket, tmp_path / "a")
     result, _ = put(a, "c", weights=b"x" * 1000)
