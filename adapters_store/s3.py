@@ -38,7 +38,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,7 @@ class S3AdapterStore:
         self.orphan_grace = orphan_grace  # orphan objects younger than this may be an upload in progress
         self.cache_bytes = cache_bytes  # bound on the disk cache (0: none); see _bound_cache
         self._used: dict[str, float] = {}  # version -> when it was last located (self._clock)
+        self._bounding = threading.Lock()
         self._clock = clock
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, StoredAdapter | None]] = {}
@@ -361,22 +362,26 @@ class S3AdapterStore:
         for that long. A removed version is fetched again when next used; the bucket keeps it."""
         if not self.cache_bytes:
             return
-        cached = self.cache_dir / OBJECTS.rstrip("/")
-        folders = [f for f in cached.iterdir() if VERSION.fullmatch(f.name)] if cached.is_dir() else []
-        sizes = {f: tree_size(f) for f in folders}
-        total, now = sum(sizes.values()), self._clock()
-        with self._lock:
-            by_use = sorted(folders, key=lambda f: self._used.get(f.name, float("-inf")))
-            used = {f: self._used.get(f.name, float("-inf")) for f in folders}
-        for folder in by_use:
-            if total <= self.cache_bytes:
-                return
-            if now - used[folder] < RECENT_S:
-                continue
-            remove(folder)
-            total -= sizes[folder]
-            log.info("adapter cache over %d bytes: removed version %s (fetched again on use)", self.cache_bytes,
-                     folder.name[:12])
+        with self._bounding:  # one pass at a time (locate runs on several worker threads)
+            cached = self.cache_dir / OBJECTS.rstrip("/")
+            folders = [f for f in cached.iterdir() if VERSION.fullmatch(f.name)] if cached.is_dir() else []
+            sizes: dict[Path, int] = {}
+            for f in folders:
+                with suppress(FileNotFoundError):  # a collection may remove it meanwhile
+                    sizes[f] = tree_size(f)
+            total, now = sum(sizes.values()), self._clock()
+            with self._lock:
+                used = {f: self._used.get(f.name, float("-inf")) for f in sizes}
+            for folder in sorted(sizes, key=used.__getitem__):  # least recently located first
+                if total <= self.cache_bytes:
+                    return
+                if now - used[folder] < RECENT_S:
+                    continue
+                with suppress(FileNotFoundError):
+                    remove(folder)
+                total -= sizes[folder]
+                log.info("adapter cache over %d bytes: removed version %s (fetched again on use)",
+                         self.cache_bytes, folder.name[:12])
 
     def _touch(self, version: str) -> None:
         """Mark ``version`` as in use now (collection waits ``orphan_grace`` after the last mark)."""
