@@ -20,6 +20,16 @@ from tests.unit.test_local_store import INVALID_NAMES, put, read_files
 URL = "s3://adapters/team-a"
 
 
+class ClientProxy:
+    """A boto3 client with some calls changed by a subclass; every other call goes through unchanged."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -115,13 +125,7 @@ def test_an_upload_that_dies_before_its_manifest_is_not_visible(s3, bucket, tmp_
     a, b = replica(s3, bucket, tmp_path / "a"), replica(s3, bucket, tmp_path / "b", refresh=0.0)
     old, _ = put(a, "keep", weights=b"old")
 
-    class FailingManifest:
-        def __init__(self, client) -> None:
-            self._client = client
-
-        def __getattr__(self, name):
-            return getattr(self._client, name)
-
+    class FailingManifest(ClientProxy):
         def put_object(self, **kw):
             if kw["Key"].endswith(".json"):
                 raise KeyboardInterrupt("killed")  # not an error the store handles: like a kill
@@ -161,14 +165,12 @@ def test_collection_waits_a_grace_period_and_keeps_versions_in_use(s3, bucket, t
         replica(s3, bucket, tmp_path / "fresh").locate(first.adapter)
 
 
-class AgingClient:
+class AgingClient(ClientProxy):
     """The bucket as seen hours later for keys under ``aged`` (their LastModified moved back by ``by``)."""
 
     def __init__(self, client, by: timedelta) -> None:
-        self._client, self.by, self.aged = client, by, set()
-
-    def __getattr__(self, name):
-        return getattr(self._client, name)
+        super().__init__(client)
+        self.by, self.aged = by, set()
 
     def _age(self, item: dict) -> dict:
         if any(item["Key"].startswith(p) for p in self.aged):
@@ -216,13 +218,7 @@ def test_an_upload_sends_again_what_a_concurrent_collection_removed(s3, bucket, 
     _, prefix = parse_url(bucket)
     version_dir = s3.root / "adapters" / prefix / "objects" / old.adapter.version
 
-    class CollectingMeanwhile:
-        def __init__(self, client) -> None:
-            self._client = client
-
-        def __getattr__(self, name):
-            return getattr(self._client, name)
-
+    class CollectingMeanwhile(ClientProxy):
         def put_object(self, **kw):
             if kw["Key"].endswith("c2.json"):  # just before the manifest: the other replica's removal lands
                 for f in (CONFIG_FILE, WEIGHTS_FILE):
