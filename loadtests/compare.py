@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from loadtests.client import ClientConfig
+from loadtests.machine import machine
 from loadtests.run import (
     add_workload_args,
     ints,
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     workload = {k: v for k, v in reports[systems[0]]["workload"].items() if k != "url"}
     summary = {
         "command": "python -m loadtests.compare " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
         "workload": workload,
         "loraplex_args": lp_args,
         "warmup": settings.warmup,

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from loadtests.client import ClientConfig, check_loopback, run_plan
+from loadtests.machine import machine
 from loadtests.plots import plot_adapter_sweep, plot_latency_cdfs, plot_rate_sweep
 from loadtests.report import build_report
 from loadtests.workload import WorkloadSpec, build_plan, load_prompts
@@ -64,7 +65,7 @@ def run_once(spec: WorkloadSpec, cfg: ClientConfig, prompts_file: str | None = N
 
 def write_run(report: dict, folder: Path, title: str = "") -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.json").write_text(json.dumps({"machine": machine(), **report}, indent=2) + "\n")
     plot_latency_cdfs(report, folder / "latency_cdfs.png", title)
 
 
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) > 1:
         key = "rate" if args.sweep_rates else "num_adapters"
         summaries = [{k: v for k, v in r.items() if k != "requests"} for r in reports]
-        (args.out / "report.json").write_text(json.dumps({"sweep": key, "runs": summaries}, indent=2) + "\n")
+        sweep = {"machine": machine(), "sweep": key, "runs": summaries}
+        (args.out / "report.json").write_text(json.dumps(sweep, indent=2) + "\n")
         plot = plot_rate_sweep if key == "rate" else plot_adapter_sweep
         plot(reports, args.out / f"sweep_{key}.png")
     return 0 if all(r["failed"] == 0 for r in reports) else 1

@@ -45,6 +45,7 @@ from loadtests.compare import (
     summarize,
     touch_adapters,
 )
+from loadtests.machine import machine
 from loadtests.plots import plot_rate_sweep, plot_series
 from loadtests.run import ints, log_to_stderr, names
 from loadtests.servers import running
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             done[part] = getattr(suite, part)()
         done[part]["command"] = "python -m loadtests.suite " + " ".join(sys.argv[1:] if argv is None else argv)
         goal_rows = goals(done)  # written after every part, so an interrupted suite keeps what it measured
-        results_path.write_text(json.dumps({"parts": done, "goals": goal_rows}, indent=2) + "\n")
+        payload = {"machine": machine(), "parts": done, "goals": goal_rows}
+        results_path.write_text(json.dumps(payload, indent=2) + "\n")
         (args.out / "summary.md").write_text(summary_markdown(done, goal_rows))
     print((args.out / "summary.md").read_text())
     log.info("suite done in %.0f s: %s", time.monotonic() - started, results_path)

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import torch
 
+from loadtests.machine import machine
 from server.engine.engine import Engine
 from server.model.loading import LoadedModel, load_model
 from tests.helpers.engine import Collected
@@ -159,12 +160,6 @@ def step_inline(engine: Engine) -> None:
 
 
 def environment() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
     import peft
     import transformers
 
@@ -174,8 +169,7 @@ def environment() -> dict:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "torch_threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
+        **machine(),
     }
 
 

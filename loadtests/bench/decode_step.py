@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from loadtests.machine import machine
 from server.config import CacheConfig, Config, LoraConfig
 from server.engine.builder import build_serving
 from server.lora import cpu_kernel
@@ -105,7 +106,7 @@ def main() -> None:
               f"{n_adapters} adapters x{args.compose} per request {m * 1e3:7.1f} ms   ratio {m / b:.3f}")
         del runner
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.write_text(json.dumps({"machine": machine(), **results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

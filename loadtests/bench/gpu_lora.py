@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from loadtests.machine import machine
 from loadtests.run import ints, names
 from server.lora.metadata import LoraBackend, LoraBatch
 from server.lora.ops import ModuleSlots, add_lora
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_lora needs a CUDA GPU: this machine has none (the kernels' correctness is checked without one "
               "in tests/unit/test_lora_triton.py, under Triton's interpreter)", file=sys.stderr)
         return 2
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "machine": machine()}
     if "op" in args.parts:
         tokens = [1, 64] if args.quick else args.tokens
         report["op"] = op_part(args.quick, args.ranks, tokens, args.adapters)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.machine import machine
 from tests.helpers.server_process import running_server
 
 
@@ -30,8 +31,8 @@ def main() -> None:
                 times.append(time.monotonic() - started)
                 assert httpx.get(url + "/ready").status_code == 200
             print(f"run {i + 1}: ready after {times[-1]:.2f} s")
-    result = {"command": f"python -m loadtests.bench.startup --runs {args.runs}", "seconds": times,
-              "median_s": statistics.median(times)}
+    result = {"command": f"python -m loadtests.bench.startup --runs {args.runs}", "machine": machine(),
+              "seconds": times, "median_s": statistics.median(times)}
     print(f"median {result['median_s']:.2f} s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

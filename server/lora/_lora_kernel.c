@@ -35,14 +35,19 @@
  * The grouping and h live in a scratch buffer owned by the calling thread
  * that only grows, so calls do not allocate.
  *
- * Vectors: data moves in pairs of 16-float vectors covering 32 elements. For
- * fp32 a pair is elements [0, 16) and [16, 32); for bf16 it is one 64-byte
- * load split into the even and the odd elements (one shift or mask each, no
- * widening shuffles). Dot products pair x and A the same way, and the expand
- * re-interleaves before it stores, so the split never shows. In the mixed
- * path the activations are fp32, so the bf16 weights are widened instead
- * (one 64-byte load, then one zero-masked word permute per half) into the
- * fp32 order [0, 16), [16, 32) that x and y use.
+ * Vectors (_lora_vec.h): data moves in pairs of 16-lane vectors covering 32
+ * elements. For fp32 a pair is elements [0, 16) and [16, 32); for bf16
+ * activations it is the even and the odd elements (a shift or a mask per
+ * 32-bit word, no widening shuffles); dot products pair x and A the same way,
+ * and the expand re-interleaves before it stores, so the split never shows. In
+ * the mixed path the bf16 weights are widened instead, into the fp32 order.
+ *
+ * Builds: the same source is compiled for AVX-512, AVX2 + FMA and portable C
+ * (server/native.py picks the best this CPU runs). Every build fuses the same
+ * multiply-adds, sums lanes in the same tree and splits work so that no sum
+ * depends on the thread count, so all builds, at any thread count, give
+ * bit-identical results; and the mixed path equals the fp32 path on the
+ * widened weights bit for bit.
  *
  * Prefetch: each thread runs its tiles one behind the tile it has just
  * worked out, and prefetches that next tile's adapter rows while computing
@@ -62,19 +67,20 @@
 
 #include <omp.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define LP_AVX512 1
-#include <immintrin.h>
+#include "_lora_vec.h"
+
+/* Tile sizes: tokens per tile (tokens sharing an adapter read its rows once per tile), rank rows
+ * per shrink tile, and column groups of GW elements per expand tile (fewer for more tokens), so
+ * that the accumulators stay in registers: AVX2 has 16 (AVX-512 32), and a vf takes two. No sum
+ * depends on the tile sizes. */
+enum { GW = 32 }; /* elements per vector pair */
+#if LP_ISA == 1
+enum { MT = 2, MJ = 2, MAX_NG = 2 };
+static inline int expand_groups(int nt) { return nt == 1 ? 2 : 1; }
 #else
-#define LP_AVX512 0
+enum { MT = 4, MJ = 4, MAX_NG = 8 };
+static inline int expand_groups(int nt) { return nt == 1 ? 8 : nt == 2 ? 4 : nt == 3 ? 3 : 2; }
 #endif
-
-#define LP_INLINE static inline __attribute__((always_inline))
-
-enum { MT = 4 };  /* tokens per tile: tokens sharing an adapter read its rows once per tile */
-enum { MJ = 4 };  /* rank rows per shrink tile */
-enum { GW = 32 }; /* elements per vector pair; the expand splits columns in groups of GW */
-enum { MAX_NG = 8 }; /* column groups per expand tile (8 for one token, fewer for more) */
 /* One thread does the calls estimated below MIN_PAR_NS (fork, barrier and join cost about
  * 1.5 us); a call is taken as bound by adapter bytes (~100 B/ns from L2) or by multiply-adds
  * (~60/ns), whichever is slower. */
@@ -117,114 +123,44 @@ static void *scratch(size_t bytes) {
     return scratch_ptr;
 }
 
-/* Mask of the first n (0..32) of 32 elements. */
-LP_INLINE uint32_t first_n(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (uint32_t)((1u << n) - 1u); }
-
 /* Dtype codes (see the top): activations x, y are bf16 only for code 1, weights for codes 1 and 2. */
 enum { DT_F32 = 0, DT_BF16 = 1, DT_MIXED = 2 };
-/* Load modes of ld_pair: fp32, bf16 split into even/odd, bf16 widened in order. */
-enum { LD_F32 = 0, LD_SPLIT = 1, LD_WIDEN = 2 };
 static inline int act_bf16(int dt) { return dt == DT_BF16; }
 static inline int64_t act_esize(int dt) { return dt == DT_BF16 ? 2 : 4; }
 static inline int64_t w_esize(int dt) { return dt == DT_F32 ? 4 : 2; }
 static inline int act_mode(int dt) { return dt == DT_BF16 ? LD_SPLIT : LD_F32; }
 static inline int w_mode(int dt) { return dt == DT_BF16 ? LD_SPLIT : dt == DT_MIXED ? LD_WIDEN : LD_F32; }
 
-/* ------------------------------------------------------------- AVX-512 */
-#if LP_AVX512
+/* ------------------------------------------------------------------ tiles (every ISA build) */
 
-/* Elements [k, k + 32) of a row as two vectors (see "Vectors" above, `mode` is an LD_*); m masks
- * the elements read. */
-LP_INLINE void ld_pair(const void *base, int64_t k, uint32_t m, int masked, __m512 *lo, __m512 *hi, int mode) {
-    if (mode == LD_WIDEN) {
-        /* One 64-byte load; each half widens with a single zero-masked word permute that puts
-         * element i in the high word of dword i (the low word zeroed): exact, and in order. */
-        const uint16_t *p = (const uint16_t *)base + k;
-        __m512i v = masked ? _mm512_maskz_loadu_epi16(m, p) : _mm512_loadu_si512(p);
-        const __m512i idx_lo = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0,
-                                                4, 0, 3, 0, 2, 0, 1, 0, 0, 0);
-        const __m512i idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
-        *lo = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx_lo, v));
-        *hi = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx_hi, v));
-    } else if (mode == LD_SPLIT) {
-        const uint16_t *p = (const uint16_t *)base + k;
-        __m512i v = masked ? _mm512_maskz_loadu_epi16(m, p) : _mm512_loadu_si512(p);
-        *lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        *hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
-    } else {
-        const float *p = (const float *)base + k;
-        *lo = masked ? _mm512_maskz_loadu_ps((__mmask16)m, p) : _mm512_loadu_ps(p);
-        *hi = masked ? _mm512_maskz_loadu_ps((__mmask16)(m >> 16), p + 16) : _mm512_loadu_ps(p + 16);
-    }
-}
-
-/* fp32 -> bf16 round to nearest even (NaN -> 0x7FC0, as torch), result in the high 16 bits. */
-LP_INLINE __m512i round_bf16_high(__m512 v) {
-    __m512i u = _mm512_castps_si512(v);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    r = _mm512_and_si512(r, _mm512_set1_epi32((int)0xFFFF0000u));
-    return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
-}
-
-/* y[c : c + 32] (elements in m) += the pair (lo, hi). */
-LP_INLINE void add_pair(void *base, int64_t c, uint32_t m, __m512 lo, __m512 hi, int bf16) {
-    if (bf16) {
-        uint16_t *p = (uint16_t *)base + c;
-        __m512i v = _mm512_maskz_loadu_epi16(m, p);
-        __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
-        __m512i out = _mm512_or_si512(_mm512_srli_epi32(round_bf16_high(_mm512_add_ps(even, lo)), 16),
-                                      round_bf16_high(_mm512_add_ps(odd, hi)));
-        _mm512_mask_storeu_epi16(p, m, out);
-    } else {
-        float *p = (float *)base + c;
-        __mmask16 m0 = (__mmask16)m, m1 = (__mmask16)(m >> 16);
-        _mm512_mask_storeu_ps(p, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), lo));
-        _mm512_mask_storeu_ps(p + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p + 16), hi));
-    }
-}
-
-/* The four horizontal sums of a, b, c, d, in that order. */
-LP_INLINE __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
-    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    __m512 s = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                             _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
-    __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(s),
-                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
-    return _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-}
-
-/* acc += the products of the pairs at element k of the rows xr[i] and ar[q]. */
-LP_INLINE void shrink_step(__m512 acc[2][MT][MJ], const void *const *xr, const void *const *ar, int64_t k,
-                           uint32_t m, int masked, int NT, int NJ, int U, int dt) {
-    __m512 xl[MT], xh[MT];
-    for (int i = 0; i < NT; ++i) ld_pair(xr[i], k, m, masked, &xl[i], &xh[i], act_mode(dt));
+/* acc += the products of the pairs at element k (n elements) of the rows xr[i] and ar[q]: the
+ * low half, then the high half, into one accumulator per (i, q). */
+LP_INLINE void shrink_step(vf acc[MT][MJ], const void *const *xr, const void *const *ar, int64_t k, int64_t n,
+                           int NT, int NJ, int dt) {
+    vf xl[MT], xh[MT];
+    for (int i = 0; i < NT; ++i) ld_pair(xr[i], k, n, &xl[i], &xh[i], act_mode(dt));
     for (int q = 0; q < NJ; ++q) {
-        __m512 al, ah;
-        ld_pair(ar[q], k, m, masked, &al, &ah, w_mode(dt));
+        vf al, ah;
+        ld_pair(ar[q], k, n, &al, &ah, w_mode(dt));
         for (int i = 0; i < NT; ++i) {
-            acc[0][i][q] = _mm512_fmadd_ps(xl[i], al, acc[0][i][q]);
-            acc[U - 1][i][q] = _mm512_fmadd_ps(xh[i], ah, acc[U - 1][i][q]);
+            acc[i][q] = vfma(xh[i], ah, vfma(xl[i], al, acc[i][q]));
         }
     }
 }
 
-/* h[p + i, j0 + q] = x[tok[p + i]] . A[slot, j0 + q] for i < NT, q < NJ. Small tiles keep the two
- * halves of each pair in separate accumulators, to have enough independent FMA chains. */
-LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt,
+/* h[p + i, j0 + q] = x[tok[p + i]] . A[slot, j0 + q] for i < NT, q < NJ. Each h is the same sum
+ * in the same order whatever the tile, the thread count or the ISA build. (The kernel is bound by
+ * the adapter bytes it reads, so one FMA chain per accumulator costs nothing.) */
+LP_TILE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt,
                            const char *pf, int pf_nj) {
     const int64_t d = jb->d_in, xs = act_esize(dt), ws = w_esize(dt);
     const void *xr[MT];
     const void *ar[MJ];
     for (int i = 0; i < NT; ++i) xr[i] = (const char *)jb->x + jb->tok[p + i] * jb->ldx * xs;
     for (int q = 0; q < NJ; ++q) ar[q] = (const char *)jb->a + ((int64_t)b->slot * jb->R + j0 + q) * d * ws;
-    const int U = NT * NJ <= 4 ? 2 : 1;
-    __m512 acc[2][MT][MJ];
-    for (int u = 0; u < U; ++u)
-        for (int i = 0; i < NT; ++i)
-            for (int q = 0; q < NJ; ++q) acc[u][i][q] = _mm512_setzero_ps();
+    vf acc[MT][MJ];
+    for (int i = 0; i < NT; ++i)
+        for (int q = 0; q < NJ; ++q) acc[i][q] = vzero();
     int64_t k = 0;
     if (pf) {
         /* Stream the next tile's rows in while this one computes: one row's worth of lines per step. */
@@ -232,140 +168,77 @@ LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, in
             for (int q = 0; q < MJ; ++q) {
                 if (q >= pf_nj) break;
                 const char *pq = pf + (q * d + k) * ws;
-                _mm_prefetch(pq, _MM_HINT_T0);
-                if (ws == 4) _mm_prefetch(pq + 64, _MM_HINT_T0);
+                prefetch(pq);
+                if (ws == 4) prefetch(pq + 64);
             }
-            shrink_step(acc, xr, ar, k, 0xFFFFFFFFu, 0, NT, NJ, U, dt);
+            shrink_step(acc, xr, ar, k, GW, NT, NJ, dt);
         }
     } else {
-        for (; k + GW <= d; k += GW) shrink_step(acc, xr, ar, k, 0xFFFFFFFFu, 0, NT, NJ, U, dt);
+        for (; k + GW <= d; k += GW) shrink_step(acc, xr, ar, k, GW, NT, NJ, dt);
     }
-    if (k < d) shrink_step(acc, xr, ar, k, first_n(d - k), 1, NT, NJ, U, dt); /* the rest, as zeros */
+    if (k < d) shrink_step(acc, xr, ar, k, d - k, NT, NJ, dt); /* the rest, as zeros */
     for (int i = 0; i < NT; ++i) {
-        __m512 v[MJ];
-        for (int q = 0; q < MJ; ++q)
-            v[q] = q >= NJ ? _mm512_setzero_ps() : U == 2 ? _mm512_add_ps(acc[0][i][q], acc[1][i][q]) : acc[0][i][q];
-        float *hp = jb->h + (int64_t)(p + i) * jb->R + j0;
-        __m128 sums = reduce4(v[0], v[1], v[2], v[3]);
-        if (NJ == MJ) _mm_storeu_ps(hp, sums);
-        else _mm_mask_storeu_ps(hp, (__mmask8)((1u << NJ) - 1u), sums);
+        vf v[4];
+        for (int q = 0; q < 4; ++q) v[q] = q < NJ ? acc[i][q] : vzero();
+        float sums[4];
+        sum4(v[0], v[1], v[2], v[3], sums);
+        memcpy(jb->h + (int64_t)(p + i) * jb->R + j0, sums, (size_t)NJ * sizeof(float));
     }
 }
 
 /* y[tok[p + i], c0 : c0 + 32 * NG] += scale * h[p + i, :r] @ BT[slot, :r, same columns] for i < NT;
- * `last` masks the columns of the last group. BT is read row by row, so a tile spanning a whole
- * output row streams the adapter's block of BT in order. */
-LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, uint32_t last, int NT, int NG,
+ * the last group has `last` columns. BT is read row by row, so a tile spanning a whole output row
+ * streams the adapter's block of BT in order. */
+LP_TILE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, int64_t last, int NT, int NG,
                            int dt, const char *pf, int pf_r, int pf_lines) {
     const int64_t d = jb->d_out, ys = act_esize(dt), ws = w_esize(dt);
     const int r = b->r;
     const char *btr = (const char *)jb->bt + ((int64_t)b->slot * jb->R * d + c0) * ws;
     const float *hr[MT];
     for (int i = 0; i < NT; ++i) hr[i] = jb->h + (int64_t)(p + i) * jb->R;
-    __m512 acc[MT][MAX_NG][2];
+    vf acc[MT][MAX_NG][2];
     for (int i = 0; i < NT; ++i)
-        for (int g = 0; g < NG; ++g) acc[i][g][0] = acc[i][g][1] = _mm512_setzero_ps();
+        for (int g = 0; g < NG; ++g) acc[i][g][0] = acc[i][g][1] = vzero();
     for (int j = 0; j < r; ++j) {
         const char *row = btr + j * d * ws;
         if (pf && j < pf_r)
-            for (int l = 0; l < pf_lines; ++l) _mm_prefetch(pf + j * d * ws + l * 64, _MM_HINT_T0);
-        __m512 hv[MT];
-        for (int i = 0; i < NT; ++i) hv[i] = _mm512_set1_ps(hr[i][j]);
+            for (int l = 0; l < pf_lines; ++l) prefetch(pf + j * d * ws + l * 64);
+        vf hv[MT];
+        for (int i = 0; i < NT; ++i) hv[i] = vset1(hr[i][j]);
         for (int g = 0; g < NG; ++g) {
-            __m512 lo, hi;
-            ld_pair(row, (int64_t)g * GW, last, g == NG - 1, &lo, &hi, w_mode(dt));
+            vf lo, hi;
+            ld_pair(row, (int64_t)g * GW, g == NG - 1 ? last : GW, &lo, &hi, w_mode(dt));
             for (int i = 0; i < NT; ++i) {
-                acc[i][g][0] = _mm512_fmadd_ps(hv[i], lo, acc[i][g][0]);
-                acc[i][g][1] = _mm512_fmadd_ps(hv[i], hi, acc[i][g][1]);
+                acc[i][g][0] = vfma(hv[i], lo, acc[i][g][0]);
+                acc[i][g][1] = vfma(hv[i], hi, acc[i][g][1]);
             }
         }
     }
-    const __m512 sc = _mm512_set1_ps(jb->scale[b->slot]);
+    const vf sc = vset1(jb->scale[b->slot]);
     for (int i = 0; i < NT; ++i) {
         char *yr = (char *)jb->y + (jb->tok[p + i] * jb->ldy + c0) * ys;
         for (int g = 0; g < NG; ++g)
-            add_pair(yr, (int64_t)g * GW, g == NG - 1 ? last : 0xFFFFFFFFu, _mm512_mul_ps(sc, acc[i][g][0]),
-                     _mm512_mul_ps(sc, acc[i][g][1]), act_bf16(dt));
+            add_pair(yr, (int64_t)g * GW, g == NG - 1 ? last : GW, vmul(sc, acc[i][g][0]), vmul(sc, acc[i][g][1]),
+                     act_bf16(dt));
     }
 }
-
-/* ----------------------------------------------- portable fallback: plain loops */
-#else
-
-LP_INLINE float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-LP_INLINE uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if (f != f) return 0x7FC0; /* NaN, as torch does */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-LP_INLINE float ld1(const void *base, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
-LP_INLINE void shrink_tile(const job_t *jb, const tblock_t *b, int p, int j0, int NT, int NJ, int dt,
-                           const char *pf, int pf_nj) {
-    (void)pf;
-    (void)pf_nj;
-    const int64_t d = jb->d_in, xs = act_esize(dt), ws = w_esize(dt);
-    const int xb = act_bf16(dt), wb = dt != DT_F32;
-    for (int i = 0; i < NT; ++i) {
-        const void *xr = (const char *)jb->x + jb->tok[p + i] * jb->ldx * xs;
-        for (int q = 0; q < NJ; ++q) {
-            const void *ar = (const char *)jb->a + ((int64_t)b->slot * jb->R + j0 + q) * d * ws;
-            float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t k = 0; k < d; ++k) acc += ld1(xr, k, xb) * ld1(ar, k, wb);
-            jb->h[(int64_t)(p + i) * jb->R + j0 + q] = acc;
-        }
-    }
-}
-
-LP_INLINE void expand_tile(const job_t *jb, const tblock_t *b, int p, int64_t c0, uint32_t last, int NT, int NG,
-                           int dt, const char *pf, int pf_r, int pf_lines) {
-    (void)last;
-    (void)pf;
-    (void)pf_r;
-    (void)pf_lines;
-    const int64_t d = jb->d_out, ys = act_esize(dt), ws = w_esize(dt);
-    const int wb = dt != DT_F32;
-    const char *btr = (const char *)jb->bt + (int64_t)b->slot * jb->R * d * ws;
-    const float sc = jb->scale[b->slot];
-    const int64_t w = (c0 + (int64_t)NG * GW < d ? c0 + (int64_t)NG * GW : d) - c0;
-    for (int i = 0; i < NT; ++i) {
-        const float *hr = jb->h + (int64_t)(p + i) * jb->R;
-        float acc[MAX_NG * GW];
-        for (int64_t c = 0; c < w; ++c) acc[c] = 0.0f;
-        for (int j = 0; j < b->r; ++j) {
-            const void *row = btr + j * d * ws;
-            const float hj = hr[j];
-#pragma omp simd
-            for (int64_t c = 0; c < w; ++c) acc[c] += hj * ld1(row, c0 + c, wb);
-        }
-        char *yr = (char *)jb->y + jb->tok[p + i] * jb->ldy * ys;
-        for (int64_t c = 0; c < w; ++c) {
-            if (act_bf16(dt)) {
-                uint16_t *yp = (uint16_t *)yr + c0 + c;
-                *yp = f32_to_bf16(bf16_to_f32(*yp) + sc * acc[c]);
-            } else {
-                ((float *)yr)[c0 + c] += sc * acc[c];
-            }
-        }
-    }
-}
-
-#endif
 
 /* ------------------------------------------------------------- dispatch */
 
+#if LP_ISA == 0
+/* The portable build: one out-of-line tile each, sizes and dtype at run time. */
+LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int nj, int dt, const char *pf,
+                                int pf_nj) {
+    shrink_tile(jb, b, b->p0, j0, b->nt, nj, dt, pf, pf_nj);
+}
+
+LP_INLINE void expand_dispatch(const job_t *jb, const tblock_t *b, int64_t g0, int ng, int dt, const char *pf,
+                                int pf_r, int pf_lines) {
+    const int64_t c0 = g0 * GW;
+    const int64_t rest = jb->d_out - (c0 + (int64_t)(ng - 1) * GW), last = rest < GW ? rest : GW;
+    expand_tile(jb, b, b->p0, c0, last, b->nt, ng, dt, pf, pf_r, pf_lines);
+}
+#else
 /* Turn the runtime tile sizes into calls with constant sizes, so each instance is fully
  * unrolled with its accumulators in registers. */
 LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int nj, int dt, const char *pf,
@@ -373,33 +246,36 @@ LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int n
 #define LP_S(NT_, NJ_) \
     case (NT_) * 8 + (NJ_): shrink_tile(jb, b, b->p0, j0, NT_, NJ_, dt, pf, pf_nj); break;
     switch (b->nt * 8 + nj) {
-        LP_S(1, 1) LP_S(1, 2) LP_S(1, 3) LP_S(1, 4)
-        LP_S(2, 1) LP_S(2, 2) LP_S(2, 3) LP_S(2, 4)
+        LP_S(1, 1) LP_S(1, 2) LP_S(2, 1) LP_S(2, 2)
+#if LP_ISA == 2
+        LP_S(1, 3) LP_S(1, 4) LP_S(2, 3) LP_S(2, 4)
         LP_S(3, 1) LP_S(3, 2) LP_S(3, 3) LP_S(3, 4)
         LP_S(4, 1) LP_S(4, 2) LP_S(4, 3) LP_S(4, 4)
+#endif
         default: break;
     }
 #undef LP_S
 }
 
-/* Column groups per expand tile, so that tokens x groups x 2 accumulators stay about 16. */
-static inline int expand_groups(int nt) { return nt == 1 ? 8 : nt == 2 ? 4 : nt == 3 ? 3 : 2; }
-
 LP_INLINE void expand_dispatch(const job_t *jb, const tblock_t *b, int64_t g0, int ng, int dt, const char *pf,
                                 int pf_r, int pf_lines) {
     const int64_t c0 = g0 * GW;
-    const uint32_t last = first_n(jb->d_out - (c0 + (int64_t)(ng - 1) * GW));
+    const int64_t rest = jb->d_out - (c0 + (int64_t)(ng - 1) * GW), last = rest < GW ? rest : GW;
 #define LP_E(NT_, NG_) \
     case (NT_) * 16 + (NG_): expand_tile(jb, b, b->p0, c0, last, NT_, NG_, dt, pf, pf_r, pf_lines); break;
     switch (b->nt * 16 + ng) {
-        LP_E(1, 1) LP_E(1, 2) LP_E(1, 3) LP_E(1, 4) LP_E(1, 5) LP_E(1, 6) LP_E(1, 7) LP_E(1, 8)
-        LP_E(2, 1) LP_E(2, 2) LP_E(2, 3) LP_E(2, 4)
+        LP_E(1, 1) LP_E(1, 2) LP_E(2, 1)
+#if LP_ISA == 2
+        LP_E(1, 3) LP_E(1, 4) LP_E(1, 5) LP_E(1, 6) LP_E(1, 7) LP_E(1, 8)
+        LP_E(2, 2) LP_E(2, 3) LP_E(2, 4)
         LP_E(3, 1) LP_E(3, 2) LP_E(3, 3)
         LP_E(4, 1) LP_E(4, 2)
+#endif
         default: break;
     }
 #undef LP_E
 }
+#endif
 
 /* -------------------------------------------------------- work partition */
 
@@ -433,12 +309,8 @@ static inline int first_block(const job_t *jb, int64_t at, int expand) {
 
 /* Prefetch n rows of `lines` cache lines each, `stride` bytes apart. */
 LP_INLINE void prefetch_rows(const char *p, int64_t n, int64_t stride, int64_t lines) {
-#if LP_AVX512
     for (int64_t i = 0; i < n; ++i)
-        for (int64_t l = 0; l < lines; ++l) _mm_prefetch(p + i * stride + l * 64, _MM_HINT_T0);
-#else
-    (void)p, (void)n, (void)stride, (void)lines;
-#endif
+        for (int64_t l = 0; l < lines; ++l) prefetch(p + i * stride + l * 64);
 }
 
 /* Prefetch the first expand tile of the cost range [lo, hi), if any. */
@@ -616,5 +488,5 @@ int loraplex_add_lora_sparse_packed(const void *packed) {
                            v[13], v[14], (int)v[15], v[0]);
 }
 
-/* Which code path this build compiled: 1 = AVX-512, 0 = portable loops. */
-int loraplex_kernel_isa(void) { return LP_AVX512; }
+/* Which vector layer this build compiled (see _lora_vec.h): 2 = AVX-512, 1 = AVX2 + FMA, 0 = portable C. */
+int loraplex_kernel_isa(void) { return LP_ISA; }

@@ -1,7 +1,9 @@
 """The C/OpenMP mixed-adapter LoRA kernel for CPU (fp32, bf16, or fp32 with bf16 weights), built on first use.
 
-``_lora_kernel.c`` is compiled and cached by :mod:`server.native` and loaded
-with ctypes, sharing torch's OpenMP thread pool.
+``_lora_kernel.c`` is compiled and cached by :mod:`server.native`, once per
+ISA level (AVX-512, AVX2 + FMA, portable C), and loaded with ctypes, sharing
+torch's OpenMP thread pool. Calls use the build for the best level this CPU
+runs; every build gives bit-identical results (see the C source).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import torch
 
 from server.native import NativeLibrary
 
-_LIB = NativeLibrary(Path(__file__).with_name("_lora_kernel.c"), "lora_kernel")
+_HERE = Path(__file__).parent
+# -ffp-contract=off: only the multiply-adds the source fuses are fused, the same in every build.
+_LIB = NativeLibrary(
+    _HERE / "_lora_kernel.c", "lora_kernel", cflags=("-ffp-contract=off",), depends=(_HERE / "_lora_vec.h",)
+)
+# What loraplex_kernel_isa() answers for each build.
+ISA_CODES = {"avx512": 2, "avx2": 1, "portable": 0}
 _F32, _BF16, _I32 = torch.float32, torch.bfloat16, torch.int32
 # {dtype code, y, ldy, x, ldx, a, bt, scale, rank, slots, T, d_in, d_out, S, R, threads}: see the C source
 # Dtype codes by (activation dtype of x and y, weight dtype of a and bt).
@@ -27,16 +35,36 @@ _ERRORS = {
     3: "could not allocate the kernel's scratch buffer",
     4: "invalid sizes",
 }
-_fn: Callable[[bytes], int] | None = None  # the packed entry point, once loaded
+_fn: Callable[[bytes], int] | None = None  # the packed entry point of this CPU's build, once loaded
 
 
-def available() -> bool:
-    """Whether the kernel is built and loaded; builds it on first call. Never raises."""
+def _entry(isa: str | None) -> Callable[[bytes], int] | None:
+    # The packed int64 arguments, passed without a copy.
+    return _LIB.function("loraplex_add_lora_sparse_packed", [ctypes.c_char_p], isa=isa)
+
+
+def available(isa: str | None = None) -> bool:
+    """Whether the kernel's ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
+    Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
     global _fn
+    if isa is not None:
+        return _entry(isa) is not None
     if _fn is None:
-        # The packed int64 arguments, passed without a copy.
-        _fn = _LIB.function("loraplex_add_lora_sparse_packed", [ctypes.c_char_p])
+        _fn = _entry(None)
     return _fn is not None
+
+
+def compiled_isa(isa: str | None = None) -> int:
+    """The vector layer the ``isa`` build compiled, as loraplex_kernel_isa() reports it (see ISA_CODES)."""
+    fn = _LIB.function("loraplex_kernel_isa", [], isa=isa)
+    if fn is None:
+        raise RuntimeError("the CPU LoRA kernel is not available (see the logged build warning)")
+    return fn()
+
+
+def build(isa: str) -> Path:
+    """Compile the ``isa`` build without loading it (any level gcc knows, runnable on this CPU or not)."""
+    return _LIB.build(isa)
 
 
 def add_lora_sparse(
@@ -47,6 +75,8 @@ def add_lora_sparse(
     scale: torch.Tensor,
     rank: torch.Tensor,
     slots: torch.Tensor,
+    *,
+    isa: str | None = None,
 ) -> None:
     """Add each token's low-rank term into ``y`` in place (CPU, fp32, bf16, or fp32 with bf16 weights).
 
@@ -69,13 +99,14 @@ def add_lora_sparse(
     Accumulated in fp32 (bf16 weights widen exactly, so the mixed case is
     the fp32 result on ``a.float()``, ``bt.float()``); bf16 ``y`` is rounded
     to nearest even once, when stored. Raises ValueError on bad arguments
-    (checked before ``y`` is touched).
+    (checked before ``y`` is touched). ``isa`` picks a build other than this
+    CPU's best (tests compare them).
     """
-    fn = _fn
+    fn = _fn if isa is None else _entry(isa)
     if fn is None:
-        if not available():
+        if not available(isa):
             raise RuntimeError("the CPU LoRA kernel is not available (see the logged build warning)")
-        fn = _fn
+        fn = _entry(isa)
     code = _DT_CODES.get((x.dtype, a.dtype))
     if code is None or y.dtype is not x.dtype or bt.dtype is not a.dtype:
         raise ValueError(

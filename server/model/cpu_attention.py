@@ -9,17 +9,30 @@ import torch
 
 from server.native import NativeLibrary
 
-_LIB = NativeLibrary(Path(__file__).with_name("_decode_attention.c"), "decode_attention")
-_fn = None
+# Built once per ISA level (server.native); the compiler vectorises the loops for each.
+_LIB = NativeLibrary(Path(__file__).with_name("_decode_attention.c"), "decode_attention", ("-ffp-contract=fast",))
+_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+_fn = None  # this CPU's build, once loaded
 
 
-def available() -> bool:
-    """Whether the kernel is built and loaded; builds it on first call. Never raises."""
+def _entry(isa: str | None):
+    return _LIB.function("loraplex_decode_attention_f32", _ARGTYPES, isa=isa)
+
+
+def available(isa: str | None = None) -> bool:
+    """Whether the ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
+    Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
     global _fn
+    if isa is not None:
+        return _entry(isa) is not None
     if _fn is None:
-        argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
-        _fn = _LIB.function("loraplex_decode_attention_f32", argtypes)
+        _fn = _entry(None)
     return _fn is not None
+
+
+def build(isa: str) -> Path:
+    """Compile the ``isa`` build without loading it (any level gcc knows, runnable on this CPU or not)."""
+    return _LIB.build(isa)
 
 
 def decode_attention(
@@ -29,6 +42,8 @@ def decode_attention(
     index: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    *,
+    isa: str | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
@@ -37,13 +52,18 @@ def decode_attention(
     int32, each in ``1..Lmax``. Returns ``[B, H, D]``::
 
         out[b, h] = softmax(scale * q[b, h] @ K[index[b, :len_b], h // (H // KV)].T) @ V[...]
+
+    ``isa`` picks a build other than this CPU's best (tests compare them).
     """
-    if _fn is None and not available():
-        raise RuntimeError("the decode attention kernel is not available")
+    fn = _fn if isa is None else _entry(isa)
+    if fn is None:
+        if not available(isa):
+            raise RuntimeError("the decode attention kernel is not available")
+        fn = _entry(isa)
     b, h, d = q.shape
     n, kv, _ = k_cache.shape
     out = torch.empty_like(q)
-    err = _fn(
+    err = fn(
         out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), index.data_ptr(),
         lengths.data_ptr(), b, h, kv, d, index.shape[1], n, scale, torch.get_num_threads(),
     )

@@ -12,6 +12,7 @@ from loadtests.client import check_loopback
 from loadtests.report import METRICS, STATS
 from loadtests.run import main
 from loadtests.workload import WorkloadSpec, adapter_indices, arrival_times, build_plan, load_prompts
+from server.native import cpu_isa
 from tests.helpers.server_process import running_server
 from tests.helpers.tiny import AdapterSpec, make_adapter
 from tests.helpers.tiny_server import save_tiny_model
@@ -149,6 +150,7 @@ def test_smoke_run_writes_a_full_report_and_plots(server, tmp_path):
     for key in VLLM_KEYS:
         assert key in report, key
     assert report["completed"] == 20 and report["failed"] == 0, report["errors"]
+    assert report["machine"]["cpu"] and report["machine"]["isa"] == cpu_isa()  # figures name their CPU and ISA
     assert report["p99_ttft_ms"] > 0 and report["output_throughput"] > 0
     assert set(report["by_adapter_kind"]) == {"base", "adapter"}
     assert set(report["by_adapter_cache"]) == {"cold", "warm"}
@@ -169,6 +171,7 @@ def test_smoke_rate_sweep_plots(server, tmp_path):
     argv += ["--prompt-len", "2:3", "--output-len", "3:4", "--no-progress"]
     assert main(argv) == 0
     summary = json.loads((out / "report.json").read_text())
+    assert summary["machine"]["isa"] == cpu_isa()
     assert summary["sweep"] == "rate" and [r["workload"]["rate"] for r in summary["runs"]] == [20, 60]
     for path in (out / "sweep_rate.png", out / "rate_20" / "latency_cdfs.png", out / "rate_60" / "report.json"):
         assert path.stat().st_size > 0

@@ -12,8 +12,12 @@ from server.lora import cpu_kernel
 from server.lora.metadata import LoraBackend, LoraBatch
 from server.lora.ops import ModuleSlots, add_lora
 from server.lora.reference import add_lora_reference
+from server.native import runnable_isas
 
 needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="CPU LoRA kernel did not build")
+# Every kernel test runs each build this CPU can run (AVX-512 and AVX2 where present, portable C always);
+# tests/unit/test_kernel_isas.py holds the builds bit-equal to each other and compiles the rest.
+each_isa = pytest.mark.parametrize("isa", runnable_isas())
 
 DTYPES = [torch.float32, torch.bfloat16]
 # (d_in, d_out): square, narrow, wide, odd, and the SmolLM2 k/v projection.
@@ -114,7 +118,8 @@ def assert_untouched(y_wide: torch.Tensor, before: torch.Tensor, token_slots: li
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("rank_set", list(RANKS))
 @pytest.mark.parametrize("mix", MIXES)
-def test_kernel_matches_reference(dtype, shape, rank_set, mix):
+@each_isa
+def test_kernel_matches_reference(dtype, shape, rank_set, mix, isa):
     d_in, d_out = shape
     ranks = list(RANKS[rank_set])
     if mix == "rank0":
@@ -127,7 +132,7 @@ def test_kernel_matches_reference(dtype, shape, rank_set, mix):
         before = y_wide.clone()
         ref = expected(y, x, w, token_slots)
         slots = torch.tensor(token_slots, dtype=torch.int32)
-        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots)
+        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots, isa=isa)
         assert_matches(y, ref, dtype)
         assert_untouched(y_wide, before, token_slots, ranks)
 
@@ -136,7 +141,8 @@ def test_kernel_matches_reference(dtype, shape, rank_set, mix):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("t", [1, 8, 33, 256])
-def test_kernel_decode_shapes_and_threads(dtype, threads, t):
+@each_isa
+def test_kernel_decode_shapes_and_threads(dtype, threads, t, isa):
     """Sizes large enough for the multi-threaded path, R = 64 with mixed ranks, many slots."""
     gen = torch.Generator().manual_seed(t * 10 + threads)
     ranks = [64, 16, 8, 0, 33, 1, 64, 12] * 4
@@ -148,7 +154,8 @@ def test_kernel_decode_shapes_and_threads(dtype, threads, t):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, torch.tensor(token_slots, dtype=torch.int32))
+        slots = torch.tensor(token_slots, dtype=torch.int32)
+        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots, isa=isa)
     finally:
         torch.set_num_threads(old)
     assert_matches(y, ref, dtype)
@@ -156,7 +163,8 @@ def test_kernel_decode_shapes_and_threads(dtype, threads, t):
 
 
 @needs_kernel
-def test_kernel_bf16_rounds_to_nearest_even_like_torch():
+@each_isa
+def test_kernel_bf16_rounds_to_nearest_even_like_torch(isa):
     """y + delta is rounded once, ties to even, to the same bits as torch's fp32 -> bf16 cast."""
     gen = torch.Generator().manual_seed(7)
     w = make_slots(64, 64, [1, 1], torch.bfloat16, gen)
@@ -170,25 +178,27 @@ def test_kernel_bf16_rounds_to_nearest_even_like_torch():
     y = (1.0 + torch.arange(64) * 2.0**-7).to(torch.bfloat16).repeat(8, 1)  # exact, in [1, 1.5)
     slots = torch.tensor([0, 1] * 4, dtype=torch.int32)
     ref = (y.float() + w.bt[slots.long(), 0].float()).to(torch.bfloat16)
-    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots)
+    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots, isa=isa)
     assert torch.equal(y, ref)
     assert torch.equal(y[0, ::2], (1.0 + torch.arange(0, 64, 2) * 2.0**-7).to(torch.bfloat16))  # even: kept
 
 
 @needs_kernel
-def test_kernel_empty_and_all_base():
+@each_isa
+def test_kernel_empty_and_all_base(isa):
     gen = torch.Generator().manual_seed(3)
     w = make_slots(64, 32, [4, 4], torch.float32, gen)
     x, y = torch.randn(0, 64), torch.randn(0, 32)
-    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, torch.zeros(0, dtype=torch.int32))
+    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, torch.zeros(0, dtype=torch.int32), isa=isa)
     x, y = torch.randn(5, 64), torch.randn(5, 32)
     before = y.clone()
-    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, torch.full((5,), -1, dtype=torch.int32))
+    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, torch.full((5,), -1, dtype=torch.int32), isa=isa)
     assert torch.equal(y, before)
 
 
 @needs_kernel
-def test_kernel_rejects_bad_arguments_without_touching_y():
+@each_isa
+def test_kernel_rejects_bad_arguments_without_touching_y(isa):
     gen = torch.Generator().manual_seed(4)
     w = make_slots(64, 32, [4, 4], torch.float32, gen)
     x, y = torch.randn(3, 64), torch.randn(3, 32)
@@ -206,7 +216,7 @@ def test_kernel_rejects_bad_arguments_without_touching_y():
         dict(rank=torch.tensor([4, 17], dtype=torch.int32)),  # rank above R
         dict(scale=w.scale.double()),
     ]
-    _assert_rejected(w, x, y, slots, bad)
+    _assert_rejected(w, x, y, slots, bad, isa=isa)
 
 
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
@@ -225,7 +235,8 @@ def test_kernel_builds_where_gcc_exists_and_shares_torchs_openmp():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("rank_set", list(RANKS))
 @pytest.mark.parametrize("mix", MIXES)
-def test_kernel_mixed_precision_matches_reference(shape, rank_set, mix):
+@each_isa
+def test_kernel_mixed_precision_matches_reference(shape, rank_set, mix, isa):
     d_in, d_out = shape
     ranks = list(RANKS[rank_set])
     if mix == "rank0":
@@ -238,7 +249,7 @@ def test_kernel_mixed_precision_matches_reference(shape, rank_set, mix):
         before = y_wide.clone()
         ref = expected(y, x, w, token_slots)
         slots = torch.tensor(token_slots, dtype=torch.int32)
-        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots)
+        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots, isa=isa)
         assert y.dtype is torch.float32
         assert_matches(y, ref, torch.float32)
         assert_untouched(y_wide, before, token_slots, ranks)
@@ -247,7 +258,8 @@ def test_kernel_mixed_precision_matches_reference(shape, rank_set, mix):
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("t", [1, 8, 33, 256])
-def test_kernel_mixed_precision_decode_shapes_and_threads(threads, t):
+@each_isa
+def test_kernel_mixed_precision_decode_shapes_and_threads(threads, t, isa):
     """The multi-threaded sizes, R = 64 with mixed ranks; also bit-for-bit the fp32 path on the widened weights."""
     gen = torch.Generator().manual_seed(t * 10 + threads + 5)
     ranks = [64, 16, 8, 0, 33, 1, 64, 12] * 4
@@ -262,8 +274,8 @@ def test_kernel_mixed_precision_decode_shapes_and_threads(threads, t):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots)
-        cpu_kernel.add_lora_sparse(y32, x, w.a.float(), w.bt.float(), w.scale, w.rank, slots)
+        cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots, isa=isa)
+        cpu_kernel.add_lora_sparse(y32, x, w.a.float(), w.bt.float(), w.scale, w.rank, slots, isa=isa)
     finally:
         torch.set_num_threads(old)
     assert_matches(y, ref, torch.float32)
@@ -272,7 +284,8 @@ def test_kernel_mixed_precision_decode_shapes_and_threads(threads, t):
 
 
 @needs_kernel
-def test_kernel_mixed_precision_exact_weights():
+@each_isa
+def test_kernel_mixed_precision_exact_weights(isa):
     """Weights that are exact in bf16 give exactly the fp32 kernel's result (small sizes: one thread)."""
     gen = torch.Generator().manual_seed(21)
     w = make_slots(67, 130, [16, 1, 3, 0, 5], torch.bfloat16, gen)
@@ -280,14 +293,15 @@ def test_kernel_mixed_precision_exact_weights():
     slots = torch.tensor(token_slots, dtype=torch.int32)
     x, y_wide, y = make_io(len(token_slots), 67, 130, torch.float32, gen)
     y32_wide = y_wide.clone()
-    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots)
+    cpu_kernel.add_lora_sparse(y, x, w.a, w.bt, w.scale, w.rank, slots, isa=isa)
     y32 = y32_wide[:, PAD[0] : PAD[0] + 130]
-    cpu_kernel.add_lora_sparse(y32, x, w.a.float(), w.bt.float(), w.scale, w.rank, slots)
+    cpu_kernel.add_lora_sparse(y32, x, w.a.float(), w.bt.float(), w.scale, w.rank, slots, isa=isa)
     assert torch.equal(y_wide, y32_wide)
 
 
 @needs_kernel
-def test_kernel_rejects_other_dtype_combinations_without_touching_y():
+@each_isa
+def test_kernel_rejects_other_dtype_combinations_without_touching_y(isa):
     gen = torch.Generator().manual_seed(5)
     w = make_slots(64, 32, [4, 4], torch.bfloat16, gen)
     x, y = torch.randn(3, 64), torch.randn(3, 32)
@@ -300,7 +314,7 @@ def test_kernel_rejects_other_dtype_combinations_without_touching_y():
         dict(a=w.a.half(), bt=w.bt.half()),
         dict(y=y.double(), x=x.double()),
     ]
-    _assert_rejected(w, x, y, slots, bad, match="float32/bfloat16")
+    _assert_rejected(w, x, y, slots, bad, match="float32/bfloat16", isa=isa)
 
 
 @needs_kernel
@@ -381,11 +395,11 @@ def test_add_lora_without_adapters_is_a_no_op(backend):
     assert torch.equal(y_wide, before)
 
 
-def _assert_rejected(w, x, y, slots, bad: list[dict], match: str | None = None) -> None:
+def _assert_rejected(w, x, y, slots, bad: list[dict], match: str | None = None, isa: str | None = None) -> None:
     """Each override of the good arguments raises ValueError and leaves ``y`` as it was."""
     before = y.clone()
     for override in bad:
         args = dict(y=y, x=x, a=w.a, bt=w.bt, scale=w.scale, rank=w.rank, slots=slots) | override
         with pytest.raises(ValueError, match=match):
-            cpu_kernel.add_lora_sparse(**args)
+            cpu_kernel.add_lora_sparse(**args, isa=isa)
         assert torch.equal(y, before), override.keys()
