@@ -75,10 +75,12 @@
  * depends on the tile sizes. */
 enum { GW = 32 }; /* elements per vector pair */
 #if LP_ISA == 1
-enum { MT = 2, MJ = 2, MAX_NG = 2 };
-static inline int expand_groups(int nt) { return nt == 1 ? 2 : 1; }
+enum { MT = 2, MJ = 4, MAX_NG = 4 };
+static inline int shrink_rows(int nt) { return nt == 1 ? 4 : 2; }
+static inline int expand_groups(int nt) { return nt == 1 ? 4 : 1; }
 #else
 enum { MT = 4, MJ = 4, MAX_NG = 8 };
+static inline int shrink_rows(int nt) { return (void)nt, MJ; }
 static inline int expand_groups(int nt) { return nt == 1 ? 8 : nt == 2 ? 4 : nt == 3 ? 3 : 2; }
 #endif
 /* One thread does the calls estimated below MIN_PAR_NS (fork, barrier and join cost about
@@ -246,9 +248,9 @@ LP_INLINE void shrink_dispatch(const job_t *jb, const tblock_t *b, int j0, int n
 #define LP_S(NT_, NJ_) \
     case (NT_) * 8 + (NJ_): shrink_tile(jb, b, b->p0, j0, NT_, NJ_, dt, pf, pf_nj); break;
     switch (b->nt * 8 + nj) {
-        LP_S(1, 1) LP_S(1, 2) LP_S(2, 1) LP_S(2, 2)
+        LP_S(1, 1) LP_S(1, 2) LP_S(1, 3) LP_S(1, 4) LP_S(2, 1) LP_S(2, 2)
 #if LP_ISA == 2
-        LP_S(1, 3) LP_S(1, 4) LP_S(2, 3) LP_S(2, 4)
+        LP_S(2, 3) LP_S(2, 4)
         LP_S(3, 1) LP_S(3, 2) LP_S(3, 3) LP_S(3, 4)
         LP_S(4, 1) LP_S(4, 2) LP_S(4, 3) LP_S(4, 4)
 #endif
@@ -264,9 +266,9 @@ LP_INLINE void expand_dispatch(const job_t *jb, const tblock_t *b, int64_t g0, i
 #define LP_E(NT_, NG_) \
     case (NT_) * 16 + (NG_): expand_tile(jb, b, b->p0, c0, last, NT_, NG_, dt, pf, pf_r, pf_lines); break;
     switch (b->nt * 16 + ng) {
-        LP_E(1, 1) LP_E(1, 2) LP_E(2, 1)
+        LP_E(1, 1) LP_E(1, 2) LP_E(1, 3) LP_E(1, 4) LP_E(2, 1)
 #if LP_ISA == 2
-        LP_E(1, 3) LP_E(1, 4) LP_E(1, 5) LP_E(1, 6) LP_E(1, 7) LP_E(1, 8)
+        LP_E(1, 5) LP_E(1, 6) LP_E(1, 7) LP_E(1, 8)
         LP_E(2, 2) LP_E(2, 3) LP_E(2, 4)
         LP_E(3, 1) LP_E(3, 2) LP_E(3, 3)
         LP_E(4, 1) LP_E(4, 2)
@@ -339,8 +341,9 @@ LP_INLINE void run(const job_t *jb, int tid, int nth, int dt) {
             const tblock_t *b = &jb->tb[t];
             int64_t i0, i1;
             unit_range(b->ws, shrink_unit(b), b->r, lo, hi, &i0, &i1);
-            for (int64_t j = i0; j < i1; j += MJ) {
-                const int nj = (int)(i1 - j < MJ ? i1 - j : MJ);
+            const int mj = shrink_rows(b->nt);
+            for (int64_t j = i0; j < i1; j += mj) {
+                const int nj = (int)(i1 - j < mj ? i1 - j : mj);
                 /* Each tile prefetches the one run before it, so the pending tile runs once the next is known. */
                 const char *ptr = (const char *)jb->a + ((int64_t)b->slot * jb->R + j) * jb->d_in * w_esize(dt);
                 if (pb) shrink_dispatch(jb, pb, pj, pn, dt, ptr, nj);
