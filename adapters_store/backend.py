@@ -17,7 +17,7 @@ import hashlib
 import re
 from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -32,6 +32,8 @@ class StoredAdapter:
     name: str
     version: str  # sha256 of the adapter's files
     path: Path  # a local folder holding this version's files when it was looked up
+    # A folder an operator placed in the store: its files were never checked on their way in (an upload's are)
+    hand_placed: bool = field(default=False, compare=False)
 
     @property
     def ref(self) -> str:
@@ -55,6 +57,10 @@ class PutResult:
 class AdapterStore(Protocol):
     def names(self) -> list[str]:
         """Every stored adapter name, sorted."""
+
+    def strays(self) -> list[tuple[str, str]]:
+        """What sits in the store but is not an adapter (a folder without its config, a stray file), with why:
+        ignored, and reported at start-up."""
 
     def get(self, name: str) -> StoredAdapter:
         """The current version of ``name``; :class:`~adapters_store.errors.AdapterNotFound` if none."""

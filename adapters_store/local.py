@@ -53,6 +53,22 @@ class LocalAdapterStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
 
+    def strays(self) -> list[tuple[str, str]]:
+        """Entries an operator placed here that are not adapters: a folder without its config, a file."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") or (p / CONFIG_FILE).is_file() or (p.is_symlink() and not p.exists()):
+                continue  # an adapter, the store's own, or a broken link that recover() reports
+            if not p.is_dir():
+                found.append((p.name, "a file, not an adapter folder (upload archives through the admin API)"))
+                continue
+            nested = sorted(c.name for c in p.iterdir() if (c / CONFIG_FILE).is_file())
+            where = f"; {nested[0]}/ holds one: an adapter's files go at the top of its folder" if nested else ""
+            found.append((p.name, f"a folder without {CONFIG_FILE}{where}"))
+        return found
+
     def get(self, name: str) -> StoredAdapter:
         """The current version of ``name``; :class:`AdapterNotFound` if there is none."""
         check_name(name)
@@ -160,7 +176,7 @@ class LocalAdapterStore:
             obj = self._objects / version
             return StoredAdapter(name, version, obj) if (obj / CONFIG_FILE).is_file() else None
         if path.is_dir() and (path / CONFIG_FILE).is_file():
-            return StoredAdapter(name, self._digest(path), path)
+            return StoredAdapter(name, self._digest(path), path, hand_placed=True)
         return None
 
     def _linked_version(self, path: Path) -> str | None:

@@ -143,6 +143,14 @@ class S3AdapterStore:
             self._names = (now, names)
         return list(names)
 
+    def strays(self) -> list[tuple[str, str]]:
+        """Keys under ``adapters/`` that are not ``<valid name>.json``: written by hand (the store never does)."""
+        return [
+            (MANIFESTS + key, "not an adapter manifest (adapters/<name>.json with a valid adapter name)")
+            for key, _, _ in self._list(MANIFESTS)
+            if not (key.endswith(".json") and is_valid_name(key.removesuffix(".json")))
+        ]
+
     def get(self, name: str) -> StoredAdapter:
         check_name(name)
         now = self._clock()

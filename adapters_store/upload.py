@@ -10,12 +10,14 @@ written, since a header may lie.
 
 from __future__ import annotations
 
+import io
 import posixpath
 import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
@@ -27,6 +29,19 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 IGNORED_FILES = frozenset({"README.md", "training_args.bin"})  # what PEFT and Trainer put beside an adapter
 MAX_ARCHIVE_MEMBERS = 256
 _EXPECTED = f"send {CONFIG_FILE} and {WEIGHTS_FILE}, or one .tar.gz or .zip archive holding them"
+
+
+def folder_files(
+    folder: Path, stack: ExitStack, open_file: Callable[[Path], BinaryIO] = lambda path: path.open("rb")
+) -> list[tuple[str, BinaryIO]]:
+    """A PEFT folder on this machine as an upload's ``(file name, stream)`` pairs, opened in ``stack``: the
+    config and safetensors weights where present, and pickle weights as an empty stand-in (never read:
+    validation refuses them by name). ``open_file`` may check each path before opening it."""
+    present = [name for name in ADAPTER_FILES if (folder / name).is_file()]
+    files = [(name, stack.enter_context(open_file(folder / name))) for name in present]
+    if (folder / PICKLE_FILE).is_file() and not (folder / WEIGHTS_FILE).is_file():
+        files.append((PICKLE_FILE, io.BytesIO()))
+    return files
 
 
 def place_files(files: list[tuple[str, BinaryIO]], dest: Path, max_bytes: int) -> None:

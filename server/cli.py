@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from server import admin_client
 from server.api.keys import load_keys
 from server.config import (
     DEVICES,
@@ -25,10 +28,13 @@ from server.config import (
     HttpConfig,
     LimitsConfig,
     LoraConfig,
+    LoraModule,
     ModelConfig,
 )
 from server.engine.scheduler import SchedulerConfig
-from server.metrics import MetricsConfig
+from server.flag_errors import flag_error
+from server.metrics import DEFAULT_TOP_K, MetricsConfig
+from server.version import package_version
 
 _REPO_STORE = Path(__file__).resolve().parent.parent / "adapters_store" / "data"
 
@@ -54,6 +60,8 @@ def _size(text: str) -> int:
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LoRA inference server.")
+    version = f"loraplex {package_version()}"
+    parser.add_argument("--version", action="version", version=version)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
@@ -62,6 +70,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "LORAPLEX_<OPTION> environment variable (e.g. LORAPLEX_MAX_LORAS=32); flags win.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    serve.add_argument("--version", action="version", version=version)
+    admin_client.add_parser(sub, env)
 
     def opt(flag: str, help: str, default=None, secret: bool = False, **kw) -> None:
         var = "LORAPLEX_" + flag.lstrip("-").upper().replace("-", "_")
@@ -106,6 +116,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "through another replica is seen within this time (0 = check on every request)",
         1.0,
         type=float,
+    )
+    opt(
+        "--lora-modules",
+        "adapters to store at start-up, each name=path (a PEFT folder or a .tar.gz/.zip) or vLLM's JSON form "
+        "'{\"name\": ..., \"path\": ..., \"base_model_name\": ...}'; validated like an upload; one that fails "
+        "stops the start-up (env: space-separated, shell-quoted)",
+        nargs="+",
+        metavar="NAME=PATH",
     )
     opt("--dtype", "serving dtype; auto = bfloat16 on CUDA, float32 on CPU", "auto", choices=DTYPES)
     opt("--device", "auto = CUDA when present, else CPU", "auto", choices=DEVICES)
@@ -166,8 +184,12 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "comma-separated adapters that get their own `adapter` label on the per-adapter metrics (others: 'other')",
         "",
     )
-    opt("--metrics-top-k", "or: the K busiest adapters get their own `adapter` label (0 = no adapter label)", 0,
-        type=int)
+    opt(
+        "--metrics-top-k",
+        f"the K busiest adapters get their own `adapter` label, others are 'other' (default {DEFAULT_TOP_K}; "
+        "0 = no adapter label; with --metrics-adapters, the allow-list replaces it)",
+        type=int,
+    )
     opt("--vllm-metrics", "also export vLLM's vllm:num_requests_* and vllm:lora_requests_info gauges", "off",
         choices=("on", "off"))
     opt("--max-upload-size", "largest adapter upload, unpacked (bytes, or 512M, 2G)", "1G", type=_size)
@@ -218,6 +240,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             host_cache_bytes=args.host_cache,
             backend=args.lora_backend,
             dtype=args.lora_dtype,
+            modules=_lora_modules(args.lora_modules),
         ),
         cache=CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size),
         scheduler=SchedulerConfig(
@@ -238,17 +261,36 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
+def _lora_modules(values: Sequence[str] | str | None) -> tuple[LoraModule, ...]:
+    """``--lora-modules`` entries (from ``LORAPLEX_LORA_MODULES``: one shell-quoted string)."""
+    if isinstance(values, str):
+        values = shlex.split(values)
+    modules = []
+    for text in values or ():
+        try:
+            modules.append(LoraModule.parse(text))
+        except ValueError as exc:
+            raise ValueError(f"--lora-modules {text[:300]!r}: {exc}") from None
+    return tuple(modules)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(os.environ)
     args = parser.parse_args(argv)
+    if args.command == "adapters":
+        return admin_client.run(args)
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # named by the flag or variable the user set, not the config field
+        line = sys.argv[1:] if argv is None else list(argv)
+        parser.error(flag_error(exc, lambda env, words: build_parser(env).parse_args(words), line, os.environ))
     if config.lora.store_url and importlib.util.find_spec("boto3") is None:
         parser.error(f"--adapter-store {config.lora.store_url} needs boto3: pip install 'loraplex[s3]'")
     if config.model.model is not None and not Path(config.model.model).expanduser().exists():
         parser.error(f"--model {config.model.model}: no such file or directory")
+    for module in config.lora.modules:
+        if not module.path.exists():
+            parser.error(f"--lora-modules {module.name}={module.path}: no such file or directory")
     for flag, folder in (("--adapters-dir", config.lora.adapters_dir), ("--cache-dir", config.model.cache_dir)):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -258,6 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock = listening_socket(config.http.host, config.http.port)
     except OSError as exc:
         parser.error(f"cannot listen on {config.http.host}:{config.http.port}: {exc.strerror or exc}")
+    if config.http.port == 0:  # the port the system picked, for the start-up line
+        config = dataclasses.replace(config, http=dataclasses.replace(config.http, port=sock.getsockname()[1]))
     logging.basicConfig(level=config.http.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(config, sock)
 

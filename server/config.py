@@ -7,6 +7,7 @@ else reads the environment.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,48 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LoraModule:
+    """One ``--lora-modules`` entry: stored under ``name`` at start-up, validated like an upload."""
+
+    name: str
+    path: Path  # a PEFT folder, or a .tar.gz/.zip archive holding one
+    base_model_name: str | None = None  # vLLM's field; when given, it must be the served base model's name
+
+    def __post_init__(self) -> None:
+        from adapters_store.errors import InvalidAdapterName
+        from adapters_store.names import check_name
+
+        try:
+            check_name(self.name)
+        except InvalidAdapterName as exc:
+            raise ValueError(str(exc)) from None
+
+    @classmethod
+    def parse(cls, text: str) -> LoraModule:
+        """``name=path``, or vLLM's JSON form ``{"name": ..., "path": ..., "base_model_name": ...}``."""
+        if text.lstrip().startswith("{"):
+            try:
+                fields = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc}") from None
+            unknown = sorted(set(fields) - {"name", "path", "base_model_name"}) if isinstance(fields, dict) else []
+            if not isinstance(fields, dict) or unknown or not {"name", "path"} <= set(fields):
+                raise ValueError('the JSON form is {"name": ..., "path": ..., "base_model_name": ...} (name and '
+                                 f"path required){'; unknown: ' + ', '.join(unknown) if unknown else ''}")
+            if not all(isinstance(v, str) or (k == "base_model_name" and v is None) for k, v in fields.items()):
+                raise ValueError("name, path and base_model_name must be strings")
+            name, path, base = fields["name"], fields["path"], fields.get("base_model_name")
+        else:
+            name, sep, path = text.partition("=")
+            base = None
+            if not sep:
+                raise ValueError("expected name=path or a JSON object")
+        if not path:
+            raise ValueError("the path is empty")
+        return cls(name, Path(path).expanduser(), base)
+
+
+@dataclass(frozen=True)
 class LoraConfig:
     adapters_dir: Path = Path("adapters_store/data")  # one folder per adapter name, PEFT format; S3: the cache
     store_url: str = ""  # "" = adapters_dir is the store; s3://bucket/prefix = a bucket shared by replicas
@@ -47,8 +90,13 @@ class LoraConfig:
     host_cache_bytes: int = 2 << 30  # host-memory tier bound
     backend: str = "auto"  # auto: the CPU kernel on CPU when it builds, torch otherwise
     dtype: str = "auto"  # adapter weights in the slots; auto = the serving dtype (exact)
+    modules: tuple[LoraModule, ...] = ()  # --lora-modules: stored at start-up; one that fails stops the start
 
     def __post_init__(self) -> None:
+        names = [m.name for m in self.modules]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"--lora-modules names an adapter twice: {', '.join(twice)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"lora dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not 1 <= self.max_lora_rank <= 1024:
@@ -75,8 +123,12 @@ class CacheConfig:
     block_size: int = 16  # tokens per KV block
 
     def __post_init__(self) -> None:
-        if self.kv_cache_tokens < self.block_size or self.block_size < 1:
-            raise ValueError("kv_cache_tokens must be at least one block")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {self.block_size}")
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError(
+                f"kv_cache_tokens must be at least one block (block_size {self.block_size}), got {self.kv_cache_tokens}"
+            )
 
     @property
     def num_blocks(self) -> int:

@@ -5,12 +5,15 @@ colons (those are for recording rules), and latencies labelled by
 ``adapter_kind`` (``base``, ``adapter``, ``composed``) so latency with and
 without adapters sits side by side. Each server has its own registry.
 
-The ``adapter`` label is off by default. When on, it is bounded: names on a
-configured allow-list, or the top K adapters by recent traffic; everything
+The ``adapter`` label is on by default and bounded: the top K adapters by
+recent traffic (K = ``DEFAULT_TOP_K`` unless configured; 0 turns the label
+off), or instead exactly the names on a configured allow-list; everything
 else is counted as ``other``, and ``loraplex_adapter_label_folded_total``
 counts what was folded. The top set is re-chosen every ``REBALANCE_EVERY``
 requests, and the series of an adapter that leaves it are removed, so no
-labelled metric ever holds more than K + 1 series.
+labelled metric ever holds more than K + 1 label values (allow-list: its
+length + 1). With a metric's other labels, ``loraplex_adapter_requests_total``
+holds at most (K + 1) x 5 outcomes series, each per-adapter histogram K + 1.
 
 Most updates happen on the engine thread, a few on the HTTP side; the
 prometheus_client metrics are thread-safe.
@@ -34,6 +37,7 @@ EVICTION_REASONS = ("lru", "admin", "delete", "replaced")
 STEP_PHASES = ("schedule", "forward", "sample", "emit")
 OTHER = "other"
 REBALANCE_EVERY = 1000  # requests between re-choices of the top-K adapter set
+DEFAULT_TOP_K = 10  # adapters with their own ``adapter`` label value when neither a K nor an allow-list is given
 
 # From 1 ms: a decode step of a small model on a CPU is a few ms.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75,
@@ -48,22 +52,31 @@ COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 class MetricsConfig:
     enabled: bool = True
     adapter_allowlist: tuple[str, ...] = ()  # adapters that get their own ``adapter`` label value
-    adapter_top_k: int = 0  # or: the K busiest adapters get one (0 and no allow-list: no adapter label)
+    # or: the K busiest adapters get one; None = DEFAULT_TOP_K, or 0 with an allow-list; 0 = none
+    adapter_top_k: int | None = None
     vllm_compatible: bool = False  # also export vLLM's queue and LoRA gauges (``vllm:`` names)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.adapter_top_k <= 100:
+        if self.adapter_top_k is not None and not 0 <= self.adapter_top_k <= 100:
             raise ValueError("adapter_top_k must be 0..100 (the adapter label must stay small)")
         if self.adapter_allowlist and self.adapter_top_k:
-            raise ValueError("give an adapter allow-list or a top-K, not both")
+            raise ValueError("give --metrics-adapters (an allow-list) or --metrics-top-k, not both; the allow-list "
+                             "alone replaces the default top-K")
         if len(self.adapter_allowlist) > 100:
             raise ValueError("at most 100 adapters on the metrics allow-list")
         if OTHER in self.adapter_allowlist:
             raise ValueError(f"{OTHER!r} is the label of every unlisted adapter; it cannot be on the allow-list")
 
     @property
+    def top_k(self) -> int:
+        """The K in force: the configured one, else 0 beside an allow-list, else ``DEFAULT_TOP_K``."""
+        if self.adapter_top_k is not None:
+            return self.adapter_top_k
+        return 0 if self.adapter_allowlist else DEFAULT_TOP_K
+
+    @property
     def adapter_label(self) -> bool:
-        return bool(self.adapter_allowlist or self.adapter_top_k)
+        return bool(self.adapter_allowlist or self.top_k)
 
 
 class AdapterLabels:
@@ -160,7 +173,7 @@ class Metrics:
         self.kv_usage = Gauge("loraplex_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1).", registry=r)
         self._labels: AdapterLabels | None = None
         if self.config.adapter_label:
-            self._labels = AdapterLabels(self.config.adapter_allowlist, self.config.adapter_top_k)
+            self._labels = AdapterLabels(self.config.adapter_allowlist, self.config.top_k)
             self.adapter_requests = Counter("loraplex_adapter_requests_total",
                                             "Requests by adapter (bounded label; others are 'other').",
                                             ["adapter", "outcome"], registry=r)

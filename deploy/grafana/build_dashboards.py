@@ -8,8 +8,8 @@ the only Grafana variable is ``$__rate_interval``. Two panel keys are ours, for 
 test that evaluates every query against a real Prometheus:
 
 - ``loraplexExpectData: false``: the query is empty until something goes wrong;
-- ``loraplexRequires: "adapter_label"``: the metric exists only when the server runs
-  with ``--metrics-adapters`` or ``--metrics-top-k``.
+- ``loraplexRequires: "adapter_label"``: the metric exists only while the server's bounded
+  ``adapter`` label is on (the default, top 10; ``--metrics-top-k 0`` turns it off).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ OUT = Path(__file__).resolve().parent / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}
 RATE = "$__rate_interval"
 KINDS_NOTE = "base: no adapter; adapter: one LoRA adapter; composed: several adapters weighted in one request."
-ADAPTER_LABEL_NOTE = "Needs the server's --metrics-adapters or --metrics-top-k (the bounded `adapter` label)."
+ADAPTER_LABEL_NOTE = ("The bounded `adapter` label: the server's 10 busiest adapters by default (--metrics-top-k K), "
+                      "or its --metrics-adapters list; empty with --metrics-top-k 0.")
 FAILED = 'loraplex_requests_total{outcome=~"error|rejected"}'
 UNSUCCESSFUL = 'loraplex_requests_total{outcome=~"abort|error|rejected"}'
 ADAPTER_UNSUCCESSFUL = 'loraplex_adapter_requests_total{outcome=~"abort|error"}'
@@ -289,7 +290,7 @@ def adapters() -> dict:
             target("loraplex_adapter_host_cache_bytes", "used {{instance}}"),
             target("loraplex_adapter_host_cache_limit_bytes", "limit {{instance}}"),
         ], "bytes", "Adapter bytes parsed into host memory, and the bound of that LRU.", width=16),
-        row("Per adapter (needs --metrics-adapters or --metrics-top-k)"),
+        row("Per adapter (the top 10 adapters by default; --metrics-top-k, --metrics-adapters)"),
         timeseries("Request rate by adapter", [
             target(f"sum by (adapter) ({rate('loraplex_adapter_requests_total')})", "{{adapter}}"),
         ], "reqps", f"Finished requests per adapter; adapters outside the top set are 'other'. {ADAPTER_LABEL_NOTE}",

@@ -11,7 +11,7 @@ class AdapterInfo(BaseModel):
     """One stored adapter: what it is, where it lives now, and how it has been used."""
 
     name: str
-    version: str = Field(description="sha256 of the adapter's files")
+    version: str | None = Field(description="sha256 of the adapter's files (null: not readable under this name)")
     state: str = Field(description="stored | loading | host | device | failed | invalid")
     tier: str = Field(description="the fastest tier holding it: device | host | disk")
     pinned: bool = False
@@ -32,6 +32,17 @@ class AdapterInfo(BaseModel):
     error: str | None = None
 
 
+class StoreCheckInfo(BaseModel):
+    """The start-up check of the store's adapters, which runs in the background."""
+
+    state: str = Field(description="running | done | stopped | failed")
+    found: int = Field(description="adapters in the store at start-up")
+    checked: int = Field(description="checked so far, valid or not")
+    invalid: int = Field(description="checked and found invalid (listed with state 'invalid' and the error)")
+    not_checked: int = Field(description="with no copy on this replica (a shared store): checked on first use")
+    ignored: int = Field(description="entries of the store that are not adapters (named in the log)")
+
+
 class AdapterList(BaseModel):
     object: str = "list"
     data: list[AdapterInfo]
@@ -39,6 +50,7 @@ class AdapterList(BaseModel):
     slots_in_use: int
     host_bytes: int
     host_bytes_limit: int
+    store_check: StoreCheckInfo | None = None
 
 
 class UploadResult(AdapterInfo):

@@ -15,12 +15,15 @@ from server.api.auth import unauthorized
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
 from server.api.keys import ApiKeys
+from server.api.lora_modules import LoraModuleError, register_lora_modules
 from server.api.registry import AdapterRegistry
-from server.api.routes import admin, chat, completions, health, lora_compat, metrics, models
+from server.api.routes import admin, chat, completions, health, lora_compat, metrics, models, tokenize, version
 from server.api.state import AppState
 from server.config import AdminConfig, HttpConfig
 from server.engine.builder import Serving
 from server.engine.client import EngineClient
+from server.native import cpu_isa
+from server.version import package_version
 
 log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD = 1 << 20  # room for form fields and part headers beside the adapter's files
@@ -59,8 +62,15 @@ def create_app(
             keys=ApiKeys(config.auth.api_keys),
             admission=Admission(config.scheduler.max_num_seqs, config.limits.max_queued_requests),
         )
-        app.state.loraplex = state
         serving.engine.start()
+        try:
+            await register_lora_modules(registry, config.lora.modules)
+        except BaseException:
+            registry.close()
+            await asyncio.to_thread(serving.stop)
+            raise
+        app.state.loraplex = state
+        registry.start_store_report(config.lora.store_url or str(config.lora.adapters_dir))  # /ready does not wait
         state.ready = True
         if config.admin.token is None:
             if config.http.loopback:
@@ -69,12 +79,16 @@ def create_app(
                 log.warning("admin API disabled: bound to %s without LORAPLEX_ADMIN_TOKEN", config.http.host)
         if state.keys.enabled:
             log.info("inference API keys required (%d keys)", len(state.keys))
-        log.info("ready: serving %s", serving.model_name)
+        log.info(_ready_line(serving))
 
     def loaded(task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None and on_startup_failure is not None:
-            log.error("the model could not be loaded", exc_info=task.exception())
-            on_startup_failure(task.exception())
+            exc = task.exception()
+            if isinstance(exc, LoraModuleError):
+                log.error("start-up failed: %s", exc)
+            else:
+                log.error("the model could not be loaded", exc_info=exc)
+            on_startup_failure(exc)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,14 +119,28 @@ def create_app(
             return admin_config.max_upload_bytes + MULTIPART_OVERHEAD
         return http.max_request_bytes
 
-    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="loraplex", version=package_version(), lifespan=lifespan)
     install_error_handlers(app, before_validation=unauthorized)
     app.add_middleware(BodySizeLimit, limit_for=body_limit)
     app.include_router(health.router)
+    app.include_router(version.router)
     app.include_router(metrics.router)
     app.include_router(models.router)
     app.include_router(completions.router)
     app.include_router(chat.router)
+    app.include_router(tokenize.router)
     app.include_router(admin.router)
     app.include_router(lora_compat.router)
     return app
+
+
+def _ready_line(serving: Serving) -> str:
+    """Where the server listens and what it serves, in one line."""
+    config, model = serving.config, serving.engine.runner.model
+    host = f"[{config.http.host}]" if ":" in config.http.host else config.http.host
+    return (
+        f"ready: listening on http://{host}:{config.http.port}, model {serving.model_name} "
+        f"({str(model.dtype).removeprefix('torch.')} on {model.device}), CPU ISA {cpu_isa()}, "
+        f"LoRA backend {serving.engine.runner.backend.value}, adapter store "
+        f"{config.lora.store_url or config.lora.adapters_dir}"
+    )

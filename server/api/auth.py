@@ -17,6 +17,8 @@ from server.api.errors import ApiError
 from server.api.keys import ApiKey
 from server.api.state import State
 
+KEYED_OUTSIDE_V1 = ("/tokenize", "/detokenize")  # vLLM's paths; they need an API key like /v1 routes
+
 
 def require_admin(request: Request, state: State) -> None:
     config = state.serving.config
@@ -63,7 +65,9 @@ def require_key(request: Request, state: State) -> ApiKey | None:
 def unauthorized(request: Request) -> ApiError | None:
     """The 401 an inference route would answer, for errors raised before its dependencies run (a malformed body)."""
     state = getattr(request.app.state, "loraplex", None)
-    if state is None or not request.url.path.startswith("/v1/") or "lora_adapter" in request.url.path:
+    path = request.url.path
+    keyed = path.startswith("/v1/") or path in KEYED_OUTSIDE_V1
+    if state is None or not keyed or "lora_adapter" in path:
         return None
     try:
         require_key(request, state)

@@ -10,9 +10,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.errors import AdapterError, AdapterNotFound, StoreConflict, StoreUnavailable, UploadTooLarge
+from server.api.request_errors import request_error
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          422: "invalid_request_error",
           429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
@@ -71,13 +73,8 @@ def install_error_handlers(app: FastAPI, before_validation: Callable[[Request], 
         earlier = before_validation(request)
         if earlier is not None:
             return error_response(earlier.status, earlier.message, earlier.code, earlier.param, earlier.headers)
-        first = exc.errors()[0] if exc.errors() else {}
-        if first.get("type") == "json_invalid":
-            why = first.get("ctx", {}).get("error", "parse error")
-            return error_response(422, f"the body is not valid JSON: {why}", "invalid_json")
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else str(first.get("msg", "invalid"))
-        return error_response(422, message, "invalid_request", where or None)
+        problem = request_error(exc.errors(), exc.body, request.headers.get("content-type"))
+        return error_response(problem.status, problem.message, problem.code, problem.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -85,7 +82,7 @@ def install_error_handlers(app: FastAPI, before_validation: Callable[[Request], 
             earlier = before_validation(request)
             if earlier is not None:
                 return error_response(earlier.status, earlier.message, earlier.code, earlier.param, earlier.headers)
-            return error_response(422, "the body is not valid JSON (it must be UTF-8 text)", "invalid_json")
+            return error_response(400, "the body is not valid JSON (it must be UTF-8 text)", "invalid_json")
         return error_response(
             exc.status_code, str(exc.detail), getattr(exc, "code", None), headers=getattr(exc, "headers", None)
         )

@@ -88,19 +88,6 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, param: str, **kwargs
         raise ApiError(400, f"{param} cannot be tokenized: {exc}", "invalid_prompt", param) from None
 
 
-def check_supported(body: GenerationFields) -> None:
-    """400 for an OpenAI option set to something this server does not do (rather than ignoring it)."""
-    if body.stream_options is not None and not body.stream:
-        raise ApiError(400, "stream_options needs stream: true", "invalid_request", "stream_options")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name):
-            raise ApiError(400, f"{name} is not supported (only 0)", "unsupported_parameter", name)
-    if body.logit_bias:
-        raise ApiError(400, "logit_bias is not supported", "unsupported_parameter", "logit_bias")
-    if body.response_format is not None and body.response_format.get("type", "text") != "text":
-        raise ApiError(400, "only response_format type 'text' is supported", "unsupported_parameter", "response_format")
-
-
 def request_timeout(state: AppState, body: GenerationFields) -> float | None:
     """The request's own ``timeout``, never longer than the server's ``--request-timeout`` (0 = none)."""
     limit = state.serving.config.limits.request_timeout or None

@@ -21,11 +21,12 @@ from typing import BinaryIO, TypeVar
 from adapters_store.backend import AdapterStore, PutResult, StoredAdapter, content_digest
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName
-from adapters_store.names import check_name
+from adapters_store.names import check_name, is_valid_name
 from adapters_store.upload import place_files
 from adapters_store.validation import AdapterSummary, inspect, summarize, validate
 from server.api.errors import ApiError, unavailable
-from server.api.model_names import adapter_named_by
+from server.api.model_names import adapter_named_by, base_name_clash
+from server.api.store_report import StoreReport
 from server.engine.adapter_cache import AdapterCache, PinLimitReached, Residence, Residency
 from server.engine.engine import Engine
 
@@ -80,6 +81,8 @@ class AdapterRegistry:
         self._lookups = 0
         self._changes: list[tuple[StoredAdapter, StoredAdapter | None]] = []
         self._summaries: dict[str, AdapterSummary | str] = {}  # version -> summary, or why it cannot be served
+        self._invalid: dict[str, str] = {}  # name -> the version of it last found invalid
+        self.report: StoreReport | None = None
         self._admin_locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task] = set()
 
@@ -118,19 +121,74 @@ class AdapterRegistry:
             ) from None
 
     def summary(self, adapter: StoredAdapter) -> AdapterSummary | str:
-        """The adapter's summary, or why it does not fit the base model (headers only; cached per version)."""
-        cached = self._summaries.get(adapter.version)
-        if cached is not None:
-            return cached
+        """The adapter's summary, or why it cannot be served: its name clashes with the base model's, or it
+        does not fit the base model (headers only; cached per version)."""
+        known = self.known(adapter)
+        if known is not None:
+            return self._note(adapter, known)
+        return self._check(adapter, full=False)
+
+    def verify(self, name: str) -> AdapterSummary | str | None:
+        """The start-up check of one stored adapter: :meth:`summary`, and every tensor value read for a folder
+        placed by hand (an upload's values were read before it was stored). None when this replica has no
+        copy of it (a shared store's adapter never used here: checked on first use)."""
+        try:
+            check_name(name)
+        except InvalidAdapterName as exc:
+            return str(exc)
+        if clash := base_name_clash(name, self.base_name):
+            return clash
+        adapter = self.store.get(name)
+        if not self.store.cached(adapter):
+            return None
+        return self._check(adapter, full=True) if adapter.hand_placed else self.summary(adapter)
+
+    def known(self, adapter: StoredAdapter) -> AdapterSummary | str | None:
+        """What is known of ``adapter`` without reading it: its name's clash, or its version's checked result."""
+        return base_name_clash(adapter.name, self.base_name) or self._summaries.get(adapter.version)
+
+    def check_name_free(self, name: str, param: str = "name") -> None:
+        """Refuse (409) a name a request could not reach the adapter by: the base model's, or one that resolves
+        to another adapter."""
+        if clash := base_name_clash(name, self.base_name):
+            raise ApiError(409, f"an adapter cannot be named {name[:200]!r}: {clash}", "adapter_name_conflict", param)
+
+    def offered_names(self) -> list[str]:
+        """The stored adapters a request can use, sorted: not those whose name is invalid or clashes with the
+        base model's, nor those found invalid at the version they still have. Runs on a worker thread."""
+        return [name for name in self.store.names() if self._offered(name)]
+
+    def _offered(self, name: str) -> bool:
+        if not is_valid_name(name) or base_name_clash(name, self.base_name):
+            return False
+        bad = self._invalid.get(name)
+        if bad is None:
+            return True
+        try:
+            return self.store.get(name).version != bad
+        except AdapterError:
+            return False  # gone meanwhile, or not readable now
+
+    def _check(self, adapter: StoredAdapter, full: bool) -> AdapterSummary | str:
         # The store's errors (down, version gone, a damaged copy a re-upload repairs) are about now, not
         # about the version: raised, not remembered. So are read errors (a file removed meanwhile).
         folder = self.store.locate(adapter)
         try:
-            manifest, binding = inspect(folder, self.spec, self.max_rank)
-            result: AdapterSummary | str = summarize(folder, manifest, binding)
+            if full:
+                result: AdapterSummary | str = validate(folder, self.spec, self.max_rank)
+            else:
+                manifest, binding = inspect(folder, self.spec, self.max_rank)
+                result = summarize(folder, manifest, binding)
         except AdapterError as exc:
             result = str(exc)
         self._summaries[adapter.version] = result
+        return self._note(adapter, result)
+
+    def _note(self, adapter: StoredAdapter, result: AdapterSummary | str) -> AdapterSummary | str:
+        if isinstance(result, str):
+            self._invalid[adapter.name] = adapter.version
+        elif self._invalid.get(adapter.name) == adapter.version:
+            self._invalid.pop(adapter.name, None)
         return result
 
     def follow_changes(self) -> None:
@@ -190,6 +248,7 @@ class AdapterRegistry:
     ) -> tuple[Uploaded, PutResult | None]:
         """Validate an upload completely, then store it (unless ``dry_run``). Runs on a worker thread."""
         check_name(name)
+        self.check_name_free(name)
         with self.store.staging() as staged:
             place_files(files, staged, self.max_upload_bytes)
             summary = validate(staged, self.spec, self.max_rank)
@@ -198,6 +257,7 @@ class AdapterRegistry:
                 return Uploaded(StoredAdapter(name, version, staged), summary, created=False), None
             result = self.store.put(name, staged)
         self._summaries[result.adapter.version] = summary
+        self._note(result.adapter, summary)
         return Uploaded(result.adapter, summary, created=result.changed), result
 
     async def upload(self, name: str, files: list[tuple[str, BinaryIO]], dry_run: bool) -> Uploaded:
@@ -270,7 +330,15 @@ class AdapterRegistry:
     async def residence(self) -> dict[tuple[str, str], Residence]:
         return await self._on_engine(self.cache.residence)
 
+    def start_store_report(self, where: str) -> StoreReport:
+        """Check every stored adapter in the background (see :mod:`server.api.store_report`)."""
+        self.report = StoreReport(where, self.store.names, self.store.strays, self.verify)
+        self.report.start()
+        return self.report
+
     def close(self) -> None:
+        if self.report is not None:
+            self.report.stop()
         for task in self._tasks:
             task.cancel()
 

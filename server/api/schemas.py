@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from server.api import unsupported
 
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_COMPOSED = 8  # adapters composed in one request (also at most the number of device slots)
@@ -23,23 +27,34 @@ def _encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(_encodable)]  # JSON can carry lone surrogates; nothing downstream can
 
 
-class StreamOptions(BaseModel):
+class StrictBody(BaseModel):
+    """A request object: unknown keys are refused, and so are the ``UNSUPPORTED`` options set to anything but
+    their neutral values (see :mod:`server.api.unsupported`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    UNSUPPORTED: ClassVar[unsupported.Table] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        return unsupported.drop_neutral(data, cls.UNSUPPORTED)
+
+
+class StreamOptions(StrictBody):
+    UNSUPPORTED = unsupported.STREAM_OPTIONS
+
     include_usage: bool = False
 
 
-class AdapterTerm(BaseModel):
+class AdapterTerm(StrictBody):
     """One adapter of a composition: its low-rank term is multiplied by ``weight`` (negative subtracts it)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., min_length=1, max_length=512)
     weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)
 
 
-class GenerationFields(BaseModel):
-    """What completions and chat completions share. Unknown fields are ignored, as OpenAI clients send many."""
-
-    model_config = ConfigDict(extra="ignore")
+class GenerationFields(StrictBody):
+    """What completions and chat completions share. Unknown fields are refused (400), as OpenAI does."""
 
     model: str = Field("", max_length=512, description="the base model's name (or ''), an adapter, or base:adapter")
     adapters: list[AdapterTerm] | None = Field(
@@ -58,13 +73,9 @@ class GenerationFields(BaseModel):
     stop: Text | list[Text] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     ignore_eos: bool = False
-    user: Text | None = None
-    presence_penalty: float | None = Field(None, description="not supported: absent or 0")
-    frequency_penalty: float | None = Field(None, description="not supported: absent or 0")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: absent or empty")
-    response_format: dict | None = Field(None, description="only {'type': 'text'}")
+    user: Text | None = Field(None, description="the end user, for the caller's own records: not used")
+    metadata: dict[str, Text] | None = Field(None, max_length=16, description="tags for the caller: not used")
     timeout: float | None = Field(
         None,
         gt=0,
@@ -72,25 +83,44 @@ class GenerationFields(BaseModel):
         description="seconds; past it the request is aborted (504, or an error event when streaming)",
     )
 
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> GenerationFields:
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("invalid_combination", "only allowed with stream: true",
+                                      {"param": "stream_options"})
+        return self
+
 
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
 
+    UNSUPPORTED = unsupported.COMPLETIONS
+
     prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
         ..., description=f"text, token ids, or a list of up to {MAX_PROMPTS} of either (one choice each)"
     )
-    echo: Literal[False] = False
-    logprobs: None = None
-    suffix: None = None
 
 
-class TextPart(BaseModel):
+class TextPart(StrictBody):
+    """A part of a message's content; only text parts are supported."""
+
     type: Literal["text"]
     text: Text
 
+    @model_validator(mode="before")
+    @classmethod
+    def _only_text(cls, data: Any) -> Any:
+        kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(kind, str) and kind != "text":  # image_url, input_audio, file, ...
+            raise PydanticCustomError(
+                unsupported.CONTENT, "content parts of type {part_type} are not supported; only text parts are",
+                {"part_type": json.dumps(kind[:40])},
+            )
+        return data
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+
+class ChatMessage(StrictBody):
+    UNSUPPORTED = unsupported.MESSAGE
 
     role: Literal["system", "developer", "user", "assistant"]
     content: Text | list[TextPart] | None = None
@@ -107,10 +137,10 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(GenerationFields):
     """``POST /v1/chat/completions``: the messages go through the tokenizer's chat template."""
 
+    UNSUPPORTED = unsupported.CHAT
+
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
-    logprobs: Literal[False] | None = None
-    tools: list[dict] | None = Field(None, description="not supported: must be absent or empty")
     add_generation_prompt: bool = Field(True, description="end the prompt with the assistant turn's opening")
     continue_final_message: bool = Field(False, description="continue the last (assistant) message instead")
 

@@ -344,7 +344,8 @@ def server(tmp_path_factory) -> Iterator[str]:
     store.mkdir()
     for seed, spec in enumerate(ADAPTERS, 1):
         make_adapter(base, spec, store, seed=seed)
-    args = ["--model", str(model_dir), "--adapters-dir", str(store), "--metrics-top-k", "5", "--vllm-metrics", "on",
+    # No metrics flags but the vLLM gauges: the per-adapter panels must show data on a default install.
+    args = ["--model", str(model_dir), "--adapters-dir", str(store), "--vllm-metrics", "on",
             "--max-lora-rank", "16", "--max-loras", "4", "--kv-cache-tokens", "4096"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")  # two cores: leave one for Prometheus and the load

@@ -45,6 +45,8 @@ def build(
     limits: LimitsConfig | None = None,
     auth: AuthConfig | None = None,
     metrics: MetricsConfig | None = None,
+    store_url: str = "",
+    s3_endpoint_url: str | None = None,
 ) -> Serving:
     config = Config(
         model=ModelConfig(cache_dir=cache_dir),
@@ -54,6 +56,8 @@ def build(
             max_loras=max_loras,
             backend=backend,
             host_cache_bytes=host_cache_bytes,
+            store_url=store_url,
+            s3_endpoint_url=s3_endpoint_url,
         ),
         cache=CacheConfig(kv_cache_tokens=kv_tokens),
         scheduler=SchedulerConfig(

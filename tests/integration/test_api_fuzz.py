@@ -32,7 +32,9 @@ from safetensors.torch import load_file, save_file
 
 from server.api.admin_schemas import AdapterInfo, AdapterList, UploadResult
 from server.api.app import create_app
+from server.api.tokenize_schemas import DetokenizeResponse, TokenizeResponse
 from server.config import AdminConfig, AuthConfig, HttpConfig
+from server.version import package_version
 from tests.helpers import engine as eng
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
 from tests.helpers.tiny_server import CHAT_TEMPLATE
@@ -352,12 +354,41 @@ def chat_bodies(h: bool) -> st.SearchStrategy[object]:
     return mutated(body, [*required, *fields]) if h else body
 
 
+def tokenize_bodies(h: bool) -> st.SearchStrategy[object]:
+    """vLLM's two forms: a prompt, or messages (the chat bodies' own, less what tokenizing does not take)."""
+    keys = ("model", "messages", "add_generation_prompt", "continue_final_message")
+    chat = st.tuples(
+        chat_bodies(h).map(lambda b: {k: v for k, v in b.items() if k in keys} if isinstance(b, dict) else b),
+        st.fixed_dictionaries({}, optional={"return_token_strs": st.booleans(),
+                                            "add_special_tokens": odd(h, st.booleans(), st.just(False))}),
+    ).map(lambda pair: pair[0] | pair[1] if isinstance(pair[0], dict) else pair[0])
+    prompt = st.fixed_dictionaries(
+        {"prompt": some_text(h)},
+        optional={"model": odd(h, hostile_text, st.sampled_from(MODELS)), "add_special_tokens": st.booleans(),
+                  "return_token_strs": st.booleans()},
+    )
+    if h:  # the chat bodies are already mutated
+        prompt = mutated(prompt, ["model", "prompt", "messages", "add_special_tokens", "return_token_strs"])
+    return prompt | chat
+
+
+def detokenize_bodies(vocab: int, h: bool) -> st.SearchStrategy[object]:
+    tokens = odd(h, st.lists(st.integers(-3, vocab + 3) | big_ints, max_size=20),
+                 st.lists(st.integers(0, vocab - 1), max_size=20))
+    body = st.fixed_dictionaries({"tokens": tokens}, optional={"model": odd(h, hostile_text, st.sampled_from(MODELS))})
+    return mutated(body, ["tokens", "model"]) if h else body
+
+
 # Every public route, and how many calls fuzz it.
 ROUTES = {
     ("GET", "/health"): 30,
     ("GET", "/ready"): 30,
+    ("GET", "/version"): 20,
     ("GET", "/metrics"): 20,
     ("GET", "/v1/models"): 40,
+    ("GET", "/v1/models/{name}"): 100,
+    ("POST", "/tokenize"): 250,
+    ("POST", "/detokenize"): 150,
     ("POST", "/v1/completions"): 600,
     ("POST", "/v1/chat/completions"): 500,
     ("GET", "/admin/adapters"): 40,
@@ -527,6 +558,7 @@ def operations(w: World) -> dict[tuple[str, str], tuple[st.SearchStrategy[Call],
     completions = ("POST", "/v1/completions")
     chat = ("POST", "/v1/chat/completions")
     name_routes = {  # spare the keeper?, bodies
+        ("GET", "/v1/models/{name}"): (False, None),
         ("GET", "/admin/adapters/{name}"): (False, None),
         ("DELETE", "/admin/adapters/{name}"): (True, None),
         ("POST", "/admin/adapters/{name}/load"): (False, load_bodies()),
@@ -537,6 +569,10 @@ def operations(w: World) -> dict[tuple[str, str], tuple[st.SearchStrategy[Call],
         **{route: get_calls(route) for route in ROUTES if route[0] == "GET" and "{name}" not in route[1]},
         completions: json_calls(completions, completion_bodies(w.vocab, False), completion_bodies(w.vocab, True)),
         chat: json_calls(chat, chat_bodies(False), chat_bodies(True)),
+        ("POST", "/tokenize"): json_calls(("POST", "/tokenize"), tokenize_bodies(False), tokenize_bodies(True)),
+        ("POST", "/detokenize"): json_calls(
+            ("POST", "/detokenize"), detokenize_bodies(w.vocab, False), detokenize_bodies(w.vocab, True)
+        ),
         ("POST", "/admin/adapters"): upload_calls(w),
         **{route: name_route_calls(route, *how) for route, how in name_routes.items()},
         ("POST", "/v1/load_lora_adapter"): lora_load_calls(w),
@@ -675,6 +711,17 @@ def check_success(call: Call, r, where: str) -> None:
         assert body == {"status": "ok"}, where
     elif path == "/ready":
         assert body == {"status": "ready", "model": BASE}, where
+    elif path == "/version":
+        assert body == {"version": package_version()}, where
+    elif path == "/v1/models/{name}":
+        assert body["object"] == "model" and body["root"] == BASE, where
+        assert body["parent"] == (None if body["id"] == BASE else BASE), where
+    elif path == "/tokenize":
+        TokenizeResponse.model_validate(body)
+        assert body["count"] == len(body["tokens"]) and body["max_model_len"] > 0, where
+        assert body["token_strs"] is None or len(body["token_strs"]) == body["count"], where
+    elif path == "/detokenize":
+        DetokenizeResponse.model_validate(body)
     elif path == "/v1/models":
         assert body["object"] == "list" and body["data"][0]["id"] == BASE, where
         assert all(card["parent"] == BASE for card in body["data"][1:]), where
@@ -839,7 +886,8 @@ WRONG_KEYS = [
     "sk-fuzz-\u00e4ll-0001",  # not ASCII: sent as UTF-8 bytes
     "\u043a\u043b\u044e\u0447-\U0001f511" * 3,
 ]
-KEYED_ROUTES = {("POST", "/v1/completions"): 300, ("POST", "/v1/chat/completions"): 250, ("GET", "/v1/models"): 40}
+KEYED_ROUTES = {("POST", "/v1/completions"): 300, ("POST", "/v1/chat/completions"): 250, ("GET", "/v1/models"): 40,
+                ("POST", "/tokenize"): 120, ("POST", "/detokenize"): 80}
 
 
 @dataclass(frozen=True)
@@ -876,6 +924,10 @@ def keyed_calls(route: tuple[str, str], vocab: int) -> st.SearchStrategy[tuple[C
         calls = json_calls(route, completion_bodies(vocab, False), completion_bodies(vocab, True))
     elif route == ("POST", "/v1/chat/completions"):
         calls = json_calls(route, chat_bodies(False), chat_bodies(True))
+    elif route == ("POST", "/tokenize"):
+        calls = json_calls(route, tokenize_bodies(False), tokenize_bodies(True))
+    elif route == ("POST", "/detokenize"):
+        calls = json_calls(route, detokenize_bodies(vocab, False), detokenize_bodies(vocab, True))
     else:
         calls = get_calls(route)
 
@@ -924,6 +976,8 @@ def check_keyed(call: Call, cred: Credential, r) -> None:
     elif 200 <= r.status_code < 300 and call.route[1] == "/v1/models":
         names = [card["id"] for card in r.json()["data"][1:]]
         assert all(allowed(cred.key, n) for n in names), where
+    elif 200 <= r.status_code < 300 and call.route[1] in ("/tokenize", "/detokenize"):
+        assert not outside, f"answered for an adapter outside the key's globs: {where}"
     elif 200 <= r.status_code < 300:
         served = [ref.rsplit("@", 1)[0] for ref in r.headers.get("x-loraplex-adapter", "").split(",") if ref]
         assert all(allowed(cred.key, n) for n in served), f"served an adapter outside the key's globs: {where}"

@@ -12,6 +12,7 @@ this module do not depend on one another's counts.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections import Counter
@@ -92,15 +93,17 @@ def tiny(tmp_path_factory):
     store = tmp_path_factory.mktemp("metrics-store")
     for i, name in enumerate(ADAPTERS):
         make_adapter(base, AdapterSpec(name, 4, 8, ("q_proj", "v_proj")), store, seed=10 + i)
-
-    def poison(tensors: dict) -> None:
-        key = next(k for k in sorted(tensors) if "lora_B" in k)
-        tensors[key] = tensors[key].clone()
-        tensors[key][0, 0] = float("nan")
-
-    for name in ("nan", "nan-probe"):  # they pass the lookup; the loader refuses them, so their requests fail
+    # The start-up check of the store finds their NaN: requests naming them are refused at lookup, and
+    # /v1/models leaves them out. nan-probe goes to the engine directly, whose loader refuses it.
+    for name in ("nan", "nan-probe"):
         edit_adapter(make_adapter(base, AdapterSpec(name, 4, 8, ("q_proj", "v_proj")), store, seed=99), poison)
     return base, tok, store, tmp_path_factory.mktemp("metrics-cache")
+
+
+def poison(tensors: dict) -> None:
+    key = next(k for k in sorted(tensors) if "lora_B" in k)
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
 
 
 @pytest.fixture(scope="module")
@@ -281,8 +284,12 @@ def test_counters_and_histograms_match_what_was_sent(world):
     sent.outcomes["composed", "rejected"] += 1
 
     # Failed: the adapter's weights hold a NaN, which the loader refuses. It never ran: no prompt tokens (they
-    # count when the prompt is processed), no latency but its queue time (its whole life).
-    broken = w.client.post("/v1/completions", headers=AUTH, json={"model": "nan", "prompt": OTHER_PROMPT})
+    # count when the prompt is processed), no latency but its queue time (its whole life). Placed after
+    # start-up (so the start-up check did not see it), it passes the lookup.
+    store = w.serving.store.root
+    if not (store / "nan-late").exists():
+        edit_adapter(shutil.copytree(store / "a1", store / "nan-late"), tensors=poison)
+    broken = w.client.post("/v1/completions", headers=AUTH, json={"model": "nan-late", "prompt": OTHER_PROMPT})
     assert broken.status_code == 400 and "cannot be loaded" in broken.json()["error"]["message"], broken.text
     sent.outcomes["adapter", "error"] += 1
     sent.ended["adapter"] += 1
@@ -373,8 +380,10 @@ def test_gauges_at_rest(world):
     listing = w.client.get("/admin/adapters").json()
     assert s.get("loraplex_adapter_host_cache_bytes") == listing["host_bytes"]
     assert s.get("loraplex_adapters_stored") == len(w.serving.store.names()) == len(listing["data"])
+    assert w.state.registry.report.done.wait(30)  # the start-up check of the store
     models = w.client.get("/v1/models", headers=AUTH).json()["data"]
-    assert s.get("loraplex_adapters_stored") == len(models) - 1  # the base model first, then every adapter
+    # The base model first, then every adapter but nan and nan-probe, found invalid by that check.
+    assert s.get("loraplex_adapters_stored") == len(models) - 1 + 2
 
 
 def test_gauges_while_a_request_runs_then_at_rest_again(world):
@@ -535,3 +544,26 @@ def test_metrics_disabled_is_404_and_requests_still_work(tiny):
         assert broken.status_code == 400, broken.text
         assert client.get("/metrics").json()["error"]["code"] == "metrics_disabled"
 
+
+
+# -- a default install ----------------------------------------------------------------------------------------
+
+
+def test_a_default_install_has_the_per_adapter_series_the_dashboards_read(tiny):
+    """No metrics options: the ``adapter`` label is on (top 10), so Grafana's per-adapter panels have data."""
+    base, tok, store, cache = tiny
+    app = create_app(lambda: eng.build(base, tok, store, cache, kv_tokens=2048, max_loras=2))
+    with TestClient(app) as client:
+        assert client.app.state.loraplex.serving.metrics.config == MetricsConfig()
+        for name in ("a1", "a2", "a1", "tiny"):
+            r = client.post("/v1/completions", json={"model": name, "prompt": PROMPT, "max_tokens": 2,
+                                                     "ignore_eos": True})
+            assert r.status_code == 200, r.text
+        World(client, tok, None).settle()
+        s = Scrape(client.get("/metrics").text)
+    assert s.get("loraplex_adapter_requests_total", adapter="a1", outcome="length") == 2
+    assert s.get("loraplex_adapter_requests_total", adapter="a2", outcome="length") == 1
+    assert s.get("loraplex_adapter_time_to_first_token_seconds_count", adapter="a1") == 2
+    assert s.get("loraplex_adapter_e2e_request_latency_seconds_count", adapter="a2") == 1
+    assert s.label_values("loraplex_adapter_requests_total", "adapter") == {"a1", "a2"}  # the base is no adapter
+    assert s.samples[("loraplex_adapter_label_folded_total", ())] == 0  # exported, nothing folded

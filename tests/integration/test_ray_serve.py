@@ -168,9 +168,9 @@ def test_our_errors_pass_through(served):
             "param": "model", "code": "adapter_not_found",
         }}
     r = served.post("/v1/completions", json={"model": "sql", "max_tokens": 2})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text
+    assert r.status_code == 400 and r.json()["error"]["message"] == "prompt is required", r.text
     r = served.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_json", r.text
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text
     if served.key:
         for key in ("", "sk-not-a-valid-key"):
             r = complete(served, "sql", key=key)

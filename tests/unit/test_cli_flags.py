@@ -54,39 +54,41 @@ def _refused(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> s
 BAD_VALUES = [
     # Values from the environment: the message names the variable.
     ((), {"LORAPLEX_MAX_LORAS": "abc"}, ["LORAPLEX_MAX_LORAS='abc'", "invalid literal for int()"]),
-    ((), {"LORAPLEX_PORT": "70000"}, ["port must be 0..65535, got 70000"]),
+    ((), {"LORAPLEX_PORT": "70000"}, ["LORAPLEX_PORT: must be 0..65535, got 70000"]),
     ((), {"LORAPLEX_DTYPE": "x"}, ["LORAPLEX_DTYPE='x'", "choose from auto, float32"]),
     ((), {"LORAPLEX_LORA_BACKEND": "gpu"}, ["LORAPLEX_LORA_BACKEND='gpu'", "choose from"]),
     ((), {"LORAPLEX_HOST_CACHE": "lots"}, ["LORAPLEX_HOST_CACHE='lots'", "not a size"]),
     ((), {"LORAPLEX_REQUEST_TIMEOUT": "soon"}, ["LORAPLEX_REQUEST_TIMEOUT='soon'"]),
-    ((), {"LORAPLEX_MAX_LORAS": "0"}, ["max_loras must be 1..4096, got 0"]),
-    ((), {"LORAPLEX_ALLOWED_LORA_DIRS": "/ok,relative/dir"}, ["must be absolute paths", "relative/dir"]),
+    ((), {"LORAPLEX_MAX_LORAS": "0"}, ["LORAPLEX_MAX_LORAS: must be 1..4096, got 0"]),
+    ((), {"LORAPLEX_ALLOWED_LORA_DIRS": "/ok,relative/dir"},
+     ["LORAPLEX_ALLOWED_LORA_DIRS: ", "must be absolute paths", "relative/dir"]),
     # Flags.
-    (("--port", "70000"), {}, ["port must be 0..65535, got 70000"]),
+    (("--port", "70000"), {}, ["--port: must be 0..65535, got 70000"]),
     (("--port", "http"), {}, ["--port", "invalid int value: 'http'"]),
-    (("--max-loras", "0"), {}, ["max_loras must be 1..4096, got 0"]),
-    (("--max-lora-rank", "2048"), {}, ["max_lora_rank must be 1..1024, got 2048"]),
+    (("--max-loras", "0"), {}, ["--max-loras: must be 1..4096, got 0"]),
+    (("--max-lora-rank", "2048"), {}, ["--max-lora-rank: must be 1..1024, got 2048"]),
     (("--dtype", "x"), {}, ["--dtype", "invalid choice: 'x'"]),
     (("--device", "tpu"), {}, ["--device", "invalid choice: 'tpu'"]),
     (("--lora-dtype", "int8"), {}, ["--lora-dtype", "invalid choice: 'int8'"]),
     (("--log-level", "loud"), {}, ["--log-level", "invalid choice: 'loud'"]),
-    (("--allowed-lora-dirs", "relative/dir"), {}, ["must be absolute paths", "'relative/dir'"]),
-    (("--host-cache", "-1"), {}, ["host_cache_bytes must be >= 0"]),
+    (("--allowed-lora-dirs", "relative/dir"), {},
+     ["--allowed-lora-dirs: ", "must be absolute paths", "'relative/dir'"]),
+    (("--host-cache", "-1"), {}, ["--host-cache: must be >= 0"]),
     (("--host-cache", "2X"), {}, ["--host-cache", "not a size: '2X'"]),
     (("--host-cache", "infG"), {}, ["--host-cache", "'infG'"]),
     ((), {"LORAPLEX_MAX_UPLOAD_SIZE": "1e400G"}, ["LORAPLEX_MAX_UPLOAD_SIZE='1e400G'"]),
-    (("--kv-cache-tokens", "8"), {}, ["kv_cache_tokens must be at least one block"]),
-    (("--block-size", "0"), {}, ["at least one block"]),
-    (("--max-num-seqs", "0"), {}, ["scheduler limits must be positive"]),
-    (("--max-num-batched-tokens", "0"), {}, ["scheduler limits must be positive"]),
-    (("--max-model-len", "-1"), {}, ["scheduler limits must be positive"]),
-    (("--adapter-wait-timeout", "0"), {}, ["adapter_wait_timeout must be positive"]),
-    (("--admin-timeout", "0"), {}, ["admin operation timeout must be positive"]),
-    (("--max-queued-requests", "-1"), {}, ["max_queued_requests must be >= 0"]),
-    (("--request-timeout", "-1"), {}, ["request_timeout must be a finite number of seconds >= 0"]),
-    (("--shutdown-timeout", "-0.5"), {}, ["shutdown_timeout must be a finite number of seconds >= 0"]),
-    (("--max-request-size", "100"), {}, ["max_request_bytes must be at least 1024"]),
-    (("--max-upload-size", "0"), {}, ["max_upload_bytes must be positive"]),
+    (("--kv-cache-tokens", "8"), {}, ["--kv-cache-tokens: must be at least one block (--block-size 16), got 8"]),
+    (("--block-size", "0"), {}, ["--block-size: must be at least 1, got 0"]),
+    (("--max-num-seqs", "0"), {}, ["--max-num-seqs: scheduler limits must be positive"]),
+    (("--max-num-batched-tokens", "0"), {}, ["--max-num-batched-tokens: scheduler limits must be positive"]),
+    (("--max-model-len", "-1"), {}, ["--max-model-len: scheduler limits must be positive"]),
+    (("--adapter-wait-timeout", "0"), {}, ["--adapter-wait-timeout: must be positive"]),
+    (("--admin-timeout", "0"), {}, ["--admin-timeout: admin operation timeout must be positive"]),
+    (("--max-queued-requests", "-1"), {}, ["--max-queued-requests: must be >= 0"]),
+    (("--request-timeout", "-1"), {}, ["--request-timeout: must be a finite number of seconds >= 0"]),
+    (("--shutdown-timeout", "-0.5"), {}, ["--shutdown-timeout: must be a finite number of seconds >= 0"]),
+    (("--max-request-size", "100"), {}, ["--max-request-size: must be at least 1024"]),
+    (("--max-upload-size", "0"), {}, ["--max-upload-size: must be positive"]),
     (("--model", "/nonexistent/model-dir"), {}, ["--model /nonexistent/model-dir: no such file or directory"]),
     (("--adapters-dir", "/proc/loraplex-store"), {}, ["--adapters-dir /proc/loraplex-store: cannot create it"]),
 ]
@@ -188,7 +190,8 @@ def test_help_documents_every_option_with_its_variable_and_hides_secrets(tmp_pat
         assert secret not in out and secret not in result.stderr
     blocks = _option_blocks(out)
     serve = build_parser({})._subparsers._group_actions[0].choices["serve"]
-    flags = [s for action in serve._actions for s in action.option_strings if s.startswith("--") and s != "--help"]
+    flags = [s for action in serve._actions for s in action.option_strings
+             if s.startswith("--") and s not in ("--help", "--version")]
     assert len(flags) >= 30
     for flag in flags:
         var = "LORAPLEX_" + flag[2:].upper().replace("-", "_")

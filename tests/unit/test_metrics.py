@@ -18,7 +18,7 @@ from adapters_store.base_model import BaseModelSpec
 from server.engine.adapter_cache import AdapterCache, Residency
 from server.lora.slots import SlotPool
 from server.lora.weights import AdapterWeights
-from server.metrics import OTHER, REBALANCE_EVERY, Metrics, MetricsConfig
+from server.metrics import DEFAULT_TOP_K, OTHER, REBALANCE_EVERY, Metrics, MetricsConfig
 
 PER_ADAPTER = ("loraplex_adapter_requests_total", "loraplex_adapter_time_to_first_token_seconds",
                "loraplex_adapter_e2e_request_latency_seconds")
@@ -65,10 +65,22 @@ def test_allow_list_labels_only_listed_adapters_and_counts_the_folded():
     assert value(m, "loraplex_adapter_time_to_first_token_seconds_count", adapter="alpha") == 2
 
 
-def test_no_adapter_label_by_default():
-    names = set(families(Metrics()))
+def test_the_adapter_label_is_on_by_default_with_the_ten_busiest():
+    """A default install labels the DEFAULT_TOP_K (10) busiest adapters; the 11th and later are 'other'."""
+    m = Metrics()
+    assert m.config.top_k == DEFAULT_TOP_K == 10
+    names = [f"a{i:02d}" for i in range(12)]
+    for name in names:
+        request(m, name)
+    for family in PER_ADAPTER:
+        assert adapter_values(m, family) == {*names[:10], OTHER}, family
+    assert value(m, "loraplex_adapter_label_folded_total") == 2
+    assert not any(n.startswith("vllm:") for n in families(m))
+
+
+def test_top_k_zero_turns_the_adapter_label_off():
+    names = set(families(Metrics(MetricsConfig(adapter_top_k=0))))
     assert not any(n.startswith("loraplex_adapter_requests") or "folded" in n for n in names), names
-    assert not any(n.startswith("vllm:") for n in names)
 
 
 def test_top_k_never_holds_more_than_k_plus_one_label_values():
@@ -157,7 +169,10 @@ def test_metrics_config_refuses_unbounded_or_ambiguous_labels(kwargs, fragment):
 
 def test_metrics_config_defaults_and_the_adapter_label_switch():
     default = MetricsConfig()
-    assert default.enabled and not default.vllm_compatible and not default.adapter_label
+    assert default.enabled and not default.vllm_compatible and default.adapter_label and default.top_k == 10
+    # An allow-list alone replaces the default top-K (no error, no top-K beside it).
+    assert MetricsConfig(adapter_allowlist=("a",)).top_k == 0
+    assert MetricsConfig(adapter_allowlist=("a",), adapter_top_k=0).top_k == 0
     assert MetricsConfig(adapter_top_k=100).adapter_label
     assert MetricsConfig(adapter_allowlist=tuple(f"a{i}" for i in range(100))).adapter_label
     assert not MetricsConfig(adapter_top_k=0, adapter_allowlist=()).adapter_label

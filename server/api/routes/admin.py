@@ -6,6 +6,7 @@ Every route needs the admin token (see :mod:`server.api.auth`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Query
@@ -16,12 +17,13 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
 from adapters_store.backend import StoredAdapter
-from adapters_store.errors import AdapterError, AdapterNotFound
+from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName
 from adapters_store.validation import AdapterSummary
-from server.api.admin_schemas import AdapterInfo, AdapterList, LoadRequest, UploadResult
+from server.api.admin_schemas import AdapterInfo, AdapterList, LoadRequest, StoreCheckInfo, UploadResult
 from server.api.auth import Admin
 from server.api.errors import ApiError
 from server.api.state import AppState, State
+from server.api.upload_log import UploadAttempt
 from server.engine.adapter_cache import Residence
 
 router = APIRouter(prefix="/admin/adapters", tags=["admin"])
@@ -36,20 +38,21 @@ async def upload_adapter(
     ``.tar.gz``/``.zip`` archive). Fully validated before anything is stored; ``dry_run=true`` stores
     nothing. Re-uploading a name makes a new version; running requests keep the old one.
     """
-    if not http.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise ApiError(415, "send multipart/form-data: a 'name' field and 'files' parts", "invalid_upload")
-    try:
-        form = await http.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS)
-    except (MultiPartException, MultipartParseError) as exc:
-        raise ApiError(400, f"malformed multipart body: {exc}", "invalid_upload") from None
-    try:
-        name = form.get("name")
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "the upload needs a 'name' field", "invalid_upload", "name")
-        files = [(f.filename or "", f.file) for _, f in form.multi_items() if isinstance(f, UploadFile)]
-        uploaded = await state.registry.upload(name, files, dry_run)
-    finally:
-        await form.close()
+    with UploadAttempt("upload") as attempt:
+        if not http.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(415, "send multipart/form-data: a 'name' field and 'files' parts", "invalid_upload")
+        try:
+            form = await http.form(max_files=MAX_FORM_PARTS, max_fields=MAX_FORM_PARTS)
+        except (MultiPartException, MultipartParseError) as exc:
+            raise ApiError(400, f"malformed multipart body: {exc}", "invalid_upload") from None
+        try:
+            name = attempt.name = form.get("name")
+            if not isinstance(name, str) or not name:
+                raise ApiError(400, "the upload needs a 'name' field", "invalid_upload", "name")
+            files = [(f.filename or "", f.file) for _, f in form.multi_items() if isinstance(f, UploadFile)]
+            uploaded = await state.registry.upload(name, files, dry_run)
+        finally:
+            await form.close()
     if dry_run:
         info = _info(uploaded.adapter, uploaded.summary, None, 0, None)
         body = UploadResult(**info.model_dump(), created=False, dry_run=True)
@@ -61,15 +64,18 @@ async def upload_adapter(
 
 @router.get("", response_model=AdapterList)
 async def list_adapters(_: Admin, state: State) -> AdapterList:
-    """Every stored adapter with its tier, pin, in-flight requests and load history."""
+    """Every stored adapter with its tier, pin, in-flight requests and load history; invalid ones with why.
+    ``store_check``: how far the start-up check of the store has got."""
     names = await asyncio.to_thread(state.serving.store.names)
     cache = state.serving.adapters
+    report = state.registry.report
     return AdapterList(
         data=await _describe(state, names, single=False),
         slots_total=cache.slots.num_slots,
         slots_in_use=cache.slots_in_use,
         host_bytes=cache.host_bytes,
         host_bytes_limit=cache.host_bytes_limit,
+        store_check=StoreCheckInfo(**dataclasses.asdict(report.check)) if report else None,
     )
 
 
@@ -124,9 +130,20 @@ async def _describe(state: AppState, names: list[str], single: bool = True) -> l
         for name in names:
             try:
                 adapter = registry.store.get(name)
+            except AdapterNotFound:
+                continue  # deleted meanwhile
+            except AdapterError as exc:
+                if single:
+                    raise
+                # e.g. a folder placed by hand under a name no request can use: listed, with why
+                kind = "invalid" if isinstance(exc, InvalidAdapterName) else "failed"
+                rows.append(AdapterInfo(name=name, version=None, state=kind, tier="disk", error=str(exc)))
+                continue
+            try:
                 # A shared store's adapters that this replica never used have no local files: listed from
-                # the manifest alone, not downloaded for the listing.
-                summary = registry.summary(adapter) if single or registry.store.cached(adapter) else None
+                # what is known of them, not downloaded for the listing.
+                cached = single or registry.store.cached(adapter)
+                summary = registry.summary(adapter) if cached else registry.known(adapter)
             except AdapterNotFound:
                 continue  # deleted meanwhile
             except AdapterError as exc:

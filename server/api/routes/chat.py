@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.auth import Key
 from server.api.errors import ApiError
-from server.api.generation import Generation, check_supported, request_timeout, sampling_params, tokenize
+from server.api.generation import Generation, request_timeout, sampling_params, tokenize
 from server.api.schemas import ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut
 from server.api.state import AppState, State
 from server.api.targets import resolve_target
@@ -23,9 +23,6 @@ router = APIRouter()
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def create_chat_completion(body: ChatCompletionRequest, state: State, key: Key, http: HttpRequest):
     """Answer the conversation with the base model, the adapter named by ``model``, or the ``adapters`` composed."""
-    check_supported(body)
-    if body.tools:
-        raise ApiError(400, "tools (function calling) are not supported", "unsupported_parameter", "tools")
     prompt = await asyncio.to_thread(_render, body, state)
     max_len = state.serving.max_model_len
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

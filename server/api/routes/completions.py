@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from server.api.auth import Key
 from server.api.errors import ApiError
-from server.api.generation import Generation, check_supported, request_timeout, sampling_params, tokenize
+from server.api.generation import Generation, request_timeout, sampling_params, tokenize
 from server.api.schemas import MAX_PROMPTS, CompletionChoice, CompletionRequest, CompletionResponse
 from server.api.state import AppState, State
 from server.api.targets import resolve_target
@@ -23,7 +23,6 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 @router.post("/v1/completions", response_model=CompletionResponse)
 async def create_completion(body: CompletionRequest, state: State, key: Key, http: HttpRequest):
     """Complete each prompt with the base model, the adapter named by ``model``, or the ``adapters`` composed."""
-    check_supported(body)
     prompts = await asyncio.to_thread(_prompts, body, state)
     max_len = state.serving.max_model_len
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens

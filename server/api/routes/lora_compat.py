@@ -9,43 +9,37 @@ deletes the adapter from the store. Both need the admin token.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
 
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
-from adapters_store.backend import ADAPTER_FILES
-from adapters_store.peft_format import PICKLE_FILE
+from adapters_store.upload import folder_files
 from server.api.admin_schemas import LoadLoraAdapterRequest, UnloadLoraAdapterRequest
 from server.api.auth import Admin
 from server.api.errors import ApiError
 from server.api.state import State
+from server.api.upload_log import UploadAttempt
 
 router = APIRouter(tags=["admin"])
 
 
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse)
 async def load_lora_adapter(body: LoadLoraAdapterRequest, _: Admin, state: State) -> PlainTextResponse:
-    folder = _allowed_folder(body.lora_path, state.serving.config.admin.allowed_lora_dirs)
     registry = state.registry
-    if not body.load_inplace and body.lora_name in await asyncio.to_thread(registry.store.names):
-        raise ApiError(
-            400,
-            f"the LoRA adapter {body.lora_name!r} has already been loaded (pass load_inplace to replace it)",
-            "adapter_exists",
-            "lora_name",
-        )
-    with ExitStack() as stack:
-        files: list[tuple[str, BinaryIO]] = []
-        for name in ADAPTER_FILES:
-            if (folder / name).is_file():
-                files.append((name, stack.enter_context(_allowed_file(folder, name).open("rb"))))
-        if (folder / PICKLE_FILE).exists() and not (folder / ADAPTER_FILES[1]).exists():
-            files.append((PICKLE_FILE, io.BytesIO()))  # never read: validation names the problem
+    with UploadAttempt("load_lora_adapter", body.lora_name), ExitStack() as stack:
+        folder = _allowed_folder(body.lora_path, state.serving.config.admin.allowed_lora_dirs)
+        registry.check_name_free(body.lora_name, "lora_name")
+        if not body.load_inplace and body.lora_name in await asyncio.to_thread(registry.store.names):
+            raise ApiError(
+                400,
+                f"the LoRA adapter {body.lora_name!r} has already been loaded (pass load_inplace to replace it)",
+                "adapter_exists",
+                "lora_name",
+            )
+        files = folder_files(folder, stack, lambda path: _allowed_file(folder, path.name).open("rb"))
         await registry.upload(body.lora_name, files, dry_run=False)
     await registry.load(body.lora_name, pin=False)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
