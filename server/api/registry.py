@@ -21,7 +21,7 @@ from typing import BinaryIO, TypeVar
 from adapters_store.backend import AdapterStore, PutResult, StoredAdapter, content_digest
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName
-from adapters_store.names import check_name, is_valid_name
+from adapters_store.names import check_name
 from adapters_store.upload import place_files
 from adapters_store.validation import AdapterSummary, inspect, summarize, validate
 from server.api.errors import ApiError, unavailable
@@ -153,21 +153,28 @@ class AdapterRegistry:
         if clash := base_name_clash(name, self.base_name):
             raise ApiError(409, f"an adapter cannot be named {name[:200]!r}: {clash}", "adapter_name_conflict", param)
 
-    def offered_names(self) -> list[str]:
-        """The stored adapters a request can use, sorted: not those whose name is invalid or clashes with the
-        base model's, nor those found invalid at the version they still have. Runs on a worker thread."""
-        return [name for name in self.store.names() if self._offered(name)]
+    def listed(self) -> list[tuple[str, str | None]]:
+        """The stored adapters as ``/v1/models`` lists them, sorted, each with None or why a request cannot use it
+        (a name no request can use, or found invalid at the version it still has). Names that clash with the
+        base model's are left out: they would list the base model twice (the admin list shows them). Runs on a
+        worker thread."""
+        return [(name, self._problem(name)) for name in self.store.names() if not base_name_clash(name, self.base_name)]
 
-    def _offered(self, name: str) -> bool:
-        if not is_valid_name(name) or base_name_clash(name, self.base_name):
-            return False
+    def _problem(self, name: str) -> str | None:
+        try:
+            check_name(name)
+        except AdapterError as exc:
+            return str(exc)
         bad = self._invalid.get(name)
         if bad is None:
-            return True
+            return None
         try:
-            return self.store.get(name).version != bad
-        except AdapterError:
-            return False  # gone meanwhile, or not readable now
+            if self.store.get(name).version != bad:
+                return None  # replaced since: checked when used
+        except AdapterError as exc:
+            return str(exc)  # gone meanwhile, or not readable now
+        problem = self._summaries.get(bad)
+        return problem if isinstance(problem, str) else "found invalid"
 
     def _check(self, adapter: StoredAdapter, full: bool) -> AdapterSummary | str:
         # The store's errors (down, version gone, a damaged copy a re-upload repairs) are about now, not

@@ -189,6 +189,11 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """OpenAI's model object (vLLM's ``root`` and ``parent`` added). An adapter a request cannot use carries two
+    more fields, ``status: "invalid"`` and ``error`` (why); other cards have neither."""
+
+    model_config = ConfigDict(extra="allow")
+
     id: str
     object: Literal["model"] = "model"
     created: int

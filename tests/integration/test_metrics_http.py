@@ -94,7 +94,7 @@ def tiny(tmp_path_factory):
     for i, name in enumerate(ADAPTERS):
         make_adapter(base, AdapterSpec(name, 4, 8, ("q_proj", "v_proj")), store, seed=10 + i)
     # The start-up check of the store finds their NaN: requests naming them are refused at lookup, and
-    # /v1/models leaves them out. nan-probe goes to the engine directly, whose loader refuses it.
+    # /v1/models lists them as invalid. nan-probe goes to the engine directly, whose loader refuses it.
     for name in ("nan", "nan-probe"):
         edit_adapter(make_adapter(base, AdapterSpec(name, 4, 8, ("q_proj", "v_proj")), store, seed=99), poison)
     return base, tok, store, tmp_path_factory.mktemp("metrics-cache")
@@ -382,8 +382,9 @@ def test_gauges_at_rest(world):
     assert s.get("loraplex_adapters_stored") == len(w.serving.store.names()) == len(listing["data"])
     assert w.state.registry.report.done.wait(30)  # the start-up check of the store
     models = w.client.get("/v1/models", headers=AUTH).json()["data"]
-    # The base model first, then every adapter but nan and nan-probe, found invalid by that check.
-    assert s.get("loraplex_adapters_stored") == len(models) - 1 + 2
+    # The base model first, then every adapter, nan and nan-probe marked invalid by that check.
+    assert s.get("loraplex_adapters_stored") == len(models) - 1
+    assert {m["id"] for m in models if m.get("status") == "invalid"} == {"nan", "nan-probe"}
 
 
 def test_gauges_while_a_request_runs_then_at_rest_again(world):

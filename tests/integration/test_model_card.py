@@ -76,12 +76,14 @@ def test_an_unknown_id_is_404_with_openai_error_body(client):
     assert r.status_code == 307 and r.headers["location"].endswith("/v1/models")
 
 
-def test_an_adapter_found_invalid_is_not_served_as_a_card(client):
+def test_an_adapter_found_invalid_is_listed_and_carded_as_such(client):
     r = client.post("/v1/completions", headers=ALL, json={"model": "bad-shape", "prompt": "hi", "max_tokens": 1})
     assert r.status_code == 400, r.text  # now known invalid
-    error = _error(client.get("/v1/models/bad-shape", headers=ALL), 404)
-    assert error["code"] == "invalid_adapter" and "bad-shape" in error["message"] and "shape" in error["message"]
-    assert "bad-shape" not in {c["id"] for c in client.get("/v1/models", headers=ALL).json()["data"]}
+    card = client.get("/v1/models/bad-shape", headers=ALL).json()
+    assert card["status"] == "invalid" and "shape" in card["error"] and card["error"] in r.json()["error"]["message"]
+    listed = {c["id"]: c for c in client.get("/v1/models", headers=ALL).json()["data"]}
+    assert listed["bad-shape"] == card
+    assert "status" not in listed["good"] and "error" not in listed["good"]
 
 
 def test_api_keys_are_honoured_as_by_the_listing(client):

@@ -1,5 +1,5 @@
 """The start-up report of the store: folders placed by hand are checked in the background (/ready does not wait),
-the log counts them and names each invalid one with its reason, /v1/models leaves invalid ones out, the admin list
+the log counts them and names each invalid one with its reason, /v1/models marks invalid ones, the admin list
 shows them with the error, a request naming one gets a 400 with the reason, and a rejected upload is logged."""
 
 from __future__ import annotations
@@ -131,7 +131,12 @@ def test_ready_does_not_wait_for_the_check_which_then_names_each_invalid_adapter
             assert rows[name]["state"] == "invalid" and says in rows[name]["error"], (name, rows[name])
         assert rows["bad name"]["version"] is None  # no request can reach it by that name
 
-        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny", "good"]
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert list(models)[:2] == ["tiny", "bad name"] and set(models) == {"tiny", "good", *INVALID}
+        assert "status" not in models["good"]
+        for name, says in INVALID.items():  # listed as such, with why; the name that clashes lists the base once
+            if name != "tiny":
+                assert models[name]["status"] == "invalid" and says in models[name]["error"], (name, models[name])
         for name in ("nan-weights", "bad-shape", "pickled"):
             r = complete(client, name)
             assert r.status_code == 400, r.text
