@@ -86,6 +86,13 @@ def make_adapter(base: PreTrainedModel, spec: AdapterSpec, folder: Path, seed: i
     return out
 
 
+def tiny_base_with_adapter(folder: Path) -> tuple[PreTrainedTokenizerFast, PreTrainedModel, Path]:
+    """The tiny tokenizer and Llama most API tests serve, and a rank-8 q/v adapter "good" saved under ``folder``."""
+    tok = make_tokenizer()
+    base = make_model("llama", len(tok), seed=5)
+    return tok, base, make_adapter(base, AdapterSpec("good", 8, 16, ("q_proj", "v_proj")), folder, seed=1)
+
+
 def make_adapters(
     base: PreTrainedModel,
     spec: AdapterSpec,

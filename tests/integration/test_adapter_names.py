@@ -17,7 +17,7 @@ from server.lora import cpu_kernel
 from server.model import cpu_attention
 from tests.helpers import engine as eng
 from tests.helpers.s3_server import running_s3
-from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
+from tests.helpers.tiny import tiny_base_with_adapter
 from tests.helpers.uploads import files_of, snapshot
 
 BASE = "tiny"  # the served name tests.helpers.engine gives the tiny model
@@ -28,10 +28,8 @@ PROMPT = "the quick brown fox"
 def made(tmp_path_factory):
     cpu_kernel.available()  # the C kernels from the shared cache: a fresh cache dir would rebuild them
     cpu_attention.available()
-    tok = make_tokenizer()
-    base = make_model("llama", len(tok), seed=5)
     src = tmp_path_factory.mktemp("src")
-    good = make_adapter(base, AdapterSpec("good", 8, 16, ("q_proj", "v_proj")), src, seed=1)
+    tok, base, good = tiny_base_with_adapter(src)
     return tok, base, src, good
 
 

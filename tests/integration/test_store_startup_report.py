@@ -17,7 +17,10 @@ from server.api.app import create_app
 from server.lora import cpu_kernel
 from server.model import cpu_attention
 from tests.helpers import engine as eng
-from tests.helpers.tiny import AdapterSpec, edit_adapter, make_adapter, make_model, make_tokenizer
+from tests.helpers.tiny import (
+    edit_adapter,
+    tiny_base_with_adapter,
+)
 from tests.helpers.uploads import files_of, snapshot
 
 PROMPT = "the quick brown fox"
@@ -51,10 +54,7 @@ def _truncate_an_a(tensors: dict) -> None:
 def made(tmp_path_factory):
     cpu_kernel.available()  # the C kernels from the shared cache: a fresh cache dir would rebuild them
     cpu_attention.available()
-    tok = make_tokenizer()
-    base = make_model("llama", len(tok), seed=5)
-    src = tmp_path_factory.mktemp("src")
-    good = make_adapter(base, AdapterSpec("good", 8, 16, ("q_proj", "v_proj")), src, seed=1)
+    tok, base, good = tiny_base_with_adapter(tmp_path_factory.mktemp("src"))
     return tok, base, good, tmp_path_factory.mktemp("model-cache")
 
 
