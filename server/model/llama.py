@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from server.lora.metadata import LoraBatch
 from server.lora.ops import ModuleSlots, add_lora
+from server.model import cpu_gemv
 from server.model.architecture import ModelShape
 from server.model.attention import AttentionBatch, attend
 
@@ -82,6 +83,9 @@ class CausalLM:
         self.rope_cos = cos[0].to(device=device, dtype=dtype)  # [max_positions, head_dim]
         self.rope_sin = sin[0].to(device=device, dtype=dtype)
         self.attn_scale = s.head_dim**-0.5
+        # fp32 on the CPU: decode-sized projections by our GEMV kernel (every thread streams the weights).
+        cpu_fp32 = device.type == "cpu" and dtype == torch.float32
+        self.linear = cpu_gemv.linear if cpu_fp32 and cpu_gemv.available() else F.linear
         # [q | k | v] column slices of the fused projection, for LoRA.
         self.qkv_slices = {
             "q_proj": (0, s.q_dim),
@@ -102,10 +106,11 @@ class CausalLM:
         cos = self.rope_cos.index_select(0, step.positions).unsqueeze(1)  # [T, 1, hd]
         sin = self.rope_sin.index_select(0, step.positions).unsqueeze(1)
         active = step.lora_projections if step.lora.has_lora else frozenset()
+        linear = self.linear
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
             lora = {name: slots for name, slots in layer.lora.items() if name in active}
             h = F.rms_norm(x, (s.hidden,), layer.ln_in, s.rms_eps)
-            qkv = F.linear(h, layer.w_qkv, layer.b_qkv)
+            qkv = linear(h, layer.w_qkv, layer.b_qkv)
             for name, (lo, hi) in self.qkv_slices.items():
                 if name in lora:
                     add_lora(qkv[:, lo:hi], h, lora[name], step.lora)
@@ -115,22 +120,22 @@ class CausalLM:
             q = _rope(q, cos, sin)
             k = _rope(k, cos, sin)
             a = attend(q, k, v.contiguous(), k_cache, v_cache, step.attention, self.attn_scale)
-            o = F.linear(a, layer.w_o)
+            o = linear(a, layer.w_o)
             if "o_proj" in lora:
                 add_lora(o, a, lora["o_proj"], step.lora)
             x = x + o
             h = F.rms_norm(x, (s.hidden,), layer.ln_post, s.rms_eps)
-            gu = F.linear(h, layer.w_gate_up)
+            gu = linear(h, layer.w_gate_up)
             for name, (lo, hi) in self.gate_up_slices.items():
                 if name in lora:
                     add_lora(gu[:, lo:hi], h, lora[name], step.lora)
             act = F.silu(gu[:, : s.intermediate]) * gu[:, s.intermediate :]
-            d = F.linear(act, layer.w_down)
+            d = linear(act, layer.w_down)
             if "down_proj" in lora:
                 add_lora(d, act, lora["down_proj"], step.lora)
             x = x + d
         last = F.rms_norm(x.index_select(0, step.sample_rows), (s.hidden,), self.norm, s.rms_eps)
-        return F.linear(last, self.lm_head).float()
+        return linear(last, self.lm_head).float()
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
