@@ -91,6 +91,28 @@ def cpu_isa() -> str:
     return runnable_isas()[0]
 
 
+class NativeFunction:
+    """One C entry point of a :class:`NativeLibrary`: this CPU's build looked up once and kept for the hot path,
+    another ISA's build on request (tests compare them)."""
+
+    def __init__(self, library: NativeLibrary, symbol: str, argtypes: list, restype=ctypes.c_int) -> None:
+        self.library, self.symbol, self.argtypes, self.restype = library, symbol, argtypes, restype
+        self.default: Callable[..., Any] | None = None  # this CPU's build, once loaded
+
+    def get(self, isa: str | None = None) -> Callable[..., Any] | None:
+        """The function of the ``isa`` build (default: this CPU's), built and loaded on first use; None when
+        it cannot be built here. ValueError for a level this CPU cannot run."""
+        if isa is None:
+            if self.default is None:
+                self.default = self.library.function(self.symbol, self.argtypes, self.restype)
+            return self.default
+        return self.library.function(self.symbol, self.argtypes, self.restype, isa=isa)
+
+    def available(self, isa: str | None = None) -> bool:
+        """Whether :meth:`get` finds the function (building it if needed)."""
+        return self.get(isa) is not None
+
+
 class NativeLibrary:
     """One C source file, compiled once per ISA level and loaded lazily; ``load()`` never raises.
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from server.native import NativeLibrary
+from server.native import NativeFunction, NativeLibrary
 
 _HERE = Path(__file__).parent
 # -ffp-contract=off: only the multiply-adds the source fuses are fused, the same in every build.
@@ -35,23 +34,14 @@ _ERRORS = {
     3: "could not allocate the kernel's scratch buffer",
     4: "invalid sizes",
 }
-_fn: Callable[[bytes], int] | None = None  # the packed entry point of this CPU's build, once loaded
-
-
-def _entry(isa: str | None) -> Callable[[bytes], int] | None:
-    # The packed int64 arguments, passed without a copy.
-    return _LIB.function("loraplex_add_lora_sparse_packed", [ctypes.c_char_p], isa=isa)
+# The packed entry point: the int64 arguments in one buffer, passed without a copy.
+_ADD = NativeFunction(_LIB, "loraplex_add_lora_sparse_packed", [ctypes.c_char_p])
 
 
 def available(isa: str | None = None) -> bool:
     """Whether the kernel's ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
     Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
-    global _fn
-    if isa is not None:
-        return _entry(isa) is not None
-    if _fn is None:
-        _fn = _entry(None)
-    return _fn is not None
+    return _ADD.available(isa)
 
 
 def compiled_isa(isa: str | None = None) -> int:
@@ -102,11 +92,9 @@ def add_lora_sparse(
     (checked before ``y`` is touched). ``isa`` picks a build other than this
     CPU's best (tests compare them).
     """
-    fn = _fn if isa is None else _entry(isa)
+    fn = _ADD.get(isa)
     if fn is None:
-        if not available(isa):
-            raise RuntimeError("the CPU LoRA kernel is not available (see the logged build warning)")
-        fn = _entry(isa)
+        raise RuntimeError("the CPU LoRA kernel is not available (see the logged build warning)")
     code = _DT_CODES.get((x.dtype, a.dtype))
     if code is None or y.dtype is not x.dtype or bt.dtype is not a.dtype:
         raise ValueError(

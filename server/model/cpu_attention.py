@@ -7,27 +7,18 @@ from pathlib import Path
 
 import torch
 
-from server.native import NativeLibrary
+from server.native import NativeFunction, NativeLibrary
 
 # Built once per ISA level (server.native); the compiler vectorises the loops for each.
 _LIB = NativeLibrary(Path(__file__).with_name("_decode_attention.c"), "decode_attention", ("-ffp-contract=fast",))
 _ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
-_fn = None  # this CPU's build, once loaded
-
-
-def _entry(isa: str | None):
-    return _LIB.function("loraplex_decode_attention_f32", _ARGTYPES, isa=isa)
+_ATTEND = NativeFunction(_LIB, "loraplex_decode_attention_f32", _ARGTYPES)
 
 
 def available(isa: str | None = None) -> bool:
     """Whether the ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
     Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
-    global _fn
-    if isa is not None:
-        return _entry(isa) is not None
-    if _fn is None:
-        _fn = _entry(None)
-    return _fn is not None
+    return _ATTEND.available(isa)
 
 
 def build(isa: str) -> Path:
@@ -55,11 +46,9 @@ def decode_attention(
 
     ``isa`` picks a build other than this CPU's best (tests compare them).
     """
-    fn = _fn if isa is None else _entry(isa)
+    fn = _ATTEND.get(isa)
     if fn is None:
-        if not available(isa):
-            raise RuntimeError("the decode attention kernel is not available")
-        fn = _entry(isa)
+        raise RuntimeError("the decode attention kernel is not available")
     b, h, d = q.shape
     n, kv, _ = k_cache.shape
     out = torch.empty_like(q)

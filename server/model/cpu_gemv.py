@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from server.native import NativeLibrary
+from server.native import NativeFunction, NativeLibrary
 
 MAX_TOKENS = 4  # the kernel's tile height: larger batches are matrix products, left to torch
 _HERE = Path(__file__).parent
@@ -24,22 +24,13 @@ _LIB = NativeLibrary(
 )
 _ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
 _ARGTYPES += [ctypes.c_int64] * 3 + [ctypes.c_int]
-_fn = None  # this CPU's build, once loaded
-
-
-def _entry(isa: str | None):
-    return _LIB.function("loraplex_gemv_f32", _ARGTYPES, isa=isa)
+_GEMV = NativeFunction(_LIB, "loraplex_gemv_f32", _ARGTYPES)
 
 
 def available(isa: str | None = None) -> bool:
     """Whether the ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
     Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
-    global _fn
-    if isa is not None:
-        return _entry(isa) is not None
-    if _fn is None:
-        _fn = _entry(None)
-    return _fn is not None
+    return _GEMV.available(isa)
 
 
 def build(isa: str) -> Path:
@@ -53,13 +44,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, i
 
         y[t, n] = sum_k x[t, k] * w[n, k] (+ b[n])     # fp32, fused multiply-adds in 16 lanes
     """
-    global _fn
-    if isa is not None:
-        fn = _entry(isa)
-    else:
-        if _fn is None:
-            _fn = _entry(None)  # built and loaded on first use (None again where gcc is missing: torch's path)
-        fn = _fn
+    fn = _GEMV.get(isa)  # built and loaded on first use; None where gcc is missing: torch's path
     t = x.shape[0] if x.dim() == 2 else 0
     if (
         fn is None

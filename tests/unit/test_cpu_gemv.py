@@ -73,6 +73,6 @@ def test_the_first_call_builds_and_uses_the_kernel(tmp_path):
     code = (
         "import torch; from server import native; native.set_cache_dir(r'%s'); from server.model import cpu_gemv; "
         "x, w = torch.randn(1, 64), torch.randn(8, 64); y = cpu_gemv.linear(x, w); "
-        "assert cpu_gemv._fn is not None; torch.testing.assert_close(y, x @ w.T)" % (tmp_path / "kernels")
+        "assert cpu_gemv._GEMV.default is not None; torch.testing.assert_close(y, x @ w.T)" % (tmp_path / "kernels")
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
