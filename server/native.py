@@ -109,8 +109,13 @@ class NativeFunction:
         return self.library.function(self.symbol, self.argtypes, self.restype, isa=isa)
 
     def available(self, isa: str | None = None) -> bool:
-        """Whether :meth:`get` finds the function (building it if needed)."""
+        """Whether the ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
+        Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
         return self.get(isa) is not None
+
+    def build(self, isa: str) -> Path:
+        """Compile the ``isa`` build without loading it (any level gcc knows, runnable on this CPU or not)."""
+        return self.library.build(isa)
 
 
 class NativeLibrary:

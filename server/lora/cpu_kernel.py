@@ -37,11 +37,7 @@ _ERRORS = {
 # The packed entry point: the int64 arguments in one buffer, passed without a copy.
 _ADD = NativeFunction(_LIB, "loraplex_add_lora_sparse_packed", [ctypes.c_char_p])
 
-
-def available(isa: str | None = None) -> bool:
-    """Whether the kernel's ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
-    Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
-    return _ADD.available(isa)
+available = _ADD.available  # (isa=None) -> bool: built and loaded on first call
 
 
 def compiled_isa(isa: str | None = None) -> int:
@@ -51,10 +47,7 @@ def compiled_isa(isa: str | None = None) -> int:
         raise RuntimeError("the CPU LoRA kernel is not available (see the logged build warning)")
     return fn()
 
-
-def build(isa: str) -> Path:
-    """Compile the ``isa`` build without loading it (any level gcc knows, runnable on this CPU or not)."""
-    return _LIB.build(isa)
+build = _ADD.build  # (isa) -> Path: compiled, runnable here or not
 
 
 def add_lora_sparse(

@@ -14,16 +14,9 @@ _LIB = NativeLibrary(Path(__file__).with_name("_decode_attention.c"), "decode_at
 _ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
 _ATTEND = NativeFunction(_LIB, "loraplex_decode_attention_f32", _ARGTYPES)
 
+available = _ATTEND.available  # (isa=None) -> bool: built and loaded on first call
 
-def available(isa: str | None = None) -> bool:
-    """Whether the ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
-    Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
-    return _ATTEND.available(isa)
-
-
-def build(isa: str) -> Path:
-    """Compile the ``isa`` build without loading it (any level gcc knows, runnable on this CPU or not)."""
-    return _LIB.build(isa)
+build = _ATTEND.build  # (isa) -> Path: compiled, runnable here or not
 
 
 def decode_attention(

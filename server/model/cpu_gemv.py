@@ -26,16 +26,9 @@ _ARGTYPES = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, 
 _ARGTYPES += [ctypes.c_int64] * 3 + [ctypes.c_int]
 _GEMV = NativeFunction(_LIB, "loraplex_gemv_f32", _ARGTYPES)
 
+available = _GEMV.available  # (isa=None) -> bool: built and loaded on first call
 
-def available(isa: str | None = None) -> bool:
-    """Whether the ``isa`` build (default: this CPU's best) is built and loaded; builds it on first call.
-    Never raises for this CPU's build; ValueError for a level this CPU cannot run."""
-    return _GEMV.available(isa)
-
-
-def build(isa: str) -> Path:
-    """Compile the ``isa`` build without loading it (any level gcc knows, runnable on this CPU or not)."""
-    return _LIB.build(isa)
+build = _GEMV.build  # (isa) -> Path: compiled, runnable here or not
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, isa: str | None = None) -> torch.Tensor:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import threading
-import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -17,7 +16,7 @@ from server.cli import main
 from tests.helpers.server_process import free_port, running_server
 from tests.helpers.tiny import AdapterSpec, make_adapter
 from tests.helpers.tiny_server import save_tiny_model_with_adapters
-from tests.helpers.uploads import snapshot
+from tests.helpers.uploads import folder_members, snapshot, zip_bytes
 
 TOKEN = "admin-token-for-the-cli-0001"
 
@@ -27,9 +26,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-client")
     model_dir, base, _, adapters = save_tiny_model_with_adapters(root, {"folder": 1, "zipped": 2})
     archive = root / "zipped.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        for f in sorted(adapters["zipped"].iterdir()):
-            zf.write(f, f.name)
+    archive.write_bytes(zip_bytes(folder_members(adapters["zipped"])))
     too_big = make_adapter(base, AdapterSpec("rank-32", 32, 32, ("q_proj",)), root / "src-big", seed=3)
     store = root / "store"
     with running_server(["--model", str(model_dir), "--adapters-dir", str(store), "--max-lora-rank", "16"],

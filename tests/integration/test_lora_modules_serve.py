@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import httpx
@@ -21,6 +20,7 @@ from server.native import cpu_isa
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.server_process import free_port, running_server
 from tests.helpers.tiny_server import save_tiny_model_with_adapters
+from tests.helpers.uploads import folder_members, tar_gz
 
 PROMPT = "the quick brown fox"
 
@@ -30,9 +30,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-modules")
     model_dir, base, tok, adapters = save_tiny_model_with_adapters(root, {"sql": 1, "chat": 2})
     archive = root / "chat.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for f in sorted(adapters["chat"].iterdir()):
-            tar.add(f, arcname=f"chat/{f.name}")
+    archive.write_bytes(tar_gz(folder_members(adapters["chat"], "chat/")))
     return root, model_dir, base, tok, adapters, archive
 
 
