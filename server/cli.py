@@ -21,6 +21,7 @@ from server.config import (
     DEVICES,
     DTYPES,
     LORA_BACKENDS,
+    QUANTIZATIONS,
     AdminConfig,
     AuthConfig,
     CacheConfig,
@@ -127,6 +128,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     opt("--dtype", "serving dtype; auto = bfloat16 on CUDA, float32 on CPU", "auto", choices=DTYPES)
     opt("--device", "auto = CUDA when present, else CPU", "auto", choices=DEVICES)
+    opt(
+        "--quantization",
+        "base weights: auto = a GGUF model's Q8_0/Q4_0/Q4_1 tensors served as stored (others dequantized), "
+        "none = all dequantized to --dtype, int8 = per-channel 8-bit, int4 = 4-bit in 32-value groups "
+        "(int8/int4: CPU, --dtype float32); adapters stay full precision",
+        "auto",
+        choices=QUANTIZATIONS,
+    )
     opt("--max-lora-rank", "largest adapter rank accepted", 64, type=int)
     opt("--max-loras", "device adapter slots (distinct adapters in one step)", 16, type=int)
     opt("--host-cache", "host-memory adapter cache bound (bytes, or 512M, 2G)", "2G", type=_size)
@@ -227,6 +236,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             served_name=args.served_model_name,
             dtype=args.dtype,
             device=args.device,
+            quantization=args.quantization,
             cache_dir=Path(args.cache_dir),
         ),
         lora=LoraConfig(

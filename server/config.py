@@ -17,6 +17,7 @@ from server.metrics import MetricsConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
 LORA_BACKENDS = ("auto", "cpu", "triton", "torch", "reference")
 MIN_API_KEY_LENGTH = 8
 
@@ -27,6 +28,9 @@ class ModelConfig:
     served_name: str | None = None  # name clients use for the base model; default: the model's name
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (measured faster here for decode)
     device: str = "auto"  # auto: CUDA when present, else CPU
+    # base weights: auto = a GGUF file's Q8_0/Q4_0/Q4_1 tensors as stored, none = dequantized to dtype,
+    # int8 / int4 = quantized at load (CPU, float32 activations); adapters stay full precision
+    quantization: str = "auto"
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "loraplex")
 
     def __post_init__(self) -> None:
@@ -34,6 +38,17 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.quantization in ("int8", "int4") and self.dtype not in ("auto", "float32"):
+            raise ValueError(
+                f"--quantization {self.quantization} keeps activations in float32: use it with --dtype float32 "
+                f"(or auto), not {self.dtype}; with --dtype {self.dtype} use --quantization auto or none"
+            )
+        if self.quantization in ("int8", "int4") and self.device == "cuda":
+            raise ValueError(
+                f"--quantization {self.quantization} runs on the CPU only; with --device cuda use --quantization none"
+            )
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,8 @@ def _refusing_section(exc: BaseException) -> object | None:
 
 
 def _blamed_fields(section: object, message: str) -> Sequence[str]:
-    """The fields that fail on their own with ``message`` (others at their defaults); else every field set away
-    from its default."""
+    """The fields that fail on their own with ``message`` (others at their defaults); else the fields set away
+    from their defaults that the message mentions (by name or flag), or failing that all of them."""
     cls = type(section)
     try:
         default = cls()
@@ -118,7 +118,14 @@ def _blamed_fields(section: object, message: str) -> Sequence[str]:
         except ValueError as exc:
             if str(exc) == message:
                 alone.append(name)
-    return alone or changed
+    if alone:
+        return alone
+    mentioned = [
+        name for name in changed
+        if re.search(rf"(?<![-\w]){re.escape(name)}\b", message)
+        or any(flag in message for flag in flags_of(cls, name))
+    ]
+    return mentioned or changed
 
 
 def _field_named(message: str, field: str, name: str) -> str:

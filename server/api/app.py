@@ -140,7 +140,7 @@ def _ready_line(serving: Serving) -> str:
     host = f"[{config.http.host}]" if ":" in config.http.host else config.http.host
     return (
         f"ready: listening on http://{host}:{config.http.port}, model {serving.model_name} "
-        f"({str(model.dtype).removeprefix('torch.')} on {model.device}), CPU ISA {cpu_isa()}, "
+        f"({model.weights_summary()} on {model.device}), CPU ISA {cpu_isa()}, "
         f"LoRA backend {serving.engine.runner.backend.value}, adapter store "
         f"{config.lora.store_url or config.lora.adapters_dir}"
     )

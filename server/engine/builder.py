@@ -30,6 +30,7 @@ from server.model import cpu_attention
 from server.model.architecture import ModelShape
 from server.model.llama import CausalLM
 from server.model.loading import LoadedModel, load_model
+from server.model.quantized_base import check_supported, quantized_weights
 from server.model.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,16 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     """Load the model (unless given) and assemble an engine, not yet started."""
     started = time.monotonic()
     native.set_cache_dir(config.model.cache_dir / "kernels")
-    loaded = loaded or load_model(config.model.model, config.model.cache_dir)
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
-    model = CausalLM(loaded.hf_model, device, dtype)
+    check_supported(config.model.quantization, device, dtype)  # before the model's load, which takes seconds
+    loaded = loaded or load_model(config.model.model, config.model.cache_dir)
+    quantized = quantized_weights(
+        loaded.hf_model, loaded.gguf, config.model.quantization, device, dtype,
+        cache=loaded.source / "gguf_quantized.safetensors" if loaded.gguf else None,
+    )
+    model = CausalLM(loaded.hf_model, device, dtype, quantized)
+    del quantized
     shape = model.shape
     backend = resolve_backend(config.lora.backend, device, dtype)
     lora_dtype = dtype if config.lora.dtype == "auto" else getattr(torch, config.lora.dtype)

@@ -1,44 +1,125 @@
 /*
- * Small-batch fp32 projection on CPU, streaming the weight once with every thread:
+ * Small-batch projections on CPU, streaming the weight once with every thread:
  *
- *     for t in range(T):            # T <= 4 tokens (decode steps)
- *         y[t] = W @ x[t] (+ b)      # W [N, K] row-major, x [T, K] (row stride ldx), y [T, N] contiguous
+ *     for t in range(T):            # decode steps: a few tokens
+ *         y[t] = W @ x[t] (+ b)      # W [N, K], x [T, K] (row stride ldx), y [T, N] contiguous
  *
- * Each thread takes a contiguous range of output rows, so the weight is read
- * once, in order, split across threads; tiles of up to 4 rows and all T
- * tokens keep the accumulators in registers. Dot products use the LoRA
- * kernel's 16-lane vectors (../lora/_lora_vec.h): the same fused
- * multiply-adds and summation tree in every ISA build, so the builds agree
- * bit for bit.
+ * W is stored in one of four ways (the `mode`):
+ *   W_F32   fp32 values, x and y fp32;
+ *   W_BF16  bf16 values, x, y and b bf16 (products summed in fp32, y rounded once);
+ *   W_I8    signed 8-bit codes, one fp32 scale (and optional minimum) per `group` values of a row;
+ *   W_U4    4-bit codes in GGML's 32-value block order (../model/_gemv_codes.h), scales likewise;
+ * quantized values are dequantized in registers exactly as GGML writes them out,
+ *     w = scale * (code - offset) (+ minimum)     # a product and a sum, each rounded in fp32
+ * so a quantized matrix gives bit for bit what its dequantized fp32 copy gives in W_F32 mode.
  *
- * Returns 0, or 4 on bad sizes.
+ * Each thread takes a contiguous range of output rows, so the weight is read from memory once,
+ * in order, split across threads; a tile of 4 rows and up to 4 tokens keeps its accumulators in
+ * registers, and the tokens beyond 4 reuse the tile's rows from the cache. Dot products use the
+ * LoRA kernel's 16-lane vectors (../lora/_lora_vec.h): the same fused multiply-adds and summation
+ * tree in every ISA build, so builds and thread counts agree bit for bit.
+ *
+ * Returns 0, or 4 on bad sizes or arguments.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <omp.h>
 
-#include "../lora/_lora_vec.h"
+#include "_gemv_codes.h"
 
+enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_U4 = 3 };
 enum { GW = 32, MT = 4, MJ = 4 };
 /* One thread does the calls below this many weight bytes (fork and join cost ~1.5 us). */
 enum { MIN_PAR_BYTES = 1 << 17 };
 
-/* y[t, n0 + q] = x[t] . W[n0 + q] for t < NT, q < NJ. */
-LP_TILE void gemv_tile(float *y, const float *x, int64_t ldx, const float *w, const float *b, int64_t K, int64_t N,
-                       int64_t n0, int NT, int NJ) {
-    const float *wr[MJ];
-    for (int q = 0; q < NJ; ++q) wr[q] = w + (n0 + q) * K;
+typedef struct {
+    const char *w;        /* rows row0, row0 + 1, ... of row_bytes bytes each */
+    int64_t row_bytes;
+    const float *scales;  /* W_I8, W_U4: [N, groups] */
+    const float *mins;    /* [N, groups], or NULL */
+    int64_t group, groups;
+    float offset;
+    int gshift;           /* k / group == k >> gshift when >= 0 (a power-of-two group, or one group per row) */
+    int64_t row0;
+} weights;
+
+LP_INLINE int64_t group_of(const weights *W, int64_t r, int64_t k) {
+    return r * W->groups + (W->gshift >= 0 ? k >> W->gshift : k / W->group);
+}
+
+typedef struct {
+    void *y;
+    const void *x;
+    int64_t ldx;
+    const void *b;
+    int64_t T, K, N;
+    weights W;
+} job;
+
+LP_INLINE float bf16_widen(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+LP_INLINE uint16_t bf16_round(float f) { /* to nearest even; NaN -> 0x7FC0, as torch */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return 0x7FC0;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Values [k, k + n) of row r (n <= 32; W_U4 whole blocks only) as fp32, zeros past n. */
+LP_INLINE void ld_w(const weights *W, int mode, int64_t r, int64_t k, int64_t n, vf *lo, vf *hi) {
+    const char *row = W->w + (r - W->row0) * W->row_bytes;
+    if (mode == W_F32 || mode == W_BF16) {
+        ld_pair(row, k, n, lo, hi, mode == W_F32 ? LD_F32 : LD_WIDEN);
+        return;
+    }
+    if (mode == W_U4) {
+        ld_u4((const uint8_t *)row + k / 2, lo, hi);
+    } else if (n >= GW) {
+        ld_i8((const int8_t *)row + k, lo, hi);
+    } else {
+        int8_t buf[GW] = {0};
+        memcpy(buf, row + k, (size_t)n);
+        ld_i8(buf, lo, hi);
+    }
+    const int64_t g = group_of(W, r, k);
+    if (W->offset != 0.0f) {
+        *lo = vsub(*lo, vset1(W->offset));
+        *hi = vsub(*hi, vset1(W->offset));
+    }
+    const vf s = vset1(W->scales[g]);
+    *lo = vmul(s, *lo);
+    *hi = vmul(s, *hi);
+    if (W->mins) {
+        const vf m = vset1(W->mins[g]);
+        *lo = vadd(*lo, m);
+        *hi = vadd(*hi, m);
+    }
+}
+
+/* y[t0 + i, n0 + q] = x[t0 + i] . W[n0 + q] (+ b) for i < NT, q < NJ. */
+LP_TILE void gemv_tile(const job *j, int mode, int64_t t0, int NT, int64_t n0, int NJ) {
+    const int xbf16 = mode == W_BF16;
+    const int64_t K = j->K;
+    const char *x = (const char *)j->x + t0 * j->ldx * (xbf16 ? 2 : 4);
     vf acc[MT][MJ];
     for (int i = 0; i < NT; ++i)
         for (int q = 0; q < NJ; ++q) acc[i][q] = vzero();
     for (int64_t k = 0; k < K; k += GW) {
         const int64_t n = K - k < GW ? K - k : GW;
         vf xl[MT], xh[MT];
-        for (int i = 0; i < NT; ++i) ld_pair(x + i * ldx, k, n, &xl[i], &xh[i], LD_F32);
+        for (int i = 0; i < NT; ++i)
+            ld_pair(x + i * j->ldx * (xbf16 ? 2 : 4), k, n, &xl[i], &xh[i], xbf16 ? LD_WIDEN : LD_F32);
         for (int q = 0; q < NJ; ++q) {
             vf wl, wh;
-            ld_pair(wr[q], k, n, &wl, &wh, LD_F32);
+            ld_w(&j->W, mode, n0 + q, k, n, &wl, &wh);
             for (int i = 0; i < NT; ++i) acc[i][q] = vfma(xh[i], wh, vfma(xl[i], wl, acc[i][q]));
         }
     }
@@ -47,51 +128,251 @@ LP_TILE void gemv_tile(float *y, const float *x, int64_t ldx, const float *w, co
         for (int q = 0; q < 4; ++q) v[q] = q < NJ ? acc[i][q] : vzero();
         float sums[4];
         sum4(v[0], v[1], v[2], v[3], sums);
-        for (int q = 0; q < NJ; ++q) y[i * N + n0 + q] = b ? sums[q] + b[n0 + q] : sums[q];
+        const int64_t at = (t0 + i) * j->N + n0;
+        for (int q = 0; q < NJ; ++q) {
+            if (xbf16) {
+                const float s = j->b ? sums[q] + bf16_widen(((const uint16_t *)j->b)[n0 + q]) : sums[q];
+                ((uint16_t *)j->y)[at + q] = bf16_round(s);
+            } else {
+                ((float *)j->y)[at + q] = j->b ? sums[q] + ((const float *)j->b)[n0 + q] : sums[q];
+            }
+        }
     }
 }
 
-#if LP_ISA == 0
-LP_INLINE void gemv_dispatch(float *y, const float *x, int64_t ldx, const float *w, const float *b, int64_t K,
-                             int64_t N, int64_t n0, int nt, int nj) {
-    gemv_tile(y, x, ldx, w, b, K, N, n0, nt, nj);
-}
-#else
-LP_INLINE void gemv_dispatch(float *y, const float *x, int64_t ldx, const float *w, const float *b, int64_t K,
-                             int64_t N, int64_t n0, int nt, int nj) {
-#define LP_G(NT_, NJ_) \
-    case (NT_) * 8 + (NJ_): gemv_tile(y, x, ldx, w, b, K, N, n0, NT_, NJ_); break;
-    switch (nt * 8 + nj) {
-        LP_G(1, 1) LP_G(1, 2) LP_G(1, 3) LP_G(1, 4)
-        LP_G(2, 1) LP_G(2, 2) LP_G(2, 3) LP_G(2, 4)
-        LP_G(3, 1) LP_G(3, 2) LP_G(3, 3) LP_G(3, 4)
-        LP_G(4, 1) LP_G(4, 2) LP_G(4, 3) LP_G(4, 4)
-        default: break;
+#if LP_ISA == 1
+/* AVX2 has 16 vector registers: a tile of 4 rows x 2 tokens holding all 16 lanes needs 16 for its
+ * accumulators alone. The lanes never mix until the final sum, so this build runs lanes 0-7 and 8-15
+ * in two passes over K (the tile's rows come back from L1 for the second), each pass with 8
+ * accumulators of one __m256: the same fused multiply-adds on the same lanes as every other build. */
+enum { MT2 = 2 };
+
+/* Lanes [8 * half, 8 * half + 8) of values [k, k + 32) of a row: elements k + 8 half + i (lo)
+ * and k + 16 + 8 half + i (hi), as fp32. */
+LP_INLINE void ld_w_half(const weights *W, int mode, int64_t r, int64_t k, int64_t n, int half, __m256 *lo,
+                         __m256 *hi) {
+    if (n < GW) { /* a row's tail: the zero-padded general path */
+        vf l, h;
+        ld_w(W, mode, r, k, n, &l, &h);
+        *lo = half ? l.h : l.l;
+        *hi = half ? h.h : h.l;
+        return;
     }
-#undef LP_G
+    const char *row = W->w + (r - W->row0) * W->row_bytes;
+    const int64_t e = k + 8 * half;
+    if (mode == W_F32) {
+        *lo = _mm256_loadu_ps((const float *)row + e);
+        *hi = _mm256_loadu_ps((const float *)row + e + 16);
+        return;
+    }
+    if (mode == W_BF16) {
+        const uint16_t *p = (const uint16_t *)row + e;
+        *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+        *hi = _mm256_castsi256_ps(
+            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 16))), 16));
+        return;
+    }
+    if (mode == W_I8) {
+        *lo = cvt_i8x8((const int8_t *)row + e);
+        *hi = cvt_i8x8((const int8_t *)row + e + 16);
+    } else { /* bytes 8 half .. 8 half + 7 of the block: low nibbles are lo's codes, high nibbles hi's */
+        const __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)row + k / 2 + 8 * half));
+        const __m128i m = _mm_set1_epi8(0x0F);
+        *lo = cvt_u8x8(_mm_and_si128(b, m));
+        *hi = cvt_u8x8(_mm_and_si128(_mm_srli_epi16(b, 4), m));
+    }
+    const int64_t g = group_of(W, r, k);
+    if (W->offset != 0.0f) {
+        *lo = _mm256_sub_ps(*lo, _mm256_set1_ps(W->offset));
+        *hi = _mm256_sub_ps(*hi, _mm256_set1_ps(W->offset));
+    }
+    const __m256 sc = _mm256_set1_ps(W->scales[g]);
+    *lo = _mm256_mul_ps(sc, *lo);
+    *hi = _mm256_mul_ps(sc, *hi);
+    if (W->mins) {
+        const __m256 mn = _mm256_set1_ps(W->mins[g]);
+        *lo = _mm256_add_ps(*lo, mn);
+        *hi = _mm256_add_ps(*hi, mn);
+    }
+}
+
+LP_INLINE void ld_x_half(const char *x, int xbf16, int64_t k, int64_t n, int half, __m256 *lo, __m256 *hi) {
+    if (n < GW || xbf16) {
+        vf l, h;
+        ld_pair(x, k, n, &l, &h, xbf16 ? LD_WIDEN : LD_F32);
+        *lo = half ? l.h : l.l;
+        *hi = half ? h.h : h.l;
+        return;
+    }
+    *lo = _mm256_loadu_ps((const float *)x + k + 8 * half);
+    *hi = _mm256_loadu_ps((const float *)x + k + 16 + 8 * half);
+}
+
+/* Tokens t0 .. t0 + NT - 1 (NT <= 2) x rows n0 .. n0 + MJ - 1: both halves' sums, then the usual store. */
+LP_INLINE void gemv_tile2(const job *j, int mode, int64_t t0, int NT, int64_t n0) {
+    const int xbf16 = mode == W_BF16;
+    const int64_t K = j->K, es = xbf16 ? 2 : 4;
+    const char *x = (const char *)j->x + t0 * j->ldx * es;
+    vf acc[MT2][MJ];
+    for (int half = 0; half < 2; ++half) {
+        __m256 a[MT2][MJ];
+        for (int i = 0; i < NT; ++i)
+            for (int q = 0; q < MJ; ++q) a[i][q] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += GW) {
+            const int64_t n = K - k < GW ? K - k : GW;
+            __m256 xl[MT2], xh[MT2];
+            for (int i = 0; i < NT; ++i) ld_x_half(x + i * j->ldx * es, xbf16, k, n, half, &xl[i], &xh[i]);
+            for (int q = 0; q < MJ; ++q) {
+                __m256 wl, wh;
+                ld_w_half(&j->W, mode, n0 + q, k, n, half, &wl, &wh);
+                for (int i = 0; i < NT; ++i) a[i][q] = _mm256_fmadd_ps(xh[i], wh, _mm256_fmadd_ps(xl[i], wl, a[i][q]));
+            }
+        }
+        for (int i = 0; i < NT; ++i)
+            for (int q = 0; q < MJ; ++q) {
+                if (half) acc[i][q].h = a[i][q];
+                else acc[i][q].l = a[i][q];
+            }
+    }
+    for (int i = 0; i < NT; ++i) {
+        float sums[4];
+        sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], sums);
+        const int64_t at = (t0 + i) * j->N + n0;
+        for (int q = 0; q < MJ; ++q) {
+            if (xbf16) {
+                const float s = j->b ? sums[q] + bf16_widen(((const uint16_t *)j->b)[n0 + q]) : sums[q];
+                ((uint16_t *)j->y)[at + q] = bf16_round(s);
+            } else {
+                ((float *)j->y)[at + q] = j->b ? sums[q] + ((const float *)j->b)[n0 + q] : sums[q];
+            }
+        }
+    }
 }
 #endif
 
-static void run(float *y, const float *x, int64_t ldx, const float *w, const float *b, int64_t T, int64_t K,
-                int64_t N, int tid, int nth) {
+/* Full tiles get code specialized for their token count; the last rows of a matrix take the general one. */
+LP_INLINE void gemv_dispatch(const job *j, int mode, int64_t t0, int nt, int64_t n0, int nj) {
+#if LP_ISA == 0
+    gemv_tile(j, mode, t0, nt, n0, nj);
+#elif LP_ISA == 1
+    if (nj == MJ) {
+        for (int64_t t = t0; t < t0 + nt; t += MT2) {
+            if (t0 + nt - t >= MT2) gemv_tile2(j, mode, t, MT2, n0);
+            else gemv_tile2(j, mode, t, 1, n0);
+        }
+        return;
+    }
+    gemv_tile(j, mode, t0, nt, n0, nj);
+#else
+    if (nj == MJ) {
+        switch (nt) {
+            case 1: gemv_tile(j, mode, t0, 1, n0, MJ); return;
+            case 2: gemv_tile(j, mode, t0, 2, n0, MJ); return;
+            case 3: gemv_tile(j, mode, t0, 3, n0, MJ); return;
+            default: gemv_tile(j, mode, t0, 4, n0, MJ); return;
+        }
+    }
+    gemv_tile(j, mode, t0, nt, n0, nj);
+#endif
+}
+
+LP_INLINE void run_mode(const job *j, int mode, int tid, int nth) {
     /* Row ranges in whole tiles, so a tile never straddles two threads. */
-    const int64_t tiles = (N + MJ - 1) / MJ;
+    const int64_t N = j->N, tiles = (N + MJ - 1) / MJ;
     const int64_t n_lo = tiles * tid / nth * MJ, n_hi = tiles * (tid + 1) / nth * MJ;
     for (int64_t n0 = n_lo; n0 < n_hi && n0 < N; n0 += MJ) {
         const int nj = (int)(N - n0 < MJ ? N - n0 : MJ);
-        gemv_dispatch(y, x, ldx, w, b, K, N, n0, (int)T, nj);
+        for (int64_t t0 = 0; t0 < j->T; t0 += MT) gemv_dispatch(j, mode, t0, (int)(j->T - t0 < MT ? j->T - t0 : MT), n0, nj);
     }
 }
 
-int loraplex_gemv_f32(float *y, const float *x, int64_t ldx, const float *w, const float *b, int64_t T, int64_t K,
-                      int64_t N, int nthreads) {
-    if (T < 1 || T > MT || K < 1 || N < 1 || ldx < K) return 4;
-    if (nthreads <= 1 || N * K * 4 < MIN_PAR_BYTES || omp_in_parallel()) {
-        run(y, x, ldx, w, b, T, K, N, 0, 1);
+/* Rows [n0, n0 + nj) of a quantized matrix, dequantized to fp32 rows of K at out (the values ld_w gives). */
+static void dequantize_rows(const weights *W, int mode, int64_t n0, int nj, int64_t K, float *out) {
+    for (int q = 0; q < nj; ++q)
+        for (int64_t k = 0; k < K; k += GW) {
+            const int64_t n = K - k < GW ? K - k : GW;
+            vf lo, hi;
+            float buf[GW];
+            ld_w(W, mode, n0 + q, k, n, &lo, &hi);
+            memcpy(buf, &lo, sizeof lo);
+            memcpy(buf + GW / 2, &hi, sizeof hi);
+            memcpy(out + q * K + k, buf, (size_t)n * sizeof(float));
+        }
+}
+
+/* Steps of more than two tokens on quantized weights: each tile's rows are dequantized once into a
+ * small fp32 buffer (L1-resident) that every token of the step then reads, instead of per token pair. */
+static void run_dequantized(const job *j, int mode, int tid, int nth) {
+    const int64_t N = j->N, K = j->K, tiles = (N + MJ - 1) / MJ;
+    const int64_t n_lo = tiles * tid / nth * MJ, n_hi = tiles * (tid + 1) / nth * MJ;
+    float *buf = malloc((size_t)(MJ * K) * sizeof(float));
+    if (!buf) return;
+    job f = *j;
+    f.W = (weights){(const char *)buf, K * 4, NULL, NULL, K, 1, 0.0f, 62, 0};
+    for (int64_t n0 = n_lo; n0 < n_hi && n0 < N; n0 += MJ) {
+        const int nj = (int)(N - n0 < MJ ? N - n0 : MJ);
+        dequantize_rows(&j->W, mode, n0, nj, K, buf);
+        f.W.row0 = n0;
+        for (int64_t t0 = 0; t0 < j->T; t0 += MT) gemv_dispatch(&f, W_F32, t0, (int)(j->T - t0 < MT ? j->T - t0 : MT), n0, nj);
+    }
+    free(buf);
+}
+
+static void run(const job *j, int mode, int tid, int nth) {
+    if ((mode == W_I8 || mode == W_U4) && j->T > 2) {
+        run_dequantized(j, mode, tid, nth);
+        return;
+    }
+    switch (mode) {
+        case W_F32: run_mode(j, W_F32, tid, nth); break;
+        case W_BF16: run_mode(j, W_BF16, tid, nth); break;
+        case W_I8: run_mode(j, W_I8, tid, nth); break;
+        default: run_mode(j, W_U4, tid, nth); break;
+    }
+}
+
+static int check(const weights *W, int mode, int64_t K, int64_t N) {
+    if (K < 1 || N < 1 || mode < W_F32 || mode > W_U4 || !W->w) return 4;
+    const int64_t need = mode == W_F32 ? K * 4 : mode == W_BF16 ? K * 2 : mode == W_I8 ? K : K / 2;
+    if (W->row_bytes < need) return 4;
+    if (mode == W_I8 || mode == W_U4) {
+        if (!W->scales || W->group < 1 || (W->group % GW && W->group != K)) return 4;
+        if (W->groups != (K + W->group - 1) / W->group) return 4;
+        if (mode == W_U4 && (K % GW || W->group % GW)) return 4;
+    }
+    return 0;
+}
+
+static weights describe(const void *w, int64_t row_bytes, const float *scales, const float *mins, int64_t group,
+                        float offset, int64_t K) {
+    weights W = {(const char *)w, row_bytes, scales, mins, group > 0 ? group : K, 0, offset, -1, 0};
+    W.groups = (K + W.group - 1) / W.group;
+    if (W.group >= K) W.gshift = 62; /* one group per row: k >> 62 == 0 */
+    else if ((W.group & (W.group - 1)) == 0) W.gshift = __builtin_ctzll((unsigned long long)W.group);
+    return W;
+}
+
+int loraplex_gemv(void *y, const void *x, int64_t ldx, const void *w, int64_t row_bytes, const float *scales,
+                  const float *mins, int64_t group, float offset, const void *b, int64_t T, int64_t K, int64_t N,
+                  int mode, int nthreads) {
+    const job j = {y, x, ldx, b, T, K, N, describe(w, row_bytes, scales, mins, group, offset, K)};
+    if (T < 1 || ldx < K || check(&j.W, mode, K, N)) return 4;
+    if (nthreads <= 1 || N * row_bytes < MIN_PAR_BYTES || omp_in_parallel()) {
+        run(&j, mode, 0, 1);
         return 0;
     }
 #pragma omp parallel num_threads(nthreads)
-    run(y, x, ldx, w, b, T, K, N, omp_get_thread_num(), omp_get_num_threads());
+    run(&j, mode, omp_get_thread_num(), omp_get_num_threads());
+    return 0;
+}
+
+/* out [N, K] fp32 = the dequantized rows of a W_I8 / W_U4 matrix (for steps too long for the kernel above). */
+int loraplex_dequantize(float *out, const void *w, int64_t row_bytes, const float *scales, const float *mins,
+                        int64_t group, float offset, int64_t K, int64_t N, int mode, int nthreads) {
+    const weights W = describe(w, row_bytes, scales, mins, group, offset, K);
+    if ((mode != W_I8 && mode != W_U4) || check(&W, mode, K, N)) return 4;
+#pragma omp parallel for num_threads(nthreads > 0 ? nthreads : 1) schedule(static)
+    for (int64_t r = 0; r < N; ++r) dequantize_rows(&W, mode, r, 1, K, out + r * K);
     return 0;
 }
 

@@ -15,9 +15,12 @@ from transformers import PreTrainedModel
 
 from server.lora.metadata import LoraBatch
 from server.lora.ops import ModuleSlots, add_lora
-from server.model import cpu_gemv
-from server.model.architecture import ModelShape
+from server.model import cpu_gemv, cpu_layer_ops
+from server.model.architecture import ATTENTION_PROJECTIONS, ModelShape
 from server.model.attention import AttentionBatch, attend
+from server.model.quantized import QuantizedMatrix, concat_rows
+
+Weight = torch.Tensor | QuantizedMatrix  # a base projection: dense in the serving dtype, or quantized codes
 
 
 @dataclass(frozen=True)
@@ -34,11 +37,11 @@ class StepInputs:
 
 @dataclass
 class DecoderLayer:
-    w_qkv: torch.Tensor  # [q_dim + 2 kv_dim, hidden]
+    w_qkv: Weight  # [q_dim + 2 kv_dim, hidden]
     b_qkv: torch.Tensor | None
-    w_o: torch.Tensor  # [hidden, q_dim]
-    w_gate_up: torch.Tensor  # [2 intermediate, hidden]
-    w_down: torch.Tensor  # [hidden, intermediate]
+    w_o: Weight  # [hidden, q_dim]
+    w_gate_up: Weight  # [2 intermediate, hidden]
+    w_down: Weight  # [hidden, intermediate]
     ln_in: torch.Tensor
     ln_post: torch.Tensor
     lora: dict[str, ModuleSlots] = field(default_factory=dict)  # projection -> slots
@@ -47,45 +50,68 @@ class DecoderLayer:
 class CausalLM:
     """Frozen base weights and the forward pass; LoRA slots are attached by the slot pool."""
 
-    def __init__(self, hf_model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        hf_model: PreTrainedModel,
+        device: torch.device,
+        dtype: torch.dtype,
+        quantized: dict[str, QuantizedMatrix] | None = None,
+    ) -> None:
+        """``quantized``: projections (by module name, and ``lm_head``) served as codes rather than dense."""
         self.shape = ModelShape.from_config(hf_model.config)
         self.device, self.dtype = device, dtype
         s = self.shape
+        quantized = quantized or {}
 
         def take(t: torch.Tensor) -> torch.Tensor:
             return t.detach().to(device=device, dtype=dtype).contiguous()
 
+        def weight(*modules: tuple[str, torch.nn.Module]) -> Weight:
+            """The modules' weights stacked by rows: quantized when all of them are, in one format."""
+            if all(name in quantized for name, _ in modules):
+                fused = concat_rows([quantized[name] for name, _ in modules])
+                if fused is not None:
+                    return fused
+            return take(torch.cat([m.weight for _, m in modules]))
+
         inner = hf_model.model
         self.embed = take(inner.embed_tokens.weight)
-        self.lm_head = take(hf_model.get_output_embeddings().weight)
+        self.lm_head = weight(("lm_head", hf_model.get_output_embeddings()))
         self.norm = take(inner.norm.weight)
         self.layers: list[DecoderLayer] = []
-        for hl in inner.layers:
+        for i, hl in enumerate(inner.layers):
             att, mlp = hl.self_attn, hl.mlp
             if any(hasattr(att, n) for n in ("q_norm", "k_norm")):
                 raise ValueError("per-head q/k norms are not supported")
             b_qkv = None
             if s.qkv_bias:
                 b_qkv = take(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
+
+            def named(*projections: str, i=i, att=att, mlp=mlp) -> list[tuple[str, torch.nn.Module]]:
+                parent = {p: att if p in ATTENTION_PROJECTIONS else mlp for p in projections}
+                return [(s.module_name(i, p), getattr(parent[p], p)) for p in projections]
+
             self.layers.append(
                 DecoderLayer(
-                    w_qkv=take(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])),
+                    w_qkv=weight(*named("q_proj", "k_proj", "v_proj")),
                     b_qkv=b_qkv,
-                    w_o=take(att.o_proj.weight),
-                    w_gate_up=take(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
-                    w_down=take(mlp.down_proj.weight),
+                    w_o=weight(*named("o_proj")),
+                    w_gate_up=weight(*named("gate_proj", "up_proj")),
+                    w_down=weight(*named("down_proj")),
                     ln_in=take(hl.input_layernorm.weight),
                     ln_post=take(hl.post_attention_layernorm.weight),
                 )
             )
         positions = torch.arange(s.max_positions, device="cpu")[None, :]
         cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
-        self.rope_cos = cos[0].to(device=device, dtype=dtype)  # [max_positions, head_dim]
-        self.rope_sin = sin[0].to(device=device, dtype=dtype)
+        self.rope_cos = cos[0].to(device=device, dtype=dtype).contiguous()  # [max_positions, head_dim]
+        self.rope_sin = sin[0].to(device=device, dtype=dtype).contiguous()
         self.attn_scale = s.head_dim**-0.5
-        # fp32 on the CPU: decode-sized projections by our GEMV kernel (every thread streams the weights).
-        cpu_fp32 = device.type == "cpu" and dtype == torch.float32
-        self.linear = cpu_gemv.linear if cpu_fp32 and cpu_gemv.available() else F.linear
+        # fp32 and bf16 on the CPU: decode-sized projections by our GEMV kernel (every thread streams the weights).
+        cpu_kernel = device.type == "cpu" and dtype in cpu_gemv.MAX_TOKENS and cpu_gemv.available()
+        self.dense_linear = cpu_gemv.linear if cpu_kernel else F.linear
+        # fp32 on the CPU: RMSNorm and RoPE by one C call each (see cpu_layer_ops).
+        self.c_layer_ops = device.type == "cpu" and dtype == torch.float32 and cpu_layer_ops.available()
         # [q | k | v] column slices of the fused projection, for LoRA.
         self.qkv_slices = {
             "q_proj": (0, s.q_dim),
@@ -97,34 +123,64 @@ class CausalLM:
             "up_proj": (s.intermediate, 2 * s.intermediate),
         }
 
+    def linear(self, x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:
+        if type(w) is QuantizedMatrix:
+            return w.linear(x, b)
+        return self.dense_linear(x, w, b)
+
+    def weights_summary(self) -> str:
+        """How the base projections are held, e.g. ``float32`` or ``Q4_1 + Q8_0 codes (68 MB), rest float32``."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        mats = [self.lm_head] + [getattr(ly, n) for ly in self.layers for n in ("w_qkv", "w_o", "w_gate_up", "w_down")]
+        quantized = [m for m in mats if type(m) is QuantizedMatrix]
+        if not quantized:
+            return dtype
+        kinds = " + ".join(sorted({m.kind for m in quantized}))
+        rest = "" if len(quantized) == len(mats) else f", other projections {dtype}"
+        return f"{kinds} codes ({sum(m.nbytes for m in quantized) >> 20} MB){rest}, activations {dtype}"
+
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run the packed batch; return fp32 logits ``[len(step.sample_rows), vocab]``."""
         s = self.shape
         t = step.input_ids.shape[0]
         x = self.embed.index_select(0, step.input_ids)
-        cos = self.rope_cos.index_select(0, step.positions).unsqueeze(1)  # [T, 1, hd]
-        sin = self.rope_sin.index_select(0, step.positions).unsqueeze(1)
+        c_ops = self.c_layer_ops
+        if c_ops:
+            norm, eps = cpu_layer_ops.rms_norm, s.rms_eps
+        else:
+            cos = self.rope_cos.index_select(0, step.positions).unsqueeze(1)  # [T, 1, hd]
+            sin = self.rope_sin.index_select(0, step.positions).unsqueeze(1)
+
+            def norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+                return F.rms_norm(x, (s.hidden,), w, eps)
+
+            eps = s.rms_eps
         active = step.lora_projections if step.lora.has_lora else frozenset()
         linear = self.linear
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):
             lora = {name: slots for name, slots in layer.lora.items() if name in active}
-            h = F.rms_norm(x, (s.hidden,), layer.ln_in, s.rms_eps)
+            h = norm(x, layer.ln_in, eps)
             qkv = linear(h, layer.w_qkv, layer.b_qkv)
             for name, (lo, hi) in self.qkv_slices.items():
                 if name in lora:
                     add_lora(qkv[:, lo:hi], h, lora[name], step.lora)
+            if c_ops:  # q and k rotated in place
+                cpu_layer_ops.rope_(
+                    qkv, s.n_heads + s.n_kv_heads, s.head_dim, self.rope_cos, self.rope_sin, step.positions
+                )
             q = qkv[:, : s.q_dim].view(t, s.n_heads, s.head_dim)
             k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(t, s.n_kv_heads, s.head_dim)
             v = qkv[:, s.q_dim + s.kv_dim :].view(t, s.n_kv_heads, s.head_dim)
-            q = _rope(q, cos, sin)
-            k = _rope(k, cos, sin)
+            if not c_ops:
+                q = _rope(q, cos, sin)
+                k = _rope(k, cos, sin)
             a = attend(q, k, v.contiguous(), k_cache, v_cache, step.attention, self.attn_scale)
             o = linear(a, layer.w_o)
             if "o_proj" in lora:
                 add_lora(o, a, lora["o_proj"], step.lora)
             x = x + o
-            h = F.rms_norm(x, (s.hidden,), layer.ln_post, s.rms_eps)
+            h = norm(x, layer.ln_post, eps)
             gu = linear(h, layer.w_gate_up)
             for name, (lo, hi) in self.gate_up_slices.items():
                 if name in lora:
@@ -134,7 +190,7 @@ class CausalLM:
             if "down_proj" in lora:
                 add_lora(d, act, lora["down_proj"], step.lora)
             x = x + d
-        last = F.rms_norm(x.index_select(0, step.sample_rows), (s.hidden,), self.norm, s.rms_eps)
+        last = norm(x.index_select(0, step.sample_rows), self.norm, eps)
         return linear(last, self.lm_head).float()
 
 

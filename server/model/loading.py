@@ -7,6 +7,7 @@ cache keyed by the file's path, size and mtime, so later starts take seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -30,6 +31,7 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     name: str  # the served name of the base model
     source: Path  # the directory the weights were read from
+    gguf: Path | None = None  # the GGUF file they were converted from, whose quantized tensors can be served as stored
 
 
 def load_model(model: str | None, cache_dir: Path) -> LoadedModel:
@@ -46,7 +48,8 @@ def load_model(model: str | None, cache_dir: Path) -> LoadedModel:
         if path.suffix != ".gguf":
             raise ValueError(f"--model {model}: expected a transformers model directory or a .gguf file")
         gguf, name = path, path.stem
-    return _load_directory(gguf_cache(gguf, cache_dir), name)
+    loaded = _load_directory(gguf_cache(gguf, cache_dir), name)
+    return dataclasses.replace(loaded, gguf=gguf)
 
 
 def gguf_cache(gguf: Path, cache_dir: Path) -> Path:

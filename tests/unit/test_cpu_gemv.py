@@ -1,4 +1,4 @@
-"""Our small-batch fp32 projection kernel against torch, on every build this CPU runs."""
+"""Our small-batch projection kernel (fp32 and bf16 weights) against torch, on every build this CPU runs."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576), (67, 130), (100, 3),
 
 @pytest.mark.parametrize("isa", RUNNABLE)
 @pytest.mark.parametrize(("k", "n"), SHAPES)
-@pytest.mark.parametrize("t", [1, 2, 3, 4])
+@pytest.mark.parametrize("t", [1, 2, 3, 4, 5, 16])
 def test_matches_linear_in_fp64(isa, k, n, t):
     g = torch.Generator().manual_seed(k * 10 + n + t)
     x_wide = torch.randn(t, k + 5, generator=g)
@@ -53,19 +53,33 @@ def test_builds_and_thread_counts_agree_bit_for_bit(t):
 
 
 def test_what_the_kernel_does_not_take_goes_to_torch():
-    """More than 4 rows, other dtypes, a column-strided x, a non-contiguous weight: torch's answer, exactly."""
+    """More rows than MAX_TOKENS, other dtypes, a column-strided x, a non-contiguous weight: torch's answer."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 32, generator=g)
     cases = [
-        (torch.randn(5, 32, generator=g), w),
+        (torch.randn(cpu_gemv.MAX_TOKENS[torch.float32] + 1, 32, generator=g), w),
         (torch.randn(2, 32, generator=g).double(), w.double()),
-        (torch.randn(2, 32, generator=g).to(torch.bfloat16), w.to(torch.bfloat16)),
+        (torch.randn(2, 32, generator=g).half(), w.half()),
         (torch.randn(32, 2, generator=g).t(), w),
         (torch.randn(2, 32, generator=g), torch.randn(32, 64, generator=g).t()),
         (torch.randn(0, 32, generator=g), w),
     ]
     for x, weight in cases:
         assert torch.equal(cpu_gemv.linear(x, weight), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("isa", RUNNABLE)
+@pytest.mark.parametrize("t", [1, 3, 16])
+def test_bf16_sums_in_fp32_and_rounds_once(isa, t):
+    """bf16 weights and activations: within one bf16 rounding of the exact product of the bf16 values."""
+    g = torch.Generator().manual_seed(t)
+    x, w, b = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((t, 576), (960, 576), (960,)))
+    y = cpu_gemv.linear(x, w, b, isa=isa)
+    assert y.dtype is torch.bfloat16
+    exact = F.linear(x.double(), w.double(), b.double())
+    assert torch.equal(y, exact.float().to(torch.bfloat16)) or (
+        (y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-3
+    ).all()
 
 
 def test_the_first_call_builds_and_uses_the_kernel(tmp_path):
