@@ -2,8 +2,8 @@
 
     python -m loadtests.bench.decode_step [--batch 32] [--rank 16] [--context 128] [--compose K]
 
-Default model, fp32, rank-16 adapters on all seven projections written straight
-into the device slots (what activation does), one decode token per request.
+Default model, fp32 (``--quantization auto``: its GGUF Q4_1 codes), rank-16 adapters on all seven
+projections written straight into the device slots (what activation does), one decode token per request.
 Prints the ratio per LoRA backend; base and adapter steps are interleaved so
 drift on a noisy machine hits both alike. With ``--compose K`` each request
 composes K adapters (weights 0.5) instead of using one.
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from loadtests.machine import machine
-from server.config import CacheConfig, Config, LoraConfig
+from server.config import CacheConfig, Config, LoraConfig, ModelConfig
 from server.engine.builder import build_serving
 from server.lora import cpu_kernel
 from server.lora.weights import AdapterWeights
@@ -64,13 +64,15 @@ def main() -> None:
     p.add_argument("--backends", default="cpu,torch")
     p.add_argument("--compose", type=int, default=1, help="adapters composed per request (1: one plain adapter)")
     p.add_argument("--lora-dtype", default="auto", help="adapter slot dtype (bfloat16: bf16 adapters, fp32 serving)")
+    p.add_argument("--quantization", default="none", help="base weights (none: fp32; auto: the GGUF's Q4_1 codes)")
     p.add_argument("--out", type=Path, default=Path("loadtests/results/decode_step.json"))
     args = p.parse_args()
     torch.set_num_threads(2)
     n_adapters = args.adapters or args.batch
     results = {"command": "python -m loadtests.bench.decode_step " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
-        "batch": args.batch, "adapters": n_adapters, "compose": args.compose, "rank": args.rank,
+        "batch": args.batch, "adapters": n_adapters, "quantization": args.quantization, "compose": args.compose,
+        "rank": args.rank,
         "context": args.context,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "backends": {}}
     for backend in args.backends.split(","):
@@ -78,6 +80,7 @@ def main() -> None:
             print("cpu kernel unavailable; skipping")
             continue
         config = Config(
+            model=ModelConfig(quantization=args.quantization),
             lora=LoraConfig(adapters_dir=Path("/nonexistent"), max_lora_rank=args.rank,
                             max_loras=n_adapters, backend=backend, dtype=args.lora_dtype),
             cache=CacheConfig(kv_cache_tokens=args.batch * (args.context + 32)),

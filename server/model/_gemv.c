@@ -9,9 +9,9 @@
  *   W_BF16  bf16 values, x, y and b bf16 (products summed in fp32, y rounded once);
  *   W_I8    signed 8-bit codes, one fp32 scale (and optional minimum) per `group` values of a row;
  *   W_U4    4-bit codes in GGML's 32-value block order (../model/_gemv_codes.h), scales likewise;
- * quantized values are dequantized in registers exactly as GGML writes them out,
- *     w = scale * (code - offset) (+ minimum)     # a product and a sum, each rounded in fp32
- * so a quantized matrix gives bit for bit what its dequantized fp32 copy gives in W_F32 mode.
+ * quantized values are dequantized in registers (see scale_and_shift: for GGUF blocks, the fp32 values
+ * GGML writes out), so a quantized matrix gives bit for bit what its dequantized copy
+ * (loraplex_dequantize) gives in W_F32 mode.
  *
  * Each thread takes a contiguous range of output rows, so the weight is read from memory once,
  * in order, split across threads; a tile of 4 rows and up to 4 tokens keeps its accumulators in
@@ -73,6 +73,16 @@ LP_INLINE uint16_t bf16_round(float f) { /* to nearest even; NaN -> 0x7FC0, as t
     return (uint16_t)(u >> 16);
 }
 
+/* w = scale * (code - offset) + minimum as one fused multiply-add, w = fma(scale, code, c) with
+ * c = minimum - offset * scale: one rounding where GGML's dequantization rounds the product and then
+ * the sum. The same values for GGUF blocks: their fp16 scale (11 significant bits) times a code of at
+ * most 8 bits is exact in fp32, and so is offset * scale (offset 8), so only the sum rounds either way. */
+LP_INLINE void scale_and_shift(const weights *W, int64_t g, float *sc, float *c) {
+    *sc = W->scales[g];
+    *c = W->mins ? W->mins[g] : 0.0f;
+    if (W->offset != 0.0f) *c -= W->offset * *sc;
+}
+
 /* Values [k, k + n) of row r (n <= 32; W_U4 whole blocks only) as fp32, zeros past n. */
 LP_INLINE void ld_w(const weights *W, int mode, int64_t r, int64_t k, int64_t n, vf *lo, vf *hi) {
     const char *row = W->w + (r - W->row0) * W->row_bytes;
@@ -89,19 +99,11 @@ LP_INLINE void ld_w(const weights *W, int mode, int64_t r, int64_t k, int64_t n,
         memcpy(buf, row + k, (size_t)n);
         ld_i8(buf, lo, hi);
     }
-    const int64_t g = group_of(W, r, k);
-    if (W->offset != 0.0f) {
-        *lo = vsub(*lo, vset1(W->offset));
-        *hi = vsub(*hi, vset1(W->offset));
-    }
-    const vf s = vset1(W->scales[g]);
-    *lo = vmul(s, *lo);
-    *hi = vmul(s, *hi);
-    if (W->mins) {
-        const vf m = vset1(W->mins[g]);
-        *lo = vadd(*lo, m);
-        *hi = vadd(*hi, m);
-    }
+    float sc, c;
+    scale_and_shift(W, group_of(W, r, k), &sc, &c);
+    const vf vs = vset1(sc), vc = vset1(c);
+    *lo = vfma(vs, *lo, vc);
+    *hi = vfma(vs, *hi, vc);
 }
 
 /* y[t0 + i, n0 + q] = x[t0 + i] . W[n0 + q] (+ b) for i < NT, q < NJ. */
@@ -181,19 +183,11 @@ LP_INLINE void ld_w_half(const weights *W, int mode, int64_t r, int64_t k, int64
         *lo = cvt_u8x8(_mm_and_si128(b, m));
         *hi = cvt_u8x8(_mm_and_si128(_mm_srli_epi16(b, 4), m));
     }
-    const int64_t g = group_of(W, r, k);
-    if (W->offset != 0.0f) {
-        *lo = _mm256_sub_ps(*lo, _mm256_set1_ps(W->offset));
-        *hi = _mm256_sub_ps(*hi, _mm256_set1_ps(W->offset));
-    }
-    const __m256 sc = _mm256_set1_ps(W->scales[g]);
-    *lo = _mm256_mul_ps(sc, *lo);
-    *hi = _mm256_mul_ps(sc, *hi);
-    if (W->mins) {
-        const __m256 mn = _mm256_set1_ps(W->mins[g]);
-        *lo = _mm256_add_ps(*lo, mn);
-        *hi = _mm256_add_ps(*hi, mn);
-    }
+    float sc, c;
+    scale_and_shift(W, group_of(W, r, k), &sc, &c);
+    const __m256 vs = _mm256_set1_ps(sc), vc = _mm256_set1_ps(c);
+    *lo = _mm256_fmadd_ps(vs, *lo, vc);
+    *hi = _mm256_fmadd_ps(vs, *hi, vc);
 }
 
 LP_INLINE void ld_x_half(const char *x, int xbf16, int64_t k, int64_t n, int half, __m256 *lo, __m256 *hi) {
@@ -292,11 +286,17 @@ static void dequantize_rows(const weights *W, int mode, int64_t n0, int nj, int6
         for (int64_t k = 0; k < K; k += GW) {
             const int64_t n = K - k < GW ? K - k : GW;
             vf lo, hi;
-            float buf[GW];
             ld_w(W, mode, n0 + q, k, n, &lo, &hi);
-            memcpy(buf, &lo, sizeof lo);
-            memcpy(buf + GW / 2, &hi, sizeof hi);
-            memcpy(out + q * K + k, buf, (size_t)n * sizeof(float));
+            float *dst = out + q * K + k;
+            if (n == GW) { /* a vf holds its 16 lanes in order in every build */
+                memcpy(dst, &lo, sizeof lo);
+                memcpy(dst + GW / 2, &hi, sizeof hi);
+            } else {
+                float buf[GW];
+                memcpy(buf, &lo, sizeof lo);
+                memcpy(buf + GW / 2, &hi, sizeof hi);
+                memcpy(dst, buf, (size_t)n * sizeof(float));
+            }
         }
 }
 

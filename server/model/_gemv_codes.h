@@ -5,7 +5,6 @@
  *   ld_i8:  32 signed 8-bit codes                 -> exact floats -128..127
  *   ld_u4:  16 bytes of a GGML 4-bit block: code j in the low nibble of byte j and
  *           code j + 16 in its high nibble         -> exact floats 0..15
- * plus the two elementwise operations dequantization needs besides vmul.
  */
 #ifndef LP_GEMV_CODES_H
 #define LP_GEMV_CODES_H
@@ -13,9 +12,6 @@
 #include "../lora/_lora_vec.h"
 
 #if LP_ISA == 2
-LP_INLINE vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
-LP_INLINE vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
-
 LP_INLINE void ld_i8(const int8_t *p, vf *lo, vf *hi) {
     *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
     *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
@@ -28,9 +24,6 @@ LP_INLINE void ld_u4(const uint8_t *p, vf *lo, vf *hi) {
 }
 
 #elif LP_ISA == 1
-LP_INLINE vf vadd(vf a, vf b) { return (vf){_mm256_add_ps(a.l, b.l), _mm256_add_ps(a.h, b.h)}; }
-LP_INLINE vf vsub(vf a, vf b) { return (vf){_mm256_sub_ps(a.l, b.l), _mm256_sub_ps(a.h, b.h)}; }
-
 LP_INLINE __m256 cvt_i8x8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -50,16 +43,6 @@ LP_INLINE void ld_u4(const uint8_t *p, vf *lo, vf *hi) {
 }
 
 #else
-LP_INLINE vf vadd(vf a, vf b) {
-    for (int i = 0; i < 16; ++i) a.v[i] = a.v[i] + b.v[i];
-    return a;
-}
-
-LP_INLINE vf vsub(vf a, vf b) {
-    for (int i = 0; i < 16; ++i) a.v[i] = a.v[i] - b.v[i];
-    return a;
-}
-
 LP_INLINE void ld_i8(const int8_t *p, vf *lo, vf *hi) {
     for (int i = 0; i < 16; ++i) {
         lo->v[i] = (float)p[i];

@@ -153,7 +153,7 @@ class CausalLM:
             sin = self.rope_sin.index_select(0, step.positions).unsqueeze(1)
 
             def norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-                return F.rms_norm(x, (s.hidden,), w, eps)
+                return _rms_norm(x, w, eps)
 
             eps = s.rms_eps
         active = step.lora_projections if step.lora.has_lora else frozenset()
@@ -192,6 +192,16 @@ class CausalLM:
             x = x + d
         last = norm(x.index_select(0, step.sample_rows), self.norm, eps)
         return linear(last, self.lm_head).float()
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm arithmetic: normalized in fp32, rounded to the serving dtype, then scaled by ``w``
+    (in bf16 a second rounding that a fused norm would not make)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

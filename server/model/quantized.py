@@ -30,8 +30,10 @@ from server.model import cpu_gemv
 from server.model.gguf_blocks import BLOCK, BlockQuantized
 
 SCHEMES = ("int8", "int4")
-# Steps up to this many tokens run on the codes; longer ones on a dequantized copy (one matrix product).
-KERNEL_TOKENS = 16
+_FORMAT = "1"  # of save_matrices' files; a file of another format is not read
+# Steps up to this many tokens run on the codes (each tile of rows dequantized once into L1, then every token);
+# longer ones (prefill) on a dequantized copy of the whole matrix and torch's GEMM.
+KERNEL_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -119,14 +121,17 @@ def save_matrices(matrices: dict[str, QuantizedMatrix], path: Path) -> None:
             tensors[name + ".mins"] = m.mins
         meta[name] = [m.kind, m.mode, m.group, m.offset, m.k]
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp, metadata={"matrices": json.dumps(meta)})
+    save_file(tensors, tmp, metadata={"matrices": json.dumps(meta), "format": _FORMAT})
     os.replace(tmp, path)
 
 
 def load_matrices(path: Path) -> dict[str, QuantizedMatrix]:
-    tensors = load_file(path)
     with safe_open(path, "pt") as f:
-        meta = json.loads(f.metadata()["matrices"])
+        header = f.metadata() or {}
+    if header.get("format") != _FORMAT:
+        raise ValueError(f"format {header.get('format')!r}, not {_FORMAT!r}")
+    meta = json.loads(header["matrices"])
+    tensors = load_file(path)
     return {
         name: QuantizedMatrix(kind, mode, tensors[name + ".codes"], tensors[name + ".scales"],
                               tensors.get(name + ".mins"), group, offset, k)
