@@ -106,6 +106,19 @@ LP_INLINE void ld_w(const weights *W, int mode, int64_t r, int64_t k, int64_t n,
     *hi = vfma(vs, *hi, vc);
 }
 
+/* y[t, n0 + q] = sums[q] (+ b[n0 + q]) for q < nj: fp32, or bf16 rounded once. */
+LP_INLINE void store_sums(const job *j, int xbf16, int64_t t, int64_t n0, int nj, const float sums[4]) {
+    const int64_t at = t * j->N + n0;
+    for (int q = 0; q < nj; ++q) {
+        if (xbf16) {
+            const float s = j->b ? sums[q] + bf16_widen(((const uint16_t *)j->b)[n0 + q]) : sums[q];
+            ((uint16_t *)j->y)[at + q] = bf16_round(s);
+        } else {
+            ((float *)j->y)[at + q] = j->b ? sums[q] + ((const float *)j->b)[n0 + q] : sums[q];
+        }
+    }
+}
+
 /* y[t0 + i, n0 + q] = x[t0 + i] . W[n0 + q] (+ b) for i < NT, q < NJ. */
 LP_TILE void gemv_tile(const job *j, int mode, int64_t t0, int NT, int64_t n0, int NJ) {
     const int xbf16 = mode == W_BF16;
@@ -130,15 +143,7 @@ LP_TILE void gemv_tile(const job *j, int mode, int64_t t0, int NT, int64_t n0, i
         for (int q = 0; q < 4; ++q) v[q] = q < NJ ? acc[i][q] : vzero();
         float sums[4];
         sum4(v[0], v[1], v[2], v[3], sums);
-        const int64_t at = (t0 + i) * j->N + n0;
-        for (int q = 0; q < NJ; ++q) {
-            if (xbf16) {
-                const float s = j->b ? sums[q] + bf16_widen(((const uint16_t *)j->b)[n0 + q]) : sums[q];
-                ((uint16_t *)j->y)[at + q] = bf16_round(s);
-            } else {
-                ((float *)j->y)[at + q] = j->b ? sums[q] + ((const float *)j->b)[n0 + q] : sums[q];
-            }
-        }
+        store_sums(j, xbf16, t0 + i, n0, NJ, sums);
     }
 }
 
@@ -231,15 +236,7 @@ LP_INLINE void gemv_tile2(const job *j, int mode, int64_t t0, int NT, int64_t n0
     for (int i = 0; i < NT; ++i) {
         float sums[4];
         sum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3], sums);
-        const int64_t at = (t0 + i) * j->N + n0;
-        for (int q = 0; q < MJ; ++q) {
-            if (xbf16) {
-                const float s = j->b ? sums[q] + bf16_widen(((const uint16_t *)j->b)[n0 + q]) : sums[q];
-                ((uint16_t *)j->y)[at + q] = bf16_round(s);
-            } else {
-                ((float *)j->y)[at + q] = j->b ? sums[q] + ((const float *)j->b)[n0 + q] : sums[q];
-            }
-        }
+        store_sums(j, xbf16, t0 + i, n0, MJ, sums);
     }
 }
 #endif
