@@ -164,7 +164,6 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         cache=loaded.source / "gguf_quantized.safetensors" if loaded.gguf else None,
     )
     model = CausalLM(loaded.hf_model, device, dtype, quantized)
-    del quantized
     shape = model.shape
     backend = resolve_backend(config.lora.backend, device, dtype)
     lora_dtype = dtype if config.lora.dtype == "auto" else getattr(torch, config.lora.dtype)
