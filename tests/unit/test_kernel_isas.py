@@ -17,7 +17,7 @@ import torch
 
 from server import native
 from server.lora import cpu_kernel
-from server.model import cpu_attention, cpu_gemv
+from server.model import cpu_attention, cpu_gemv, cpu_layer_ops
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no C compiler")
 
@@ -38,6 +38,7 @@ def test_every_build_compiles_and_runs_its_own_vector_layer(isa):
     assert cpu_kernel.build(isa).exists()
     assert cpu_attention.build(isa).exists()
     assert cpu_gemv.build(isa).exists()
+    assert cpu_layer_ops.build(isa).exists()
     if isa in RUNNABLE:
         assert cpu_kernel.compiled_isa(isa) == cpu_kernel.ISA_CODES[isa]
     else:
