@@ -8,8 +8,8 @@ along ``K``. The block types read here, and the value of code ``q``:
 * ``Q8_0``: fp16 scale ``d``, 32 signed 8-bit codes;     value ``d * q``
 
 A 4-bit block packs code ``j`` in the low nibble of byte ``j`` and code
-``j + 16`` in its high nibble. Other tensor types return ``None`` and are left
-to the dequantized copy transformers made.
+``j + 16`` in its high nibble. Other tensor types are skipped and left to the
+dequantized copy transformers made.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import torch
 
 BLOCK = 32
 _LAYOUTS = {"Q4_0": (18, False), "Q4_1": (20, True), "Q8_0": (34, False)}  # bytes per block, has minimum
-QUANT_TYPES = tuple(_LAYOUTS)
 
 
 @dataclass(frozen=True)
 class BlockQuantized:
     """One matrix ``[N, K]`` in 32-value blocks: ``value = scale * (code - offset) + minimum``."""
 
-    kind: str  # a GGML type name of QUANT_TYPES
+    kind: str  # a GGML type name: Q4_0, Q4_1 or Q8_0
     codes: torch.Tensor  # Q8_0: [N, K] int8; 4-bit: [N, K / 2] uint8, the blocks' bytes as stored
     scales: torch.Tensor  # [N, K / 32] float32
     minimums: torch.Tensor | None  # [N, K / 32] float32 (Q4_1), else None

@@ -146,16 +146,10 @@ class CausalLM:
         t = step.input_ids.shape[0]
         x = self.embed.index_select(0, step.input_ids)
         c_ops = self.c_layer_ops
-        if c_ops:
-            norm, eps = cpu_layer_ops.rms_norm, s.rms_eps
-        else:
+        norm, eps = (cpu_layer_ops.rms_norm if c_ops else _rms_norm), s.rms_eps
+        if not c_ops:
             cos = self.rope_cos.index_select(0, step.positions).unsqueeze(1)  # [T, 1, hd]
             sin = self.rope_sin.index_select(0, step.positions).unsqueeze(1)
-
-            def norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-                return _rms_norm(x, w, eps)
-
-            eps = s.rms_eps
         active = step.lora_projections if step.lora.has_lora else frozenset()
         linear = self.linear
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache, strict=True):

@@ -23,7 +23,7 @@ import torch
 from transformers import PreTrainedModel
 
 from server.model import cpu_gemv
-from server.model.architecture import ModelShape
+from server.model.architecture import TARGET_PROJECTIONS, ModelShape
 from server.model.gguf_blocks import read_quantized
 from server.model.quantized import QuantizedMatrix, from_blocks, load_matrices, quantize, save_matrices
 
@@ -69,14 +69,13 @@ def quantized_weights(
     cache: Path | None = None,
 ) -> dict[str, QuantizedMatrix]:
     """Quantized matrices by module name (``model.layers.0.self_attn.q_proj``, ``lm_head``); the rest stay dense.
-    ``cache``: where a GGUF's checked codes are kept between starts."""
-    check_supported(quantization, device, dtype)
+    ``cache``: where a GGUF's checked codes are kept between starts. The caller has run :func:`check_supported`
+    (the builder does, before the model loads)."""
     shape = ModelShape.from_config(hf_model.config)
-    modules = {shape.module_name(i, p): None for i in range(shape.n_layers) for p in _GGUF_NAMES.values()}
-    modules["lm_head"] = None
     weights = dict(hf_model.named_parameters(remove_duplicate=False))
     if quantization in ("int8", "int4"):
-        out = {name: quantize(weights[name + ".weight"], quantization) for name in modules if name != "lm_head"}
+        projections = [shape.module_name(i, p) for i in range(shape.n_layers) for p in TARGET_PROJECTIONS]
+        out = {name: quantize(weights[name + ".weight"], quantization) for name in projections}
         out["lm_head"] = quantize(hf_model.get_output_embeddings().weight, "int8")
         return out
     if quantization == "none" or gguf is None or device.type != "cpu" or dtype != torch.float32:
