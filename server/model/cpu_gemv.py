@@ -25,12 +25,15 @@ W_F32, W_BF16, W_I8, W_U4 = 0, 1, 2, 3
 # Up to 16 tokens ours beats torch's (MKL) fp32 GEMM on the wide projections of a 135M model (2 threads,
 # Zen 3: 78 vs 39 GFLOP/s at 16 tokens on 3072x576) and its bf16 path by more; beyond, torch's GEMM wins.
 MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 16}
+# Steps of quantized weights up to this many tokens take integer dot products on 8-bit activations
+# (QDOT_TOKENS in _gemv.c, which decides; this mirrors it for callers and tests).
+QDOT_TOKENS = 4
 _HERE = Path(__file__).parent
 _LIB = NativeLibrary(
     _HERE / "_gemv.c",
     "gemv",
     cflags=("-ffp-contract=off",),
-    depends=(_HERE.parent / "lora" / "_lora_vec.h", _HERE / "_gemv_codes.h"),
+    depends=(_HERE.parent / "lora" / "_lora_vec.h", _HERE / "_gemv_codes.h", _HERE / "_gemv_qdot.h"),
 )
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _GEMV = NativeFunction(
@@ -90,7 +93,9 @@ def quantized_linear(
     isa: str | None = None,
 ) -> torch.Tensor:
     """``y [T, N] = x [T, K] @ dequantize(codes).T (+ b)``, fp32, by the kernel for any ``T`` (the weight read
-    from memory once). ``codes``: ``[N, K]`` int8 (``W_I8``) or ``[N, K / 2]`` uint8 (``W_U4``)."""
+    from memory once). ``codes``: ``[N, K]`` int8 (``W_I8``) or ``[N, K / 2]`` uint8 (``W_U4``).
+    Up to ``QDOT_TOKENS`` tokens (``K`` whole 32-value blocks), ``x`` is first quantized to 8 bits per block and
+    the products are integer (as GGML computes); longer steps multiply the dequantized values exactly."""
     fn = _GEMV.get(isa)
     if fn is None:
         raise RuntimeError("quantized weights need the GEMV kernel, which did not build (is gcc installed?)")

@@ -1,8 +1,11 @@
 """The default model in the other precisions the server offers, on the engine in-process.
 
 * ``--dtype bfloat16``: greedy outputs equal transformers + PEFT run in bf16, base and with an adapter;
-* ``--quantization auto`` (the GGUF's own Q4_1/Q8_0 codes): logits bit-equal to serving the
-  dequantized fp32 model (``--quantization none``), prefill and decode, with an adapter;
+* ``--quantization auto`` (the GGUF's own Q4_1/Q8_0 codes): logits close to serving the dequantized
+  fp32 model (``--quantization none``), with an adapter, prefill and decode: the same top token, and
+  on average within a tenth of the logits' spread (measured: 0.015 prefill, 0.05 decode). Steps of
+  up to 4 tokens, the lm_head of every step among them, take integer dot products on 8-bit
+  activations, as llama.cpp computes; the kernel's own tests hold both paths to their references;
 * ``--quantization int8`` / ``int4``: requests with adapters complete, and greedy outputs stay close
   to fp32's (the quality figures themselves are loadtests/bench/quantization_quality.py's).
 """
@@ -21,6 +24,7 @@ from server.engine.request import SamplingParams
 from server.lora.weights import load_weights
 from server.model.default_model import default_gguf_path
 from server.model.loading import LoadedModel
+from server.model.quantized import KERNEL_TOKENS
 from server.model.runner import SeqStep
 from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
@@ -81,9 +85,11 @@ def test_bf16_serving_equals_transformers_and_peft_in_bf16(default_model, defaul
     assert sum(expected[i] != expected[i - 1] for i in range(1, len(PLAN), 2)) >= 3  # the adapter matters
 
 
-def test_gguf_codes_give_the_dequantized_models_logits_bit_for_bit(default_model, default_model_dir, store, tmp_path):
+def test_gguf_codes_give_the_dequantized_models_logits(default_model, default_model_dir, store, tmp_path):
     _, tokenizer = default_model
-    ids = tokenizer(PROMPTS[0])["input_ids"]
+    ids = tokenizer(" ".join(PROMPTS * 3))["input_ids"]
+    n = len(ids)
+    assert 2 * n > KERNEL_TOKENS  # the prefill's projections multiply the dequantized matrices
     logits = {}
     for quantization in ("none", "auto"):
         config = Config(
@@ -96,14 +102,18 @@ def test_gguf_codes_give_the_dequantized_models_logits_bit_for_bit(default_model
         runner = serving.engine.runner
         manifest, binding = inspect(store / "all7", serving.spec, 16)
         runner.slots.write(0, load_weights(store / "all7", manifest, binding))
-        n = len(ids)
-        prefill = runner.execute([SeqStep(ids, 0, [0], -1, True), SeqStep(ids, 0, [1], 0, True)])
-        decode = runner.execute([SeqStep([ids[-1]], n, [0], -1, True), SeqStep([ids[-1]], n, [1], 0, True)])
+        tables = [list(range(0, 8)), list(range(8, 16))]
+        prefill = runner.execute([SeqStep(ids, 0, tables[0], -1, True), SeqStep(ids, 0, tables[1], 0, True)])
+        decode = runner.execute([SeqStep([ids[-1]], n, tables[0], -1, True),
+                                 SeqStep([ids[-1]], n, tables[1], 0, True)])
         logits[quantization] = (prefill, decode, runner.model.weights_summary())
         serving.stop()
     assert logits["none"][2] == "float32" and "Q4_1" in logits["auto"][2]
-    assert torch.equal(logits["none"][0], logits["auto"][0])
-    assert torch.equal(logits["none"][1], logits["auto"][1])
+    for step in (0, 1):  # prefill, decode
+        exact, integer = logits["none"][step], logits["auto"][step]
+        assert torch.equal(exact.argmax(-1), integer.argmax(-1))
+        distance = (integer - exact).abs() / exact.std(-1, keepdim=True)  # in units of the logits' spread
+        assert 0 < distance.mean() < 0.1 and distance.max() < 0.5, distance  # not the fp32 path, and close to it
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

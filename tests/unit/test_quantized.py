@@ -1,8 +1,10 @@
 """Quantized base weights: GGUF blocks read as gguf-py writes them, and our kernel on the codes.
 
 The reference for the GGUF formats is gguf-py's own ``quantize`` / ``dequantize`` (llama.cpp's
-Python package); the reference for the kernel is its dense fp32 mode on the dequantized values,
-which it must equal bit for bit, and a float64 product.
+Python package). The references for the kernel: for decode-sized steps (integer dot products on
+activations quantized per 32-value block, as GGML does), a float64 product of the same quantized
+activations and the dequantized weights; for longer steps, its dense fp32 mode on the dequantized
+values, which it must equal bit for bit.
 """
 
 from __future__ import annotations
@@ -61,20 +63,49 @@ def _matrices(n: int, k: int, seed: int) -> dict[str, quantized.QuantizedMatrix]
     return out
 
 
+def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the integer path sees it: per 32-value block, ``d * round(x * 127 / max|x|)`` with ``d = max|x| / 127``
+    (fp32 scale and products, rounding half to even), returned in float64."""
+    t, k = x.shape
+    blocks = x.view(t, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, 0.0)  # (127 / amax is reciprocal times 127)
+    q = torch.round(blocks * inv)
+    return (q.double() * (amax / 127.0).double()).view(t, k)
+
+
 @pytest.mark.parametrize("isa", RUNNABLE)
 @pytest.mark.parametrize(("k", "n"), [(576, 960), (1536, 576), (64, 7), (100, 33)])
-def test_codes_give_what_their_dequantized_copy_gives(isa, k, n):
-    """Up to 4 tokens both run the kernel: bit for bit. More tokens: close to a float64 product."""
+def test_codes_give_the_product_of_their_dequantized_copy(isa, k, n):
+    """Up to QDOT_TOKENS tokens on rows of whole blocks: the product of the 8-bit activations with the dequantized
+    matrix, to fp32 rounding. Longer steps (and rows of partial blocks): the dense kernel on the dequantized
+    matrix, bit for bit, up to its token limit; close to a float64 product beyond."""
     for name, m in _matrices(n, k, seed=k + n).items():
         dense = m.dequantize()
         b = torch.randn(n)
-        for t in (1, 2, 3, 4, 7, 16):
+        for t in (1, 2, 3, 4, 7, cpu_gemv.QDOT_TOKENS, cpu_gemv.QDOT_TOKENS + 1, 40):
             x = torch.randn(t, k)
             y = cpu_gemv.quantized_linear(x, m.codes, m.mode, m.scales, m.mins, m.group, m.offset, m.k, b, isa=isa)
-            if t <= cpu_gemv.MAX_TOKENS[torch.float32]:
+            integer = t <= cpu_gemv.QDOT_TOKENS and k % 32 == 0
+            if not integer and t <= cpu_gemv.MAX_TOKENS[torch.float32]:
                 assert torch.equal(y, cpu_gemv.linear(x, dense, b, isa=isa)), (name, t)
-            ref = F.linear(x.double(), dense.double(), b.double())
-            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4 * k**0.5, msg=f"{name} t={t}")
+            xs = _quantized_activations(x) if integer else x.double()
+            ref = F.linear(xs, dense.double(), b.double())
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * k**0.5,
+                                       msg=lambda m, name=name, t=t: f"{name} t={t}: {m}")
+
+
+def test_integer_path_error_is_that_of_8_bit_activations():
+    """Against the exact product of the weights' own values: within half an activation step per block."""
+    m = quantized.quantize(torch.randn(256, 512), "int4")
+    x = torch.randn(3, 512) * torch.linspace(0.1, 10, 512)
+    y = m.linear(x)
+    exact = x.double() @ m.dequantize().double().T
+    steps = (x.view(3, 16, 32).abs().amax(-1) / 127).double()  # [T, blocks]
+    w_abs = m.dequantize().abs().double().view(256, 16, 32).sum(-1)  # [N, blocks]
+    bound = steps @ w_abs.T / 2  # sum over blocks of half a step times sum |w|
+    assert ((y.double() - exact).abs() <= bound * (1 + 1e-4) + 1e-4).all()
+    assert (y.double() - exact).abs().max() > 0  # it is the quantized path, not the fp32 one
 
 
 def test_long_steps_multiply_the_dequantized_matrix():
