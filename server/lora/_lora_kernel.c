@@ -84,9 +84,11 @@ static inline int shrink_rows(int nt) { return (void)nt, MJ; }
 static inline int expand_groups(int nt) { return nt == 1 ? 8 : nt == 2 ? 4 : nt == 3 ? 3 : 2; }
 #endif
 /* One thread does the calls estimated below MIN_PAR_NS (fork, barrier and join cost about
- * 1.5 us); a call is taken as bound by adapter bytes (~100 B/ns from L2) or by multiply-adds
- * (~60/ns), whichever is slower. */
-enum { MIN_PAR_NS = 3500, BYTES_PER_NS = 100, FMAS_PER_NS = 60 };
+ * 1.5 us); a call is taken as bound by adapter bytes (~10 B/ns: in a decode step they come from
+ * memory, the step's other weights having passed through the caches since) or by multiply-adds
+ * (~60/ns), whichever is slower. (At 100 B/ns, the cache-hot figure, a one-token step on one
+ * adapter ran its 210 calls on one thread: 1.6-2.8 ms a token slower on a Xeon.) */
+enum { MIN_PAR_NS = 3500, BYTES_PER_NS = 10, FMAS_PER_NS = 60 };
 
 typedef struct {
     int32_t slot, p0, nt, r; /* slot, first position in the sorted order, tokens, rank */
