@@ -18,6 +18,13 @@
 #include <string.h>
 #include <omp.h>
 
+/* K and V rows come from memory (the step's weights have passed through the caches since they were
+ * written) at scattered block addresses: each is asked for PF positions ahead of its use. */
+enum { PF = 16 };
+static inline void prefetch_row(const float *p, int64_t D) {
+    for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d, 0, 3);
+}
+
 int loraplex_decode_attention_f32(
     float *out, const float *q, const float *k_cache, const float *v_cache,
     const int64_t *index, const int32_t *length,
@@ -55,6 +62,7 @@ int loraplex_decode_attention_f32(
                     break;
                 }
                 const float *k = k_cache + (pos * KV + kvh) * D;
+                if (j + PF < L) prefetch_row(k_cache + (idx[j + PF] * KV + kvh) * D, D);
                 for (int64_t g = 0; g < G; ++g) {
                     const float *qg = qb + g * D;
                     float dot = 0.f;
@@ -77,6 +85,7 @@ int loraplex_decode_attention_f32(
                 const int64_t pos = idx[j];
                 if (pos < 0 || pos >= N) break;
                 const float *v = v_cache + (pos * KV + kvh) * D;
+                if (j + PF < L) prefetch_row(v_cache + (idx[j + PF] * KV + kvh) * D, D);
                 for (int64_t g = 0; g < G; ++g) {
                     const float p = scores[g * Lmax + j];
                     float *a = acc + g * D;
