@@ -18,6 +18,7 @@ from pathlib import Path
 from server import admin_client
 from server.api.keys import load_keys
 from server.config import (
+    ACTIVATIONS,
     DEVICES,
     DTYPES,
     LORA_BACKENDS,
@@ -136,6 +137,14 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "auto",
         choices=QUANTIZATIONS,
     )
+    opt(
+        "--activations",
+        "inputs of quantized projections: exact = fp32, so outputs equal the dequantized model's; int8 = decode "
+        "steps quantize them to 8 bits per 32 values and take integer dot products, as llama.cpp does (faster, "
+        "outputs close to but not equal to exact)",
+        "exact",
+        choices=ACTIVATIONS,
+    )
     opt("--max-lora-rank", "largest adapter rank accepted", 64, type=int)
     opt("--max-loras", "device adapter slots (distinct adapters in one step)", 16, type=int)
     opt("--host-cache", "host-memory adapter cache bound (bytes, or 512M, 2G)", "2G", type=_size)
@@ -237,6 +246,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             dtype=args.dtype,
             device=args.device,
             quantization=args.quantization,
+            activations=args.activations,
             cache_dir=Path(args.cache_dir),
         ),
         lora=LoraConfig(

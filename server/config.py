@@ -18,6 +18,7 @@ from server.metrics import MetricsConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
+ACTIVATIONS = ("exact", "int8")
 LORA_BACKENDS = ("auto", "cpu", "triton", "torch", "reference")
 MIN_API_KEY_LENGTH = 8
 
@@ -31,6 +32,9 @@ class ModelConfig:
     # base weights: auto = a GGUF file's Q8_0/Q4_0/Q4_1 tensors as stored, none = dequantized to dtype,
     # int8 / int4 = quantized at load (CPU, float32 activations); adapters stay full precision
     quantization: str = "auto"
+    # activations of quantized projections: exact = fp32 times the dequantized weights (outputs of the
+    # dequantized model); int8 = decode steps on 8-bit activations and integer products (llama.cpp's way, faster)
+    activations: str = "exact"
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "loraplex")
 
     def __post_init__(self) -> None:
@@ -40,6 +44,13 @@ class ModelConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
+        if self.activations != "exact" and self.quantization == "none":
+            raise ValueError(
+                f"--activations {self.activations} applies to quantized base weights; with --quantization none every "
+                "projection is dense: use --quantization auto (a GGUF model's codes), int8 or int4"
+            )
         if self.quantization in ("int8", "int4") and self.dtype not in ("auto", "float32"):
             raise ValueError(
                 f"--quantization {self.quantization} keeps activations in float32: use it with --dtype float32 "

@@ -3,8 +3,9 @@
     python -m loadtests.bench.quantization_quality [--new-tokens 32]
 
 For each of a fixed set of prompts the fp32 engine (``--quantization none``) writes a greedy
-continuation; every variant then reads prompt + continuation in one step (teacher forcing) and
-we compare, at each continuation position, its next-token distribution with fp32's:
+continuation; every variant then decodes prompt + continuation as the server would, the prompt in
+one step and then fp32's tokens fed one per step (teacher forcing), and we compare, at each
+continuation position, its next-token distribution with fp32's:
 
 * top-1 agreement: the share of positions where its argmax is fp32's greedy token;
 * mean log-prob difference: mean over positions of ``log p_fp32(tok) - log p_variant(tok)``
@@ -13,7 +14,8 @@ we compare, at each continuation position, its next-token distribution with fp32
 
 Variants: the GGUF's own Q4_1/Q8_0 codes (``auto``; the fp32 model *is* their dequantization, so
 this row checks that serving the codes changes nothing), ``int8`` (per channel) and ``int4``
-(32-value groups) made from those fp32 weights, and ``--dtype bfloat16``. The adapter rows use one
+(32-value groups) made from those fp32 weights, and ``--dtype bfloat16``; ``_a8`` rows add
+``--activations int8`` (8-bit activations in decode steps, as llama.cpp computes). The adapter rows use one
 rank-16 adapter on all seven projections (weights ~ N(0, 0.05)), full precision in every variant.
 Writes ``loadtests/results/quantization_quality.json``.
 """
@@ -30,12 +32,9 @@ from adapters_store.validation import inspect
 from loadtests.bench.common import CACHE_DIR, setup_torch, write_json
 from server.config import CacheConfig, Config, LoraConfig, ModelConfig
 from server.engine.builder import Serving, build_serving
-from server.lora.metadata import LoraBatch
 from server.lora.weights import load_weights
-from server.model.attention import AttentionBatch
-from server.model.llama import StepInputs
 from server.model.loading import LoadedModel, load_model
-from server.model.runner import ModelRunner
+from server.model.runner import ModelRunner, SeqStep
 from tests.helpers.tiny import AdapterSpec, make_adapter
 
 PROMPTS = [
@@ -52,19 +51,23 @@ PROMPTS = [
     "The opposite of hot is",
     "A haiku about the sea:",
 ]
-VARIANTS = {  # name -> (dtype, quantization)
-    "fp32": ("float32", "none"),
-    "gguf_q4_1": ("float32", "auto"),
-    "int8": ("float32", "int8"),
-    "int4": ("float32", "int4"),
-    "bf16": ("bfloat16", "none"),
+VARIANTS = {  # name -> (dtype, quantization, activations)
+    "fp32": ("float32", "none", "exact"),
+    "gguf_q4_1": ("float32", "auto", "exact"),
+    "gguf_q4_1_a8": ("float32", "auto", "int8"),
+    "int8": ("float32", "int8", "exact"),
+    "int8_a8": ("float32", "int8", "int8"),
+    "int4": ("float32", "int4", "exact"),
+    "bf16": ("bfloat16", "none", "exact"),
 }
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def runner_for(loaded: LoadedModel, store: Path, dtype: str, quantization: str) -> tuple[ModelRunner, Serving]:
+def runner_for(
+    loaded: LoadedModel, store: Path, dtype: str, quantization: str, activations: str
+) -> tuple[ModelRunner, Serving]:
     config = Config(
-        model=ModelConfig(dtype=dtype, quantization=quantization, cache_dir=CACHE_DIR),
+        model=ModelConfig(dtype=dtype, quantization=quantization, activations=activations, cache_dir=CACHE_DIR),
         lora=LoraConfig(adapters_dir=store, max_lora_rank=16, max_loras=2),
         cache=CacheConfig(kv_cache_tokens=4096),
     )
@@ -73,27 +76,19 @@ def runner_for(loaded: LoadedModel, store: Path, dtype: str, quantization: str) 
 
 
 @torch.inference_mode()
-def all_logits(runner: ModelRunner, ids: list[int], slot: int) -> torch.Tensor:
-    """fp32 logits ``[len(ids), vocab]`` of one sequence read in one step (every row sampled)."""
-    n = len(ids)
-    blocks = list(range(-(-n // runner.block_size)))
-    dev = runner.device
-    step = StepInputs(
-        input_ids=torch.tensor(ids, device=dev),
-        positions=torch.arange(n, device=dev),
-        attention=AttentionBatch.build([(blocks, 0, n)], runner.block_size, dev, runner.decode_kernel),
-        lora=LoraBatch.build([slot] * n, dev, runner.backend),
-        lora_projections=frozenset(PROJECTIONS) if slot >= 0 else frozenset(),
-        sample_rows=torch.arange(n, device=dev),
-    )
-    return runner.model.forward(step, runner.kv_cache)
-
-
-def greedy(runner: ModelRunner, prompt: list[int], new: int, slot: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(new):  # re-reads the whole sequence each token: simple, and the same for every variant
-        ids.append(int(all_logits(runner, ids, slot)[-1].argmax()))
-    return ids[len(prompt):]
+def decode(runner: ModelRunner, prompt: list[int], new: int, slot: int, forced: list[int] | None = None) -> tuple[
+    list[int], torch.Tensor
+]:
+    """Decode as the server does: the prompt in one step, then one token a step on the KV cache. Feeds back its own
+    greedy token, or the ``forced`` continuation's (teacher forcing). Returns the tokens chosen at each position and
+    the fp32 logits ``[new, vocab]`` that chose them."""
+    blocks = list(range(-(-(len(prompt) + new) // runner.block_size)))
+    logits = [runner.execute([SeqStep(prompt, 0, blocks, slot, True)])[-1]]
+    while len(logits) < new:
+        fed = int(logits[-1].argmax()) if forced is None else forced[len(logits) - 1]
+        logits.append(runner.execute([SeqStep([fed], len(prompt) + len(logits) - 1, blocks, slot, True)])[-1])
+    out = torch.stack(logits)
+    return out.argmax(-1).tolist(), out
 
 
 def main() -> None:
@@ -108,8 +103,8 @@ def main() -> None:
     prompts = [loaded.tokenizer(t)["input_ids"] for t in PROMPTS]
     rows: dict[str, dict] = {}
     reference: dict[tuple[int, int], tuple[list[int], torch.Tensor]] = {}
-    for name, (dtype, quantization) in VARIANTS.items():
-        runner, serving = runner_for(loaded, store, dtype, quantization)
+    for name, (dtype, quantization, activations) in VARIANTS.items():
+        runner, serving = runner_for(loaded, store, dtype, quantization, activations)
         slot = 0
         folder = store / "all7"
         manifest, binding = inspect(folder, serving.spec, 16)
@@ -120,16 +115,17 @@ def main() -> None:
             diffs: list[float] = []
             for i, prompt in enumerate(prompts):
                 if name == "fp32":
-                    cont = greedy(runner, prompt, args.new_tokens, s)
-                    logp = torch.log_softmax(all_logits(runner, prompt + cont, s)[len(prompt) - 1 : -1], -1)
-                    reference[i, adapter] = (cont, logp)
+                    cont, logits = decode(runner, prompt, args.new_tokens, s)
+                    reference[i, adapter] = (cont, torch.log_softmax(logits, -1))
                 cont, ref_logp = reference[i, adapter]
-                logp = torch.log_softmax(all_logits(runner, prompt + cont, s)[len(prompt) - 1 : -1], -1)
+                own, _ = decode(runner, prompt, args.new_tokens, s)
+                _, forced = decode(runner, prompt, args.new_tokens, s, forced=cont)
+                logp = torch.log_softmax(forced, -1)
                 tok = torch.tensor(cont)
                 agree += int((logp.argmax(-1) == tok).sum())
                 total += len(cont)
                 diffs += (ref_logp.gather(1, tok[:, None]) - logp.gather(1, tok[:, None]))[:, 0].tolist()
-                same += int(name == "fp32" or greedy(runner, prompt, args.new_tokens, s) == cont)
+                same += int(own == cont)
             key = f"{name}{' + adapter' if adapter else ''}"
             rows[key] = {
                 "weights": runner.model.weights_summary(),

@@ -16,11 +16,14 @@ from loadtests.workload import WorkloadSpec
 LORAPLEX_ARGS: dict[str, list[str]] = {
     "float32": ["--dtype", "float32", "--quantization", "none"],
     "bfloat16": ["--dtype", "bfloat16", "--quantization", "none"],
-    "int8": ["--dtype", "float32", "--quantization", "int8"],
-    "q4_1": ["--dtype", "float32", "--quantization", "auto"],  # the shipped GGUF's own Q4_1 tensors
+    # Quantized rows take 8-bit activations in decode steps, as llama.cpp's Q8_0/Q4_1 dot products do
+    # (loraplex's default, --activations exact, multiplies fp32 activations by the dequantized codes instead).
+    "int8": ["--dtype", "float32", "--quantization", "int8", "--activations", "int8"],
+    "q4_1": ["--dtype", "float32", "--quantization", "auto", "--activations", "int8"],  # the GGUF's own Q4_1
+    "q4_1_exact": ["--dtype", "float32"],  # loraplex's default on the default model: Q4_1 codes, fp32 activations
 }
-# the llama-server GGUF each loraplex precision is compared with at the same precision
-SAME_PRECISION = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "q4_1": "q4_1"}
+# the llama-server GGUF each loraplex precision is compared with at the same precision (weights)
+SAME_PRECISION = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0", "q4_1": "q4_1", "q4_1_exact": "q4_1"}
 # the GGUF type of the adapters served beside each base GGUF (loraplex serves adapters in its serving dtype)
 ADAPTER_OUTTYPE = {"f32": "f32", "bf16": "bf16", "q8_0": "f32", "q4_1": "f32"}
 RANK = 16
@@ -110,7 +113,8 @@ def workloads(sizes: Sizes) -> dict[str, Workload]:
 def plan(sizes: Sizes, precisions: list[str]) -> list[Phase]:
     """The phases for the llama.cpp ``precisions`` asked for (a subset of PRECISIONS), in run order.
 
-    One stream: each loraplex precision against its llama.cpp twin. Concurrent, base: float32 against f32.
+    One stream: each loraplex precision against its llama.cpp twin (one phase per llama.cpp GGUF).
+    Concurrent, base: float32 against f32.
     Concurrent, adapters: float32 against f32, the GGUF's Q4_1 against Q4_1, float32 against Q4_1.
     """
     w = workloads(sizes)
@@ -119,9 +123,11 @@ def plan(sizes: Sizes, precisions: list[str]) -> list[Phase]:
         return System("loraplex", lp), System("llama_cpp", gguf)
 
     phases = []
-    for lp, gguf in SAME_PRECISION.items():
+    for gguf in dict.fromkeys(SAME_PRECISION.values()):
         if gguf in precisions:
-            phases.append(Phase(f"one stream, {lp}", (w["single_base"], w["single_adapter"]), (pair(lp, gguf),)))
+            lps = [lp for lp, g in SAME_PRECISION.items() if g == gguf]
+            phases.append(Phase(f"one stream, {lps[0]}", (w["single_base"], w["single_adapter"]),
+                                tuple(pair(lp, gguf) for lp in lps)))
     if "f32" in precisions:
         phases.append(Phase("concurrent, base", (w["many_base"],), (pair("float32", "f32"),)))
     wanted = (("float32", "f32"), ("q4_1", SHIPPED), ("float32", SHIPPED))

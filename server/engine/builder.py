@@ -157,11 +157,13 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     native.set_cache_dir(config.model.cache_dir / "kernels")
     device = resolve_device(config.model.device)
     dtype = resolve_dtype(config.model.dtype, device)
-    check_supported(config.model.quantization, device, dtype)  # before the model's load, which takes seconds
+    # before the model's load, which takes seconds
+    check_supported(config.model.quantization, device, dtype, config.model.activations)
     loaded = loaded or load_model(config.model.model, config.model.cache_dir)
     quantized = quantized_weights(
         loaded.hf_model, loaded.gguf, config.model.quantization, device, dtype,
         cache=loaded.source / "gguf_quantized.safetensors" if loaded.gguf else None,
+        activations=config.model.activations,
     )
     model = CausalLM(loaded.hf_model, device, dtype, quantized)
     shape = model.shape

@@ -25,8 +25,8 @@ W_F32, W_BF16, W_I8, W_U4 = 0, 1, 2, 3
 # Up to 16 tokens ours beats torch's (MKL) fp32 GEMM on the wide projections of a 135M model (2 threads,
 # Zen 3: 78 vs 39 GFLOP/s at 16 tokens on 3072x576) and its bf16 path by more; beyond, torch's GEMM wins.
 MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 16}
-# Steps of quantized weights up to this many tokens take integer dot products on 8-bit activations
-# (QDOT_TOKENS in _gemv.c, which decides; this mirrors it for callers and tests).
+# Steps of quantized weights up to this many tokens can take integer dot products on 8-bit activations
+# (QDOT_TOKENS in _gemv.c, which caps what callers ask for; this mirrors it for callers and tests).
 QDOT_TOKENS = 4
 _HERE = Path(__file__).parent
 _LIB = NativeLibrary(
@@ -37,7 +37,8 @@ _LIB = NativeLibrary(
 )
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _GEMV = NativeFunction(
-    _LIB, "loraplex_gemv", [_P, _P, _I, _P, _I, _P, _P, _I, _F, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int]
+    _LIB, "loraplex_gemv",
+    [_P, _P, _I, _P, _I, _P, _P, _I, _F, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int, ctypes.c_int]
 )
 _DEQUANTIZE = NativeFunction(
     _LIB, "loraplex_dequantize", [_P, _P, _I, _P, _P, _I, _F, _I, _I, ctypes.c_int, ctypes.c_int]
@@ -75,7 +76,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, *, i
     n, k = w.shape
     y = torch.empty(t, n, dtype=dtype)
     _check(fn(y.data_ptr(), x.data_ptr(), x.stride(0), w.data_ptr(), k * w.element_size(), None, None, 0, 0.0,
-              _ptr(b), t, k, n, _DENSE_MODES[dtype], torch.get_num_threads()))
+              _ptr(b), t, k, n, _DENSE_MODES[dtype], torch.get_num_threads(), 0))
     return y
 
 
@@ -90,12 +91,14 @@ def quantized_linear(
     k: int,
     b: torch.Tensor | None = None,
     *,
+    int8_activations: bool = False,
     isa: str | None = None,
 ) -> torch.Tensor:
     """``y [T, N] = x [T, K] @ dequantize(codes).T (+ b)``, fp32, by the kernel for any ``T`` (the weight read
     from memory once). ``codes``: ``[N, K]`` int8 (``W_I8``) or ``[N, K / 2]`` uint8 (``W_U4``).
-    Up to ``QDOT_TOKENS`` tokens (``K`` whole 32-value blocks), ``x`` is first quantized to 8 bits per block and
-    the products are integer (as GGML computes); longer steps multiply the dequantized values exactly."""
+    By default the dequantized values are multiplied exactly. ``int8_activations``: steps of up to
+    ``QDOT_TOKENS`` tokens (``K`` whole 32-value blocks) first quantize ``x`` to 8 bits per block and take
+    integer products (as GGML computes): faster, close to the exact product but not equal to it."""
     fn = _GEMV.get(isa)
     if fn is None:
         raise RuntimeError("quantized weights need the GEMV kernel, which did not build (is gcc installed?)")
@@ -105,7 +108,8 @@ def quantized_linear(
     y = torch.empty(t, n, dtype=torch.float32)
     if t:
         _check(fn(y.data_ptr(), x.data_ptr(), x.stride(0), codes.data_ptr(), codes.shape[1], scales.data_ptr(),
-                  _ptr(mins), group, offset, _ptr(b), t, k, n, mode, torch.get_num_threads()))
+                  _ptr(mins), group, offset, _ptr(b), t, k, n, mode, torch.get_num_threads(),
+                  QDOT_TOKENS if int8_activations else 0))
     return y
 
 

@@ -137,7 +137,8 @@ class CausalLM:
             return dtype
         kinds = " + ".join(sorted({m.kind for m in quantized}))
         rest = "" if len(quantized) == len(mats) else f", other projections {dtype}"
-        return f"{kinds} codes ({sum(m.nbytes for m in quantized) >> 20} MB){rest}, activations {dtype}"
+        acts = f"int8 in decode steps, else {dtype}" if any(m.int8_activations for m in quantized) else dtype
+        return f"{kinds} codes ({sum(m.nbytes for m in quantized) >> 20} MB){rest}, activations {acts}"
 
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -11,7 +11,9 @@ Formats, with ``value = scale * (code - offset) (+ minimum)`` per group of value
 Adapters stay full precision: only the frozen base projections are quantized (QLoRA's setting).
 Activations stay fp32; decode-sized steps run the kernel on the codes, longer steps (prefill)
 dequantize into a scratch fp32 matrix and use torch's matrix product. Both see the same fp32 values,
-the ones GGML's dequantization writes out.
+the ones GGML's dequantization writes out. With ``--activations int8`` (``int8_activations``) steps of
+a few tokens instead quantize the activations to 8 bits per 32-value block and take integer dot
+products, as llama.cpp does: faster, and no longer the exact product of the dequantized weights.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class QuantizedMatrix:
     group: int  # values per scale
     offset: float  # subtracted from codes before scaling
     k: int
+    int8_activations: bool = False  # short steps on 8-bit activations (a serving choice; not saved with the codes)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -61,7 +64,8 @@ class QuantizedMatrix:
     def linear(self, x: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] <= KERNEL_TOKENS:
             return cpu_gemv.quantized_linear(
-                x, self.codes, self.mode, self.scales, self.mins, self.group, self.offset, self.k, b
+                x, self.codes, self.mode, self.scales, self.mins, self.group, self.offset, self.k, b,
+                int8_activations=self.int8_activations,
             )
         return F.linear(x, self.dequantize(), b)
 
@@ -100,15 +104,16 @@ def concat_rows(parts: list[QuantizedMatrix]) -> QuantizedMatrix | None:
     """One matrix of the parts' rows stacked (fused q/k/v, gate/up), or None when their formats differ."""
     first = parts[0]
     same = all(
-        (p.kind, p.mode, p.group, p.offset, p.k, p.mins is None) == (first.kind, first.mode, first.group, first.offset,
-                                                                     first.k, first.mins is None)
+        (p.kind, p.mode, p.group, p.offset, p.k, p.mins is None, p.int8_activations)
+        == (first.kind, first.mode, first.group, first.offset, first.k, first.mins is None, first.int8_activations)
         for p in parts
     )
     if not same:
         return None
     mins = None if first.mins is None else torch.cat([p.mins for p in parts])
     return QuantizedMatrix(first.kind, first.mode, torch.cat([p.codes for p in parts]),
-                           torch.cat([p.scales for p in parts]), mins, first.group, first.offset, first.k)
+                           torch.cat([p.scales for p in parts]), mins, first.group, first.offset, first.k,
+                           first.int8_activations)
 
 
 def save_matrices(matrices: dict[str, QuantizedMatrix], path: Path) -> None:

@@ -8,6 +8,11 @@
 * ``int8`` / ``int4``: every projection quantized at load (:func:`server.model.quantized.quantize`),
   the lm_head in int8 under both.
 
+``--activations``: ``exact`` (default) multiplies the dequantized weights by the fp32 activations,
+so a quantized model's outputs are those of its dequantized copy; ``int8`` lets decode-sized steps
+quantize the activations to 8 bits per 32-value block and take integer dot products, as llama.cpp
+does (faster; outputs close to, not equal to, the exact ones).
+
 GGUF tensors are matched to the model's modules by name, with llama.cpp's row order of q/k undone
 the way transformers undoes it, and each one is checked: its dequantized values must equal the fp32
 weight transformers loaded from the same file, bit for bit, or it is served dequantized instead.
@@ -15,6 +20,7 @@ weight transformers loaded from the same file, bit for bit, or it is served dequ
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -40,8 +46,13 @@ class UnsupportedQuantization(ValueError):
     pass
 
 
-def check_supported(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
+def check_supported(quantization: str, device: torch.device, dtype: torch.dtype, activations: str = "exact") -> None:
     """Refuse a quantization this device, dtype or build cannot serve, naming what can."""
+    if activations != "exact" and quantization == "none":
+        raise UnsupportedQuantization(
+            f"--activations {activations} applies to quantized base weights; with --quantization none every "
+            "projection is dense: use --quantization auto (a GGUF model's codes), int8 or int4"
+        )
     if quantization in ("auto", "none"):
         return
     if device.type != "cpu":
@@ -67,10 +78,27 @@ def quantized_weights(
     device: torch.device,
     dtype: torch.dtype,
     cache: Path | None = None,
+    activations: str = "exact",
 ) -> dict[str, QuantizedMatrix]:
     """Quantized matrices by module name (``model.layers.0.self_attn.q_proj``, ``lm_head``); the rest stay dense.
     ``cache``: where a GGUF's checked codes are kept between starts. The caller has run :func:`check_supported`
     (the builder does, before the model loads)."""
+    out = _matrices(hf_model, gguf, quantization, device, dtype, cache)
+    if activations == "int8":
+        if not out:
+            log.warning("--activations int8 has no effect: no base weights are served quantized")
+        out = {name: dataclasses.replace(m, int8_activations=True) for name, m in out.items()}
+    return out
+
+
+def _matrices(
+    hf_model: PreTrainedModel,
+    gguf: Path | None,
+    quantization: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    cache: Path | None,
+) -> dict[str, QuantizedMatrix]:
     shape = ModelShape.from_config(hf_model.config)
     weights = dict(hf_model.named_parameters(remove_duplicate=False))
     if quantization in ("int8", "int4"):

@@ -1,11 +1,12 @@
 """The default model in the other precisions the server offers, on the engine in-process.
 
 * ``--dtype bfloat16``: greedy outputs equal transformers + PEFT run in bf16, base and with an adapter;
-* ``--quantization auto`` (the GGUF's own Q4_1/Q8_0 codes): logits close to serving the dequantized
-  fp32 model (``--quantization none``), with an adapter, prefill and decode: the same top token, and
-  on average within a tenth of the logits' spread (measured: 0.015 prefill, 0.05 decode). Steps of
-  up to 4 tokens, the lm_head of every step among them, take integer dot products on 8-bit
-  activations, as llama.cpp computes; the kernel's own tests hold both paths to their references;
+* ``--quantization auto`` (the GGUF's own Q4_1/Q8_0 codes), with an adapter, prefill and decode:
+  by default (``--activations exact``) the logits of serving the dequantized fp32 model
+  (``--quantization none``), to fp32 rounding; with ``--activations int8``, where steps of up to 4
+  tokens (the lm_head of every step among them) take integer dot products on 8-bit activations as
+  llama.cpp computes, the same top token and on average within a tenth of the logits' spread
+  (measured: 0.015 prefill, 0.05 decode). The kernel's own tests hold both paths to their references;
 * ``--quantization int8`` / ``int4``: requests with adapters complete, and greedy outputs stay close
   to fp32's (the quality figures themselves are loadtests/bench/quantization_quality.py's).
 """
@@ -91,9 +92,9 @@ def test_gguf_codes_give_the_dequantized_models_logits(default_model, default_mo
     n = len(ids)
     assert 2 * n > KERNEL_TOKENS  # the prefill's projections multiply the dequantized matrices
     logits = {}
-    for quantization in ("none", "auto"):
+    for quantization, activations in (("none", "exact"), ("auto", "exact"), ("auto", "int8")):
         config = Config(
-            model=ModelConfig(cache_dir=tmp_path, quantization=quantization),
+            model=ModelConfig(cache_dir=tmp_path, quantization=quantization, activations=activations),
             lora=LoraConfig(adapters_dir=store, max_lora_rank=16, max_loras=2),
             cache=CacheConfig(kv_cache_tokens=2048),
         )
@@ -106,14 +107,20 @@ def test_gguf_codes_give_the_dequantized_models_logits(default_model, default_mo
         prefill = runner.execute([SeqStep(ids, 0, tables[0], -1, True), SeqStep(ids, 0, tables[1], 0, True)])
         decode = runner.execute([SeqStep([ids[-1]], n, tables[0], -1, True),
                                  SeqStep([ids[-1]], n, tables[1], 0, True)])
-        logits[quantization] = (prefill, decode, runner.model.weights_summary())
+        logits[activations if quantization == "auto" else "none"] = (prefill, decode,
+                                                                   runner.model.weights_summary())
         serving.stop()
-    assert logits["none"][2] == "float32" and "Q4_1" in logits["auto"][2]
+    assert logits["none"][2] == "float32" and "Q4_1" in logits["exact"][2] and "Q4_1" in logits["int8"][2]
+    assert logits["exact"][2].endswith("activations float32") and "activations int8" in logits["int8"][2]
     for step in (0, 1):  # prefill, decode
-        exact, integer = logits["none"][step], logits["auto"][step]
-        assert torch.equal(exact.argmax(-1), integer.argmax(-1))
-        distance = (integer - exact).abs() / exact.std(-1, keepdim=True)  # in units of the logits' spread
-        assert 0 < distance.mean() < 0.1 and distance.max() < 0.5, distance  # not the fp32 path, and close to it
+        dense, exact, integer = logits["none"][step], logits["exact"][step], logits["int8"][step]
+        # Exact activations on the codes: the dequantized model's arithmetic on the same values.
+        torch.testing.assert_close(exact, dense, rtol=1e-5, atol=1e-4)
+        assert torch.equal(dense.argmax(-1), integer.argmax(-1))
+        distance = (integer - dense).abs() / dense.std(-1, keepdim=True)  # in units of the logits' spread
+        assert distance.mean() < 0.1 and distance.max() < 0.5, distance
+    distance = (logits["int8"][1] - logits["none"][1]).abs() / logits["none"][1].std(-1, keepdim=True)
+    assert distance.mean() > 0  # the decode step took the integer path
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])

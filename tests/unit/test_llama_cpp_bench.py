@@ -20,7 +20,7 @@ def test_the_full_plan_interleaves_each_loraplex_precision_with_its_llama_twin()
         ("one stream, float32", ["loraplex float32", "llama.cpp f32"]),
         ("one stream, bfloat16", ["loraplex bfloat16", "llama.cpp bf16"]),
         ("one stream, int8", ["loraplex int8", "llama.cpp q8_0"]),
-        ("one stream, q4_1", ["loraplex q4_1", "llama.cpp q4_1"]),
+        ("one stream, q4_1", ["loraplex q4_1", "llama.cpp q4_1", "loraplex q4_1_exact"]),
         ("concurrent, base", ["loraplex float32", "llama.cpp f32"]),
         ("concurrent, adapters", ["loraplex float32", "llama.cpp f32", "loraplex q4_1", "llama.cpp q4_1"]),
     ]
@@ -48,7 +48,7 @@ def test_asking_for_fewer_precisions_drops_their_phases():
         ("concurrent, adapters", ["loraplex float32", "llama.cpp f32"]),
     ]
     assert labels(plan(QUICK, ["q4_1"])) == [
-        ("one stream, q4_1", ["loraplex q4_1", "llama.cpp q4_1"]),
+        ("one stream, q4_1", ["loraplex q4_1", "llama.cpp q4_1", "loraplex q4_1_exact"]),
         ("concurrent, adapters", ["loraplex q4_1", "llama.cpp q4_1", "loraplex float32"]),
     ]
     assert plan(QUICK, ["f32"])[-1].concurrency == 4
@@ -80,7 +80,8 @@ def test_rows_take_medians_over_rounds_and_ratios_loraplex_over_llama():
         {"workload": many, "system": "llama.cpp q4_1", "skipped": "exited with 1 ... bad flag"},
     ]
     table = {(r["workload"], r["loraplex"], r["llama_cpp"]): r for r in rows(phases, runs)}
-    assert len(table) == 2 * 2 + 1 + 3  # one stream f32 and q4_1 (2 workloads each), concurrent base, adapters
+    # one stream f32, q4_1 and q4_1_exact (2 workloads each), concurrent base, adapters
+    assert len(table) == 3 * 2 + 1 + 3
     f32 = table[(many, "loraplex float32", "llama.cpp f32")]
     assert f32["loraplex_output_throughput"] == 110.0 and f32["llama_cpp_output_throughput"] == 50.0
     assert f32["ratio_output_throughput"] == 2.2 and f32["ratio_median_ttft"] == 2.0

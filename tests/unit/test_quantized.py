@@ -9,6 +9,7 @@ values, which it must equal bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -20,6 +21,7 @@ from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
 from server import native
+from server.config import ModelConfig
 from server.model import cpu_gemv, quantized
 from server.model.gguf_blocks import unpack
 from server.model.quantized_base import UnsupportedQuantization, check_supported
@@ -77,27 +79,29 @@ def _quantized_activations(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("isa", RUNNABLE)
 @pytest.mark.parametrize(("k", "n"), [(576, 960), (1536, 576), (64, 7), (100, 33)])
 def test_codes_give_the_product_of_their_dequantized_copy(isa, k, n):
-    """Up to QDOT_TOKENS tokens on rows of whole blocks: the product of the 8-bit activations with the dequantized
-    matrix, to fp32 rounding. Longer steps (and rows of partial blocks): the dense kernel on the dequantized
-    matrix, bit for bit, up to its token limit; close to a float64 product beyond."""
+    """By default (exact activations), and with int8 activations beyond QDOT_TOKENS tokens or on rows of partial
+    blocks: the dense kernel on the dequantized matrix, bit for bit, up to its token limit; close to a float64
+    product beyond. With int8 activations up to QDOT_TOKENS tokens on rows of whole blocks: the product of the
+    8-bit activations with the dequantized matrix, to fp32 rounding."""
     for name, m in _matrices(n, k, seed=k + n).items():
         dense = m.dequantize()
         b = torch.randn(n)
-        for t in (1, 2, 3, 4, 7, cpu_gemv.QDOT_TOKENS, cpu_gemv.QDOT_TOKENS + 1, 40):
+        for t, int8 in itertools.product((1, 2, 3, 4, 7, cpu_gemv.QDOT_TOKENS + 1, 40), (False, True)):
             x = torch.randn(t, k)
-            y = cpu_gemv.quantized_linear(x, m.codes, m.mode, m.scales, m.mins, m.group, m.offset, m.k, b, isa=isa)
-            integer = t <= cpu_gemv.QDOT_TOKENS and k % 32 == 0
+            y = cpu_gemv.quantized_linear(x, m.codes, m.mode, m.scales, m.mins, m.group, m.offset, m.k, b,
+                                          int8_activations=int8, isa=isa)
+            integer = int8 and t <= cpu_gemv.QDOT_TOKENS and k % 32 == 0
             if not integer and t <= cpu_gemv.MAX_TOKENS[torch.float32]:
-                assert torch.equal(y, cpu_gemv.linear(x, dense, b, isa=isa)), (name, t)
+                assert torch.equal(y, cpu_gemv.linear(x, dense, b, isa=isa)), (name, t, int8)
             xs = _quantized_activations(x) if integer else x.double()
             ref = F.linear(xs, dense.double(), b.double())
             torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * k**0.5,
-                                       msg=lambda m, name=name, t=t: f"{name} t={t}: {m}")
+                                       msg=lambda m, name=name, t=t, int8=int8: f"{name} t={t} int8={int8}: {m}")
 
 
 def test_integer_path_error_is_that_of_8_bit_activations():
     """Against the exact product of the weights' own values: within half an activation step per block."""
-    m = quantized.quantize(torch.randn(256, 512), "int4")
+    m = dataclasses.replace(quantized.quantize(torch.randn(256, 512), "int4"), int8_activations=True)
     x = torch.randn(3, 512) * torch.linspace(0.1, 10, 512)
     y = m.linear(x)
     exact = x.double() @ m.dequantize().double().T
@@ -106,6 +110,9 @@ def test_integer_path_error_is_that_of_8_bit_activations():
     bound = steps @ w_abs.T / 2  # sum over blocks of half a step times sum |w|
     assert ((y.double() - exact).abs() <= bound * (1 + 1e-4) + 1e-4).all()
     assert (y.double() - exact).abs().max() > 0  # it is the quantized path, not the fp32 one
+    # Exact activations (the default): the fp32 product of the dequantized weights, bit for bit.
+    exact_m = dataclasses.replace(m, int8_activations=False)
+    assert torch.equal(exact_m.linear(x), cpu_gemv.linear(x, m.dequantize()))
 
 
 def test_long_steps_multiply_the_dequantized_matrix():
@@ -114,8 +121,9 @@ def test_long_steps_multiply_the_dequantized_matrix():
     assert torch.equal(m.linear(x), F.linear(x, m.dequantize()))
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("t", [1, 4, 9])
-def test_builds_and_thread_counts_agree_bit_for_bit(t):
+def test_builds_and_thread_counts_agree_bit_for_bit(t, int8):
     old = torch.get_num_threads()
     try:
         for name, m in _matrices(1024, 576, seed=t).items():
@@ -124,7 +132,7 @@ def test_builds_and_thread_counts_agree_bit_for_bit(t):
             for isa, threads in itertools.product(RUNNABLE, (1, 2)):
                 torch.set_num_threads(threads)
                 outs.append(cpu_gemv.quantized_linear(x, m.codes, m.mode, m.scales, m.mins, m.group, m.offset, m.k,
-                                                      isa=isa))
+                                                      int8_activations=int8, isa=isa))
             assert all(torch.equal(o, outs[0]) for o in outs), name
     finally:
         torch.set_num_threads(old)
@@ -169,3 +177,12 @@ def test_unsupported_combinations_are_refused_naming_the_flag(device, dtype, nee
         assert needle in str(info.value)
     check_supported("none", torch.device(device), dtype)
     check_supported("auto", torch.device(device), dtype)
+
+
+def test_int8_activations_need_quantized_weights():
+    with pytest.raises(UnsupportedQuantization, match="--activations int8 applies to quantized base weights"):
+        check_supported("none", torch.device("cpu"), torch.float32, "int8")
+    for scheme in ("auto", "int8", "int4"):
+        check_supported(scheme, torch.device("cpu"), torch.float32, "int8")
+    with pytest.raises(ValueError, match="activations must be one of exact, int8"):
+        ModelConfig(activations="int4")
