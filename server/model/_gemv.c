@@ -36,9 +36,15 @@ enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_U4 = 3 };
 enum { GW = 32, MT = 4, MJ = 4 };
 /* One thread does the calls below this many weight bytes (fork and join cost ~1.5 us). */
 enum { MIN_PAR_BYTES = 1 << 17 };
-/* Steps of quantized weights up to this many tokens take integer dot products; longer ones dequantize
- * (on a Xeon the integer path wins at 1-2 tokens, ties at 4, loses from 8 on). */
-enum { QDOT_TOKENS = 4 };
+/* Steps of quantized weights up to this many tokens may take integer dot products (when the caller
+ * asks); longer ones take the exact path (on a Xeon the integer path wins at 1 token, ties at 2 in the
+ * AVX-512 build, and from 3 tokens on is no faster than exact tiles dequantized in registers). */
+enum { QDOT_TOKENS = 2 };
+/* Exact steps (fp32 activations) on codes up to this many tokens dequantize each tile's rows in
+ * registers for its tokens (run_mode); longer ones dequantize a tile once into a buffer that every
+ * group of 4 tokens reads (run_dequantized). Xeon, 2 threads, 3072x576 4-bit: 1 token 84 against
+ * 125 us, 4 tokens 121 against 185 us (AVX2 build: 126 / 171 and 216 / 363 us). */
+enum { EXACT_IN_REGISTERS = 4 };
 
 typedef struct {
     const char *w;        /* rows row0, row0 + 1, ... of row_bytes bytes each */
@@ -253,7 +259,7 @@ LP_INLINE void gemv_dispatch(const job *j, int mode, int64_t t0, int nt, int64_t
 #if LP_ISA == 0
     gemv_tile(j, mode, t0, nt, n0, nj);
 #elif LP_ISA == 1
-    if (nj == MJ) {
+    if (nj == MJ && (mode == W_F32 || mode == W_BF16)) {
         for (int64_t t = t0; t < t0 + nt; t += MT2) {
             if (t0 + nt - t >= MT2) gemv_tile2(j, mode, t, MT2, n0);
             else gemv_tile2(j, mode, t, 1, n0);
@@ -305,8 +311,9 @@ static void dequantize_rows(const weights *W, int mode, int64_t n0, int nj, int6
         }
 }
 
-/* Steps of more than two tokens on quantized weights: each tile's rows are dequantized once into a
- * small fp32 buffer (L1-resident) that every token of the step then reads, instead of per token pair. */
+/* Steps of more than EXACT_IN_REGISTERS tokens on quantized weights: each tile's rows are dequantized
+ * once into a small fp32 buffer (L1-resident) that every token of the step then reads, instead of once
+ * per group of 4 tokens. */
 static void run_dequantized(const job *j, int mode, int tid, int nth) {
     const int64_t N = j->N, K = j->K, tiles = (N + MJ - 1) / MJ;
     const int64_t n_lo = tiles * tid / nth * MJ, n_hi = tiles * (tid + 1) / nth * MJ;
@@ -325,12 +332,16 @@ static void run_dequantized(const job *j, int mode, int tid, int nth) {
 }
 
 static void run(const job *j, int mode, int tid, int nth) {
-    if (mode == W_I8 || mode == W_U4) {
+    if ((mode == W_I8 || mode == W_U4) && j->T > EXACT_IN_REGISTERS) {
         run_dequantized(j, mode, tid, nth);
         return;
     }
-    if (mode == W_F32) run_mode(j, W_F32, tid, nth);
-    else run_mode(j, W_BF16, tid, nth);
+    switch (mode) {
+        case W_F32: run_mode(j, W_F32, tid, nth); break;
+        case W_BF16: run_mode(j, W_BF16, tid, nth); break;
+        case W_I8: run_mode(j, W_I8, tid, nth); break;
+        default: run_mode(j, W_U4, tid, nth); break;
+    }
 }
 
 /* One thread's share of a call: with quantized activations A, first its tokens' quantization (every

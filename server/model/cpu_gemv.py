@@ -27,7 +27,7 @@ W_F32, W_BF16, W_I8, W_U4 = 0, 1, 2, 3
 MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 16}
 # Steps of quantized weights up to this many tokens can take integer dot products on 8-bit activations
 # (QDOT_TOKENS in _gemv.c, which caps what callers ask for; this mirrors it for callers and tests).
-QDOT_TOKENS = 4
+QDOT_TOKENS = 2
 _HERE = Path(__file__).parent
 _LIB = NativeLibrary(
     _HERE / "_gemv.c",

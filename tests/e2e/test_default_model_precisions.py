@@ -3,7 +3,7 @@
 * ``--dtype bfloat16``: greedy outputs equal transformers + PEFT run in bf16, base and with an adapter;
 * ``--quantization auto`` (the GGUF's own Q4_1/Q8_0 codes), with an adapter, prefill and decode:
   by default (``--activations exact``) the logits of serving the dequantized fp32 model
-  (``--quantization none``), to fp32 rounding; with ``--activations int8``, where steps of up to 4
+  (``--quantization none``), to fp32 rounding; with ``--activations int8``, where steps of up to 2
   tokens (the lm_head of every step among them) take integer dot products on 8-bit activations as
   llama.cpp computes, the same top token and on average within a tenth of the logits' spread
   (measured: 0.015 prefill, 0.05 decode). The kernel's own tests hold both paths to their references;
