@@ -1,5 +1,5 @@
-/* Paged decode attention for CPU (fp32): one query token per sequence, keys and
- * values read in place from the paged KV cache, no gathered copies.
+/* Paged decode attention for CPU (fp32, or bf16 tensors computed in fp32): one query token per
+ * sequence, keys and values read in place from the paged KV cache, no gathered copies.
  *
  *   for b in range(B):                       # one sequence each
  *     for h in range(H):                     # query heads; kv head = h / (H / KV)
@@ -10,7 +10,9 @@
  * q, out: [B, H, D] contiguous; k_cache, v_cache: [N, KV, D] contiguous;
  * index: [B, Lmax] int64; length: [B] int32 with 1 <= length[b] <= Lmax.
  * Work is split over (sequence, kv head) pairs; each pair handles its G query
- * heads together so every K and V row is loaded once.
+ * heads together so every K and V row is loaded once. The bf16 entry widens q, K
+ * and V to fp32 (exact), computes as the fp32 one does, and rounds out to bf16
+ * once (to nearest even), as torch's CPU attention keeps bf16 sums in fp32.
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,16 +23,38 @@
 /* K and V rows come from memory (the step's weights have passed through the caches since they were
  * written) at scattered block addresses: each is asked for PF positions ahead of its use. */
 enum { PF = 16 };
-static inline void prefetch_row(const float *p, int64_t D) {
-    for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(p + d, 0, 3);
+static inline void prefetch_row(const char *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
 
-int loraplex_decode_attention_f32(
-    float *out, const float *q, const float *k_cache, const float *v_cache,
+static inline float bf16_widen(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t bf16_round(float f) { /* to nearest even; NaN -> 0x7FC0, as torch */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if (f != f) return 0x7FC0;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Element d of a row of fp32 (bf16 == 0) or bf16 values, as fp32. */
+static inline float at(const void *row, int64_t d, int bf16) {
+    return bf16 ? bf16_widen(((const uint16_t *)row)[d]) : ((const float *)row)[d];
+}
+
+/* The body of both entries; always inlined with bf16 a constant, so each gets its own loops. */
+static inline __attribute__((always_inline)) int attend(
+    void *out, const void *q, const void *k_cache, const void *v_cache,
     const int64_t *index, const int32_t *length,
     int64_t B, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N,
-    float scale, int threads)
+    float scale, int threads, const int bf16)
 {
+    const int64_t es = bf16 ? 2 : 4; /* bytes per element */
     if (B <= 0 || H <= 0 || KV <= 0 || D <= 0 || H % KV != 0) return 4;
     const int64_t G = H / KV;
     int err = 0;
@@ -38,13 +62,14 @@ int loraplex_decode_attention_f32(
     {
         float *scores = (float *)malloc(sizeof(float) * (size_t)(G * Lmax));
         float *acc = (float *)malloc(sizeof(float) * (size_t)(G * D));
-        if (!scores || !acc) {
+        float *qf = (float *)malloc(sizeof(float) * (size_t)(G * D)); /* this pair's queries, as fp32 */
+        if (!scores || !acc || !qf) {
             #pragma omp atomic write
             err = 3;
         }
         #pragma omp for schedule(dynamic, 1)
         for (int64_t pair = 0; pair < B * KV; ++pair) {
-            if (!scores || !acc) continue;
+            if (!scores || !acc || !qf) continue;
             const int64_t b = pair / KV, kvh = pair % KV;
             const int64_t L = length[b];
             if (L < 1 || L > Lmax) {
@@ -53,7 +78,8 @@ int loraplex_decode_attention_f32(
                 continue;
             }
             const int64_t *idx = index + b * Lmax;
-            const float *qb = q + (b * H + kvh * G) * D;
+            const char *qb = (const char *)q + (b * H + kvh * G) * D * es;
+            for (int64_t e = 0; e < G * D; ++e) qf[e] = at(qb, e, bf16);
             for (int64_t j = 0; j < L; ++j) {
                 const int64_t pos = idx[j];
                 if (pos < 0 || pos >= N) {
@@ -61,13 +87,13 @@ int loraplex_decode_attention_f32(
                     err = 1;
                     break;
                 }
-                const float *k = k_cache + (pos * KV + kvh) * D;
-                if (j + PF < L) prefetch_row(k_cache + (idx[j + PF] * KV + kvh) * D, D);
+                const char *k = (const char *)k_cache + (pos * KV + kvh) * D * es;
+                if (j + PF < L) prefetch_row((const char *)k_cache + (idx[j + PF] * KV + kvh) * D * es, D * es);
                 for (int64_t g = 0; g < G; ++g) {
-                    const float *qg = qb + g * D;
+                    const float *qg = qf + g * D;
                     float dot = 0.f;
                     #pragma omp simd reduction(+:dot)
-                    for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
+                    for (int64_t d = 0; d < D; ++d) dot += qg[d] * at(k, d, bf16);
                     scores[g * Lmax + j] = dot * scale;
                 }
             }
@@ -84,19 +110,44 @@ int loraplex_decode_attention_f32(
             for (int64_t j = 0; j < L; ++j) {
                 const int64_t pos = idx[j];
                 if (pos < 0 || pos >= N) break;
-                const float *v = v_cache + (pos * KV + kvh) * D;
-                if (j + PF < L) prefetch_row(v_cache + (idx[j + PF] * KV + kvh) * D, D);
+                const char *v = (const char *)v_cache + (pos * KV + kvh) * D * es;
+                if (j + PF < L) prefetch_row((const char *)v_cache + (idx[j + PF] * KV + kvh) * D * es, D * es);
                 for (int64_t g = 0; g < G; ++g) {
                     const float p = scores[g * Lmax + j];
                     float *a = acc + g * D;
                     #pragma omp simd
-                    for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
+                    for (int64_t d = 0; d < D; ++d) a[d] += p * at(v, d, bf16);
                 }
             }
-            memcpy(out + (b * H + kvh * G) * D, acc, sizeof(float) * (size_t)(G * D));
+            if (bf16) {
+                uint16_t *o = (uint16_t *)out + (b * H + kvh * G) * D;
+                for (int64_t e = 0; e < G * D; ++e) o[e] = bf16_round(acc[e]);
+            } else {
+                memcpy((float *)out + (b * H + kvh * G) * D, acc, sizeof(float) * (size_t)(G * D));
+            }
         }
         free(scores);
         free(acc);
+        free(qf);
     }
     return err;
+}
+
+int loraplex_decode_attention_f32(
+    float *out, const float *q, const float *k_cache, const float *v_cache,
+    const int64_t *index, const int32_t *length,
+    int64_t B, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N,
+    float scale, int threads)
+{
+    return attend(out, q, k_cache, v_cache, index, length, B, H, KV, D, Lmax, N, scale, threads, 0);
+}
+
+/* q, out, k_cache, v_cache: bf16 (as uint16); the rest as above. */
+int loraplex_decode_attention_bf16(
+    uint16_t *out, const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+    const int64_t *index, const int32_t *length,
+    int64_t B, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N,
+    float scale, int threads)
+{
+    return attend(out, q, k_cache, v_cache, index, length, B, H, KV, D, Lmax, N, scale, threads, 1);
 }

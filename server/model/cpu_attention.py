@@ -1,4 +1,5 @@
-"""Paged decode attention on CPU (fp32) with our C kernel: keys and values read in place, no gather."""
+"""Paged decode attention on CPU (fp32, or bf16 computed in fp32) with our C kernel: keys and values read in
+place, no gather."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from server.native import NativeFunction, NativeLibrary
 _LIB = NativeLibrary(Path(__file__).with_name("_decode_attention.c"), "decode_attention", ("-ffp-contract=fast",))
 _ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
 _ATTEND = NativeFunction(_LIB, "loraplex_decode_attention_f32", _ARGTYPES)
+_ATTEND_BF16 = NativeFunction(_LIB, "loraplex_decode_attention_bf16", _ARGTYPES)
+_ENTRIES = {torch.float32: _ATTEND, torch.bfloat16: _ATTEND_BF16}
 
 available = _ATTEND.available  # (isa=None) -> bool: built and loaded on first call
 
@@ -31,15 +34,20 @@ def decode_attention(
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
-    ``q [B, H, D]`` fp32 contiguous; ``k_cache``/``v_cache`` ``[N, KV, D]``
-    contiguous; ``index [B, Lmax]`` int64 flat cache positions; ``lengths [B]``
-    int32, each in ``1..Lmax``. Returns ``[B, H, D]``::
+    ``q [B, H, D]`` fp32 or bf16 contiguous; ``k_cache``/``v_cache`` ``[N, KV, D]``
+    contiguous, of q's dtype (bf16 is widened and computed in fp32, the output rounded once);
+    ``index [B, Lmax]`` int64 flat cache positions; ``lengths [B]`` int32, each in ``1..Lmax``.
+    Returns ``[B, H, D]`` of q's dtype::
 
         out[b, h] = softmax(scale * q[b, h] @ K[index[b, :len_b], h // (H // KV)].T) @ V[...]
 
     ``isa`` picks a build other than this CPU's best (tests compare them).
     """
-    fn = _ATTEND.get(isa)
+    entry = _ENTRIES.get(q.dtype)
+    if entry is None or k_cache.dtype is not q.dtype or v_cache.dtype is not q.dtype:
+        raise ValueError(f"decode attention takes fp32 or bf16 q and caches of its dtype, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    fn = entry.get(isa)
     if fn is None:
         raise RuntimeError("the decode attention kernel is not available")
     b, h, d = q.shape

@@ -110,8 +110,8 @@ class CausalLM:
         # fp32 and bf16 on the CPU: decode-sized projections by our GEMV kernel (every thread streams the weights).
         cpu_kernel = device.type == "cpu" and dtype in cpu_gemv.MAX_TOKENS and cpu_gemv.available()
         self.dense_linear = cpu_gemv.linear if cpu_kernel else F.linear
-        # fp32 on the CPU: RMSNorm and RoPE by one C call each (see cpu_layer_ops).
-        self.c_layer_ops = device.type == "cpu" and dtype == torch.float32 and cpu_layer_ops.available()
+        # fp32 and bf16 on the CPU: RMSNorm and RoPE by one C call each (see cpu_layer_ops).
+        self.c_layer_ops = device.type == "cpu" and dtype in cpu_layer_ops.DTYPES and cpu_layer_ops.available()
         # [q | k | v] column slices of the fused projection, for LoRA.
         self.qkv_slices = {
             "q_proj": (0, s.q_dim),
@@ -147,7 +147,7 @@ class CausalLM:
         t = step.input_ids.shape[0]
         x = self.embed.index_select(0, step.input_ids)
         c_ops = self.c_layer_ops
-        norm, eps = (cpu_layer_ops.rms_norm if c_ops else _rms_norm), s.rms_eps
+        norm, eps = (cpu_layer_ops.rms_norm if c_ops else cpu_layer_ops.torch_rms_norm), s.rms_eps
         if not c_ops:
             cos = self.rope_cos.index_select(0, step.positions).unsqueeze(1)  # [T, 1, hd]
             sin = self.rope_sin.index_select(0, step.positions).unsqueeze(1)
@@ -187,16 +187,6 @@ class CausalLM:
             x = x + d
         last = norm(x.index_select(0, step.sample_rows), self.norm, eps)
         return linear(last, self.lm_head).float()
-
-
-def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm arithmetic: normalized in fp32, rounded to the serving dtype, then scaled by ``w``
-    (in bf16 a second rounding that a fused norm would not make)."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), w, eps)
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

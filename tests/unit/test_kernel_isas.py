@@ -117,20 +117,28 @@ def test_each_vector_build_equals_the_portable_build(isa):
         assert torch.equal(y_isa, y_portable), dtype
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", RUNNABLE)
-def test_decode_attention_builds_equal_sdpa(isa):
+def test_decode_attention_builds_equal_sdpa(isa, dtype):
     """Each build this CPU runs against attention over the gathered context (fp32 tolerance: the builds
-    vectorise the softmax sums differently)."""
+    vectorise the softmax sums differently). bf16: the same fp32 attention of the widened inputs, rounded
+    to bf16 once (within one bf16 step of it)."""
     g = torch.Generator().manual_seed(11)
     b, h, kv, d, n = 4, 6, 2, 64, 256
-    q = torch.randn(b, h, d, generator=g)
-    k_cache, v_cache = torch.randn(n, kv, d, generator=g), torch.randn(n, kv, d, generator=g)
+    q = torch.randn(b, h, d, generator=g).to(dtype)
+    k_cache = torch.randn(n, kv, d, generator=g).to(dtype)
+    v_cache = torch.randn(n, kv, d, generator=g).to(dtype)
     lengths = torch.tensor([1, 7, 40, 129], dtype=torch.int32)
     index = torch.stack([torch.randperm(n, generator=g)[:129] for _ in range(b)])
     out = cpu_attention.decode_attention(q, k_cache, v_cache, index, lengths, d**-0.5, isa=isa)
+    assert out.dtype is dtype
     for i in range(b):
         idx = index[i, : lengths[i]]
-        k = k_cache[idx].repeat_interleave(h // kv, dim=1).transpose(0, 1)  # [H, L, D]
-        v = v_cache[idx].repeat_interleave(h // kv, dim=1).transpose(0, 1)
-        ref = torch.nn.functional.scaled_dot_product_attention(q[i].unsqueeze(1), k, v).squeeze(1)
-        torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=1e-5)
+        k = k_cache[idx].float().repeat_interleave(h // kv, dim=1).transpose(0, 1)  # [H, L, D]
+        v = v_cache[idx].float().repeat_interleave(h // kv, dim=1).transpose(0, 1)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[i].float().unsqueeze(1), k, v).squeeze(1)
+        if dtype is torch.float32:
+            torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=1e-5)
+        else:
+            step = ref.abs().clamp_min(1e-30) * 2.0**-7  # one bf16 step (8 significant bits) at ref's size
+            assert ((out[i].float() - ref).abs() <= step).all()
