@@ -47,14 +47,70 @@ static inline float at(const void *row, int64_t d, int bf16) {
     return bf16 ? bf16_widen(((const uint16_t *)row)[d]) : ((const float *)row)[d];
 }
 
-/* The body of both entries; always inlined with bf16 a constant, so each gets its own loops. */
-static inline __attribute__((always_inline)) int attend(
+/* One (sequence, kv head) pair: 0, or the error code. Always inlined with bf16 a literal constant (see
+ * attend), so the fp32 and bf16 loops are each compiled, and vectorised, for their own element type. */
+static inline __attribute__((always_inline)) int one_pair(
+    void *out, const void *q, const void *k_cache, const void *v_cache, const int64_t *index, const int32_t *length,
+    int64_t pair, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N, float scale,
+    float *scores, float *acc, float *qf, const int bf16)
+{
+    const int64_t es = bf16 ? 2 : 4; /* bytes per element */
+    const int64_t G = H / KV, b = pair / KV, kvh = pair % KV;
+    const int64_t L = length[b];
+    if (L < 1 || L > Lmax) return 2;
+    const int64_t *idx = index + b * Lmax;
+    const char *qb = (const char *)q + (b * H + kvh * G) * D * es;
+    for (int64_t e = 0; e < G * D; ++e) qf[e] = at(qb, e, bf16);
+    for (int64_t j = 0; j < L; ++j) {
+        const int64_t pos = idx[j];
+        if (pos < 0 || pos >= N) return 1;
+        const char *k = (const char *)k_cache + (pos * KV + kvh) * D * es;
+        if (j + PF < L) prefetch_row((const char *)k_cache + (idx[j + PF] * KV + kvh) * D * es, D * es);
+        for (int64_t g = 0; g < G; ++g) {
+            const float *qg = qf + g * D;
+            float dot = 0.f;
+            #pragma omp simd reduction(+:dot)
+            for (int64_t d = 0; d < D; ++d) dot += qg[d] * at(k, d, bf16);
+            scores[g * Lmax + j] = dot * scale;
+        }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        float *s = scores + g * Lmax;
+        float m = -INFINITY;
+        for (int64_t j = 0; j < L; ++j) m = s[j] > m ? s[j] : m;
+        float total = 0.f;
+        for (int64_t j = 0; j < L; ++j) { s[j] = expf(s[j] - m); total += s[j]; }
+        const float inv = 1.f / total;
+        for (int64_t j = 0; j < L; ++j) s[j] *= inv;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)(G * D));
+    for (int64_t j = 0; j < L; ++j) {
+        const char *v = (const char *)v_cache + (idx[j] * KV + kvh) * D * es;
+        if (j + PF < L) prefetch_row((const char *)v_cache + (idx[j + PF] * KV + kvh) * D * es, D * es);
+        for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * Lmax + j];
+            float *a = acc + g * D;
+            #pragma omp simd
+            for (int64_t d = 0; d < D; ++d) a[d] += p * at(v, d, bf16);
+        }
+    }
+    if (bf16) {
+        uint16_t *o = (uint16_t *)out + (b * H + kvh * G) * D;
+        for (int64_t e = 0; e < G * D; ++e) o[e] = bf16_round(acc[e]);
+    } else {
+        memcpy((float *)out + (b * H + kvh * G) * D, acc, sizeof(float) * (size_t)(G * D));
+    }
+    return 0;
+}
+
+/* Both entries: pairs split over the threads. OpenMP outlines the parallel region into a function of its
+ * own that reads bf16 from memory, so the region branches to calls with a literal, not one_pair(.., bf16). */
+static int attend(
     void *out, const void *q, const void *k_cache, const void *v_cache,
     const int64_t *index, const int32_t *length,
     int64_t B, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N,
-    float scale, int threads, const int bf16)
+    float scale, int threads, int bf16)
 {
-    const int64_t es = bf16 ? 2 : 4; /* bytes per element */
     if (B <= 0 || H <= 0 || KV <= 0 || D <= 0 || H % KV != 0) return 4;
     const int64_t G = H / KV;
     int err = 0;
@@ -70,60 +126,13 @@ static inline __attribute__((always_inline)) int attend(
         #pragma omp for schedule(dynamic, 1)
         for (int64_t pair = 0; pair < B * KV; ++pair) {
             if (!scores || !acc || !qf) continue;
-            const int64_t b = pair / KV, kvh = pair % KV;
-            const int64_t L = length[b];
-            if (L < 1 || L > Lmax) {
+            const int e = bf16 ? one_pair(out, q, k_cache, v_cache, index, length, pair, H, KV, D, Lmax, N, scale,
+                                          scores, acc, qf, 1)
+                               : one_pair(out, q, k_cache, v_cache, index, length, pair, H, KV, D, Lmax, N, scale,
+                                          scores, acc, qf, 0);
+            if (e) {
                 #pragma omp atomic write
-                err = 2;
-                continue;
-            }
-            const int64_t *idx = index + b * Lmax;
-            const char *qb = (const char *)q + (b * H + kvh * G) * D * es;
-            for (int64_t e = 0; e < G * D; ++e) qf[e] = at(qb, e, bf16);
-            for (int64_t j = 0; j < L; ++j) {
-                const int64_t pos = idx[j];
-                if (pos < 0 || pos >= N) {
-                    #pragma omp atomic write
-                    err = 1;
-                    break;
-                }
-                const char *k = (const char *)k_cache + (pos * KV + kvh) * D * es;
-                if (j + PF < L) prefetch_row((const char *)k_cache + (idx[j + PF] * KV + kvh) * D * es, D * es);
-                for (int64_t g = 0; g < G; ++g) {
-                    const float *qg = qf + g * D;
-                    float dot = 0.f;
-                    #pragma omp simd reduction(+:dot)
-                    for (int64_t d = 0; d < D; ++d) dot += qg[d] * at(k, d, bf16);
-                    scores[g * Lmax + j] = dot * scale;
-                }
-            }
-            for (int64_t g = 0; g < G; ++g) {
-                float *s = scores + g * Lmax;
-                float m = -INFINITY;
-                for (int64_t j = 0; j < L; ++j) m = s[j] > m ? s[j] : m;
-                float total = 0.f;
-                for (int64_t j = 0; j < L; ++j) { s[j] = expf(s[j] - m); total += s[j]; }
-                const float inv = 1.f / total;
-                for (int64_t j = 0; j < L; ++j) s[j] *= inv;
-            }
-            memset(acc, 0, sizeof(float) * (size_t)(G * D));
-            for (int64_t j = 0; j < L; ++j) {
-                const int64_t pos = idx[j];
-                if (pos < 0 || pos >= N) break;
-                const char *v = (const char *)v_cache + (pos * KV + kvh) * D * es;
-                if (j + PF < L) prefetch_row((const char *)v_cache + (idx[j + PF] * KV + kvh) * D * es, D * es);
-                for (int64_t g = 0; g < G; ++g) {
-                    const float p = scores[g * Lmax + j];
-                    float *a = acc + g * D;
-                    #pragma omp simd
-                    for (int64_t d = 0; d < D; ++d) a[d] += p * at(v, d, bf16);
-                }
-            }
-            if (bf16) {
-                uint16_t *o = (uint16_t *)out + (b * H + kvh * G) * D;
-                for (int64_t e = 0; e < G * D; ++e) o[e] = bf16_round(acc[e]);
-            } else {
-                memcpy((float *)out + (b * H + kvh * G) * D, acc, sizeof(float) * (size_t)(G * D));
+                err = e;
             }
         }
         free(scores);
