@@ -306,8 +306,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(flag_error(exc, lambda env, words: build_parser(env).parse_args(words), line, os.environ))
     if config.lora.store_url and importlib.util.find_spec("boto3") is None:
         parser.error(f"--adapter-store {config.lora.store_url} needs boto3: pip install 'loraplex[s3]'")
-    if config.model.model is not None and not Path(config.model.model).expanduser().exists():
-        parser.error(f"--model {config.model.model}: no such file or directory")
+    if config.model.model is not None:
+        model_path = Path(config.model.model).expanduser()
+        if not model_path.exists():
+            parser.error(f"--model {config.model.model}: no such file or directory")
+        if model_path.is_dir():
+            from server.model.loading import check_directory  # torch and transformers: only for a folder
+
+            try:
+                check_directory(model_path)
+            except (OSError, ValueError) as exc:  # UnsupportedModel is a ValueError; a folder without a config
+                parser.error(f"--model {config.model.model}: {exc}")
     for module in config.lora.modules:
         if not module.path.exists():
             parser.error(f"--lora-modules {module.name}={module.path}: no such file or directory")

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from server.model.families import FAMILIES, STATIC_ROPE_TYPES, SUPPORTED_MODEL_TYPES
+
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 TARGET_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
@@ -32,6 +33,7 @@ class ModelShape:
     rms_eps: float
     qkv_bias: bool
     sliding_window: int | None
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (server.model.families)
 
     @property
     def q_dim(self) -> int:
@@ -61,22 +63,31 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> ModelShape:
+        """The shape of a supported family's config; anything the forward pass does not implement is refused,
+        naming it."""
         model_type = getattr(config, "model_type", "?")
-        if model_type not in SUPPORTED_MODEL_TYPES:
+        family = FAMILIES.get(model_type)
+        if family is None:
             raise UnsupportedModel(
                 f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise UnsupportedModel(f"activation {config.hidden_act!r} is not supported (silu only)")
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedModel(f"{model_type}: activation {act!r} is not supported (silu only)")
         if getattr(config, "mlp_bias", False):
-            raise UnsupportedModel("MLP biases are not supported")
+            raise UnsupportedModel(f"{model_type}: MLP biases (mlp_bias) are not supported")
+        if not family.qkv_bias and getattr(config, "attention_bias", False):
+            raise UnsupportedModel(f"{model_type}: attention biases (attention_bias) are not supported")
+        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModel(
+                f"{model_type}: rope type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}"
+            )
         n_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        qkv_bias = model_type == "qwen2"
-        if model_type != "qwen2" and getattr(config, "attention_bias", False):
-            raise UnsupportedModel("attention_bias is not supported")
         window = getattr(config, "sliding_window", None)
-        if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        if family.window_flag is not None and not getattr(config, family.window_flag, False):
             window = None
         return cls(
             model_type=model_type,
@@ -89,6 +100,7 @@ class ModelShape:
             vocab=config.vocab_size,
             max_positions=config.max_position_embeddings,
             rms_eps=config.rms_norm_eps,
-            qkv_bias=qkv_bias,
+            qkv_bias=family.qkv_bias,
             sliding_window=window,
+            qk_norm=family.qk_norm,
         )

@@ -44,6 +44,8 @@ class DecoderLayer:
     w_down: Weight  # [hidden, intermediate]
     ln_in: torch.Tensor
     ln_post: torch.Tensor
+    q_norm: torch.Tensor | None = None  # [head_dim]: per-head RMSNorm of q and k before RoPE (Qwen3)
+    k_norm: torch.Tensor | None = None
     lora: dict[str, ModuleSlots] = field(default_factory=dict)  # projection -> slots
 
 
@@ -81,8 +83,8 @@ class CausalLM:
         self.layers: list[DecoderLayer] = []
         for i, hl in enumerate(inner.layers):
             att, mlp = hl.self_attn, hl.mlp
-            if any(hasattr(att, n) for n in ("q_norm", "k_norm")):
-                raise ValueError("per-head q/k norms are not supported")
+            if not s.qk_norm and any(hasattr(att, n) for n in ("q_norm", "k_norm")):
+                raise ValueError(f"{s.model_type}: q/k norms where the family declares none")
             b_qkv = None
             if s.qkv_bias:
                 b_qkv = take(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
@@ -100,6 +102,8 @@ class CausalLM:
                     w_down=weight(*named("down_proj")),
                     ln_in=take(hl.input_layernorm.weight),
                     ln_post=take(hl.post_attention_layernorm.weight),
+                    q_norm=take(att.q_norm.weight) if s.qk_norm else None,
+                    k_norm=take(att.k_norm.weight) if s.qk_norm else None,
                 )
             )
         positions = torch.arange(s.max_positions, device="cpu")[None, :]
@@ -140,6 +144,12 @@ class CausalLM:
         acts = f"int8 in decode steps, else {dtype}" if any(m.int8_activations for m in quantized) else dtype
         return f"{kinds} codes ({sum(m.nbytes for m in quantized) >> 20} MB){rest}, activations {acts}"
 
+    def _head_norms(self, qkv: torch.Tensor, layer: DecoderLayer, norm, eps: float) -> None:
+        """Qwen3's q_norm and k_norm, on the q and k columns of the fused projection's output, in place."""
+        s = self.shape
+        _head_norm_(qkv[:, : s.q_dim], s.n_heads, s.head_dim, layer.q_norm, norm, eps)
+        _head_norm_(qkv[:, s.q_dim : s.q_dim + s.kv_dim], s.n_kv_heads, s.head_dim, layer.k_norm, norm, eps)
+
     @torch.inference_mode()
     def forward(self, step: StepInputs, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Run the packed batch; return fp32 logits ``[len(step.sample_rows), vocab]``."""
@@ -160,6 +170,8 @@ class CausalLM:
             for name, (lo, hi) in self.qkv_slices.items():
                 if name in lora:
                     add_lora(qkv[:, lo:hi], h, lora[name], step.lora)
+            if layer.q_norm is not None:
+                self._head_norms(qkv, layer, norm, eps)
             if c_ops:  # q and k rotated in place
                 cpu_layer_ops.rope_(
                     qkv, s.n_heads + s.n_kv_heads, s.head_dim, self.rope_cos, self.rope_sin, step.positions
@@ -187,6 +199,12 @@ class CausalLM:
             x = x + d
         last = norm(x.index_select(0, step.sample_rows), self.norm, eps)
         return linear(last, self.lm_head).float()
+
+
+def _head_norm_(part: torch.Tensor, heads: int, head_dim: int, w: torch.Tensor, norm, eps: float) -> None:
+    """RMSNorm over each head of ``part [T, heads * head_dim]`` (a column slice), in place."""
+    t = part.shape[0]
+    part.copy_(norm(part.reshape(t * heads, head_dim), w, eps).view(t, heads * head_dim))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

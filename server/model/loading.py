@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from server.model.architecture import ModelShape
 from server.model.default_model import DEFAULT_MODEL_NAME, default_gguf_path
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,12 @@ def gguf_cache(gguf: Path, cache_dir: Path) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("conversion done in %.1f s", time.monotonic() - started)
     return target
+
+
+def check_directory(path: Path) -> None:
+    """Refuse a model folder whose config the forward pass cannot serve (UnsupportedModel, naming what), from
+    its config alone: before the weights load."""
+    ModelShape.from_config(AutoConfig.from_pretrained(path))
 
 
 def _load_directory(path: Path, name: str) -> LoadedModel:

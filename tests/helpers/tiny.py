@@ -21,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 CORPUS = [
@@ -34,6 +36,18 @@ ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "llama3": (LlamaConfig, LlamaForCausalLM),  # Llama 3.1's rope scaling
+}
+# Config fields of a test architecture beyond the shared tiny sizes.
+ARCHITECTURE_EXTRAS: dict[str, dict] = {
+    "qwen3": {"head_dim": 16},  # its default is 128
+    "llama3": {
+        "rope_parameters": {
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        }
+    },
 }
 
 
@@ -61,9 +75,15 @@ def make_model(arch: str, vocab: int, seed: int = 0, layers: int = 2) -> PreTrai
         initializer_range=0.2,  # peaky logits, so greedy choices are not near-ties
         tie_word_embeddings=False,
         eos_token_id=0,
+        **ARCHITECTURE_EXTRAS.get(arch, {}),
     )
     torch.manual_seed(seed)
-    return model_cls(config).eval()
+    model = model_cls(config).eval()
+    with torch.no_grad():  # q/k norms start as ones: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
 
 
 @dataclass(frozen=True)

@@ -232,3 +232,14 @@ def test_limit_flags_and_variables_reach_the_config_and_flags_win():
     config = _config(["--request-timeout", "1.5", "--max-loras", "4"], env)
     assert (config.limits.request_timeout, config.lora.max_loras) == (1.5, 4)
     assert _config([], {}).limits.request_timeout == 0  # no server-wide timeout unless asked
+
+
+def test_a_model_folder_of_an_unsupported_family_is_refused_before_it_loads(tmp_path):
+    from transformers import Gemma2Config
+
+    folder = tmp_path / "gemma2"
+    folder.mkdir()
+    Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8).save_pretrained(folder)  # the config alone: no weights needed
+    stderr = _refused(tmp_path, "--model", str(folder))
+    assert f"--model {folder}: model type 'gemma2' is not supported; supported: llama, mistral, qwen2, qwen3" in stderr
