@@ -8,9 +8,11 @@ from transformers import PretrainedConfig
 
 from server.model.families import FAMILIES, STATIC_ROPE_TYPES, SUPPORTED_MODEL_TYPES
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-TARGET_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+# The LoRA-targetable projections of a layer: separate (most families), or q/k/v and gate/up fused (Phi-3).
+TARGET_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class UnsupportedModel(ValueError):
@@ -34,6 +36,7 @@ class ModelShape:
     qkv_bias: bool
     sliding_window: int | None
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (server.model.families)
+    fused: bool = False  # qkv_proj and gate_up_proj modules (Phi-3)
 
     @property
     def q_dim(self) -> int:
@@ -43,9 +46,21 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The LoRA-targetable projections of a layer, as the model names its modules."""
+        return FUSED_PROJECTIONS if self.fused else TARGET_PROJECTIONS
+
     def projection_dims(self) -> dict[str, tuple[int, int]]:
         """``(d_in, d_out)`` of each LoRA-targetable projection."""
         h, i = self.hidden, self.intermediate
+        if self.fused:
+            return {
+                "qkv_proj": (h, self.q_dim + 2 * self.kv_dim),
+                "o_proj": (self.q_dim, h),
+                "gate_up_proj": (h, 2 * i),
+                "down_proj": (i, h),
+            }
         return {
             "q_proj": (h, self.q_dim),
             "k_proj": (h, self.kv_dim),
@@ -84,6 +99,9 @@ class ModelShape:
             raise UnsupportedModel(
                 f"{model_type}: rope type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}"
             )
+        partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+        if partial != 1.0:
+            raise UnsupportedModel(f"{model_type}: partial_rotary_factor {partial} is not supported (1.0 only)")
         n_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         window = getattr(config, "sliding_window", None)
@@ -103,4 +121,5 @@ class ModelShape:
             qkv_bias=family.qkv_bias,
             sliding_window=window,
             qk_norm=family.qk_norm,
+            fused=family.fused,
         )

@@ -7,6 +7,8 @@ q/k/v/o projections and a gated SiLU MLP (gate/up/down). They differ in:
   must then be false);
 * ``qk_norm``: an RMSNorm over each head of q and of k, after the projections (and their LoRA terms) and
   before RoPE (Qwen3);
+* ``fused``: q/k/v in one ``qkv_proj`` module and gate/up in one ``gate_up_proj`` (Phi-3): the modules
+  PEFT adapters for these models target, so an adapter's LoRA adds into the whole fused output;
 * ``sliding_window``: where the config's window applies (``use_sliding_window`` for the Qwen families;
   Mistral's ``sliding_window`` always). The server caps a sequence at the window, so no layer of a
   windowed model (whichever of its layers the window applies to) ever attends past it.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 class Family:
     qkv_bias: bool = False
     qk_norm: bool = False
+    fused: bool = False
     window_flag: str | None = None  # the config field that switches the sliding window on (None: always on)
 
 
@@ -33,10 +36,12 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(),
     "qwen2": Family(qkv_bias=True, window_flag="use_sliding_window"),
     "qwen3": Family(qk_norm=True, window_flag="use_sliding_window"),
+    "phi3": Family(fused=True),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
-# Rotary embeddings whose cos/sin at a position do not depend on the sequence's length: the forward pass
-# computes them once for every position with transformers' own rotary module. ("dynamic" and "longrope"
-# rescale with the running length, so they are refused.)
+# Rotary embeddings over the whole head (a partial_rotary_factor below 1 is refused) whose cos/sin at a
+# position do not depend on the sequence's length: the forward pass computes them once for every position
+# with transformers' own rotary module. ("dynamic" and "longrope" rescale with the running length, so they
+# are refused.)
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")

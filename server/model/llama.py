@@ -93,12 +93,14 @@ class CausalLM:
                 parent = {p: att if p in ATTENTION_PROJECTIONS else mlp for p in projections}
                 return [(s.module_name(i, p), getattr(parent[p], p)) for p in projections]
 
+            qkv_parts, gate_up_parts = (("qkv_proj",), ("gate_up_proj",)) if s.fused else (
+                ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
             self.layers.append(
                 DecoderLayer(
-                    w_qkv=weight(*named("q_proj", "k_proj", "v_proj")),
+                    w_qkv=weight(*named(*qkv_parts)),
                     b_qkv=b_qkv,
                     w_o=weight(*named("o_proj")),
-                    w_gate_up=weight(*named("gate_proj", "up_proj")),
+                    w_gate_up=weight(*named(*gate_up_parts)),
                     w_down=weight(*named("down_proj")),
                     ln_in=take(hl.input_layernorm.weight),
                     ln_post=take(hl.post_attention_layernorm.weight),
@@ -116,15 +118,16 @@ class CausalLM:
         self.dense_linear = cpu_gemv.linear if cpu_kernel else F.linear
         # fp32 and bf16 on the CPU: RMSNorm and RoPE by one C call each (see cpu_layer_ops).
         self.c_layer_ops = device.type == "cpu" and dtype in cpu_layer_ops.DTYPES and cpu_layer_ops.available()
-        # [q | k | v] column slices of the fused projection, for LoRA.
-        self.qkv_slices = {
+        # The column slices of the fused outputs that each targetable projection's LoRA term adds into.
+        qkv, gate_up = s.q_dim + 2 * s.kv_dim, 2 * s.intermediate
+        self.qkv_slices = {"qkv_proj": (0, qkv)} if s.fused else {
             "q_proj": (0, s.q_dim),
             "k_proj": (s.q_dim, s.q_dim + s.kv_dim),
-            "v_proj": (s.q_dim + s.kv_dim, s.q_dim + 2 * s.kv_dim),
+            "v_proj": (s.q_dim + s.kv_dim, qkv),
         }
-        self.gate_up_slices = {
+        self.gate_up_slices = {"gate_up_proj": (0, gate_up)} if s.fused else {
             "gate_proj": (0, s.intermediate),
-            "up_proj": (s.intermediate, 2 * s.intermediate),
+            "up_proj": (s.intermediate, gate_up),
         }
 
     def linear(self, x: torch.Tensor, w: Weight, b: torch.Tensor | None = None) -> torch.Tensor:

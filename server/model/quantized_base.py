@@ -29,7 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from server.model import cpu_gemv
-from server.model.architecture import TARGET_PROJECTIONS, ModelShape
+from server.model.architecture import ModelShape
 from server.model.gguf_blocks import read_quantized
 from server.model.quantized import QuantizedMatrix, from_blocks, load_matrices, quantize, save_matrices
 
@@ -102,11 +102,14 @@ def _matrices(
     shape = ModelShape.from_config(hf_model.config)
     weights = dict(hf_model.named_parameters(remove_duplicate=False))
     if quantization in ("int8", "int4"):
-        projections = [shape.module_name(i, p) for i in range(shape.n_layers) for p in TARGET_PROJECTIONS]
+        projections = [shape.module_name(i, p) for i in range(shape.n_layers) for p in shape.projections]
         out = {name: quantize(weights[name + ".weight"], quantization) for name in projections}
         out["lm_head"] = quantize(hf_model.get_output_embeddings().weight, "int8")
         return out
     if quantization == "none" or gguf is None or device.type != "cpu" or dtype != torch.float32:
+        return {}
+    if shape.fused:  # llama.cpp stores them fused under other names: not matched here
+        log.info("serving %s dequantized: its fused q/k/v and gate/up tensors are not read as stored", gguf.name)
         return {}
     if not cpu_gemv.available():
         log.warning("serving %s dequantized: our C kernel did not build here (is gcc installed?)", gguf.name)

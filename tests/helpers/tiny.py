@@ -21,6 +21,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -38,10 +40,15 @@ ARCHITECTURES = {
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "llama3": (LlamaConfig, LlamaForCausalLM),  # Llama 3.1's rope scaling
+    "phi3": (Phi3Config, Phi3ForCausalLM),  # fused qkv_proj and gate_up_proj
 }
+# A spec's split targets as a fused family names them (an adapter for Phi-3 targets qkv_proj, gate_up_proj).
+FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                 "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 # Config fields of a test architecture beyond the shared tiny sizes.
 ARCHITECTURE_EXTRAS: dict[str, dict] = {
     "qwen3": {"head_dim": 16},  # its default is 128
+    "phi3": {"pad_token_id": None},  # its default (32000) is outside a tiny vocabulary
     "llama3": {
         "rope_parameters": {
             "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -99,7 +106,7 @@ class AdapterSpec:
 def make_adapter(base: PreTrainedModel, spec: AdapterSpec, folder: Path, seed: int, std: float = 0.3) -> Path:
     """A PEFT LoRA adapter with random (non-zero) A and B, saved in PEFT's format."""
     torch.manual_seed(seed)
-    peft_model = get_peft_model(copy.deepcopy(base), _lora_config(spec))
+    peft_model = get_peft_model(copy.deepcopy(base), _lora_config(spec, base.config.model_type))
     _randomize(peft_model, std)
     out = folder / spec.name
     peft_model.save_pretrained(out)
@@ -127,7 +134,7 @@ def make_adapters(
     the values differ from :func:`make_adapter`'s for the same seed. ``on_saved(count)`` is
     called after each save (for progress).
     """
-    peft_model = get_peft_model(copy.deepcopy(base), _lora_config(spec))
+    peft_model = get_peft_model(copy.deepcopy(base), _lora_config(spec, base.config.model_type))
     paths = []
     for name, seed in seeds.items():
         torch.manual_seed(seed)
@@ -139,13 +146,14 @@ def make_adapters(
     return paths
 
 
-def _lora_config(spec: AdapterSpec) -> LoraConfig:
+def _lora_config(spec: AdapterSpec, model_type: str = "llama") -> LoraConfig:
+    fused = FUSED_TARGETS if model_type == "phi3" else {}
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
-        target_modules=list(spec.targets),
+        target_modules=sorted({fused.get(t, t) for t in spec.targets}),
         use_rslora=spec.rslora,
-        rank_pattern=spec.rank_pattern or {},
+        rank_pattern={fused.get(k, k): v for k, v in (spec.rank_pattern or {}).items()},
         init_lora_weights=False,
         task_type="CAUSAL_LM",
     )

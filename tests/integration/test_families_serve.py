@@ -1,5 +1,6 @@
 """Families beyond Llama 2's shape served from a model folder by the real server: greedy outputs equal
-transformers + PEFT, base and with an adapter (Qwen3's q/k norms, Llama 3.1's rope scaling)."""
+transformers + PEFT, base and with an adapter (Qwen3's q/k norms, Llama 3.1's rope scaling, Phi-3's fused
+qkv_proj / gate_up_proj targets); an adapter naming modules the family does not have is refused."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ from tests.helpers.reference import greedy, peft_model
 from tests.helpers.server_process import running_server
 from tests.helpers.tiny import AdapterSpec, make_adapter
 from tests.helpers.tiny_server import save_tiny_model
+from tests.helpers.uploads import files_of
 
 N = 10
 PROMPT = "the quick brown fox"
+SEEDS = {"qwen3": 3, "llama3": 3, "phi3": 4}  # models whose greedy references run N tokens without EOS
 SPEC = AdapterSpec("all7", 8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama3"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama3", "phi3"])
 def test_family_served_from_a_folder_equals_peft(tmp_path, arch):
-    model_dir, base, tok = save_tiny_model(tmp_path / arch, seed=3, arch=arch)
+    model_dir, base, tok = save_tiny_model(tmp_path / arch, seed=SEEDS[arch], arch=arch)
     store = tmp_path / "store"
     make_adapter(base, SPEC, store, seed=4)
     ids = tok(PROMPT)["input_ids"]
@@ -35,3 +38,16 @@ def test_family_served_from_a_folder_equals_peft(tmp_path, arch):
             r = httpx.post(url + "/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == want, (arch, adapter)
+
+
+def test_an_adapter_for_split_projections_is_refused_by_a_fused_family(tmp_path):
+    """A q_proj/v_proj adapter (made on a Llama of the same sizes) uploaded to a Phi-3 server: 400 naming it."""
+    model_dir, _, _ = save_tiny_model(tmp_path / "phi3", seed=3, arch="phi3")
+    _, llama, _ = save_tiny_model(tmp_path / "llama", seed=3)
+    folder = make_adapter(llama, AdapterSpec("qv", 4, 8, ("q_proj", "v_proj")), tmp_path / "src", seed=5)
+    with running_server(["--model", str(model_dir), "--adapters-dir", str(tmp_path / "store")],
+                        tmp_path / "server.log") as url:
+        r = httpx.post(url + "/admin/adapters", data={"name": "qv"}, files=files_of(folder), timeout=30)
+        assert r.status_code == 400, r.text
+        assert "q_proj" in r.json()["error"]["message"], r.text
+        assert httpx.get(url + "/admin/adapters", timeout=10).json()["data"] == []
