@@ -242,4 +242,5 @@ def test_a_model_folder_of_an_unsupported_family_is_refused_before_it_loads(tmp_
     Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=8).save_pretrained(folder)  # the config alone: no weights needed
     stderr = _refused(tmp_path, "--model", str(folder))
-    assert f"--model {folder}: model type 'gemma2' is not supported; supported: llama, mistral, qwen2, qwen3, phi3" in stderr
+    supported = "llama, mistral, qwen2, qwen3, phi3"
+    assert f"--model {folder}: model type 'gemma2' is not supported; supported: {supported}" in stderr
