@@ -107,7 +107,7 @@ def base_model_spec(shape: ModelShape) -> BaseModelSpec:
 
 def eos_ids(loaded: LoadedModel) -> frozenset[int]:
     ids: set[int] = set()
-    for source in (loaded.hf_model.generation_config, loaded.hf_model.config):
+    for source in (loaded.model_generation_config, loaded.model_config):
         value = getattr(source, "eos_token_id", None) if source is not None else None
         ids.update([value] if isinstance(value, int) else list(value or []))
     if loaded.tokenizer.eos_token_id is not None:
@@ -159,13 +159,14 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     dtype = resolve_dtype(config.model.dtype, device)
     # before the model's load, which takes seconds
     check_supported(config.model.quantization, device, dtype, config.model.activations)
-    loaded = loaded or load_model(config.model.model, config.model.cache_dir)
+    loaded = loaded or load_model(config.model.model, config.model.cache_dir, lean=True)
+    tensors = loaded.tensors()
     quantized = quantized_weights(
-        loaded.hf_model, loaded.gguf, config.model.quantization, device, dtype,
+        loaded.model_config, tensors, loaded.gguf, config.model.quantization, device, dtype,
         cache=loaded.source / "gguf_quantized.safetensors" if loaded.gguf else None,
         activations=config.model.activations,
     )
-    model = CausalLM(loaded.hf_model, device, dtype, quantized)
+    model = CausalLM(loaded.model_config, tensors, device, dtype, quantized)
     shape = model.shape
     backend = resolve_backend(config.lora.backend, device, dtype)
     lora_dtype = dtype if config.lora.dtype == "auto" else getattr(torch, config.lora.dtype)

@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from server.lora.metadata import LoraBatch
 from server.lora.ops import ModuleSlots, add_lora
 from server.model import cpu_gemv, cpu_layer_ops
-from server.model.architecture import ATTENTION_PROJECTIONS, ModelShape
+from server.model.architecture import ModelShape
 from server.model.attention import AttentionBatch, attend
 from server.model.quantized import QuantizedMatrix, concat_rows
+from server.model.weights_source import TensorSource
 
 Weight = torch.Tensor | QuantizedMatrix  # a base projection: dense in the serving dtype, or quantized codes
 
@@ -54,44 +55,50 @@ class CausalLM:
 
     def __init__(
         self,
-        hf_model: PreTrainedModel,
+        config: PretrainedConfig,
+        tensors: TensorSource,
         device: torch.device,
         dtype: torch.dtype,
         quantized: dict[str, QuantizedMatrix] | None = None,
     ) -> None:
-        """``quantized``: projections (by module name, and ``lm_head``) served as codes rather than dense."""
-        self.shape = ModelShape.from_config(hf_model.config)
+        """The serving copy of the weights named by transformers' parameter names in ``tensors``, read one at a
+        time. ``quantized``: projections (by module name, and ``lm_head``) served as codes rather than dense."""
+        self.shape = ModelShape.from_config(config)
         self.device, self.dtype = device, dtype
         s = self.shape
         quantized = quantized or {}
 
-        def take(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(device=device, dtype=dtype).contiguous()
+        def take(name: str) -> torch.Tensor:
+            return tensors.get(name, device, dtype).contiguous()
 
-        def weight(*modules: tuple[str, torch.nn.Module]) -> Weight:
+        def weight(*modules: str) -> Weight:
             """The modules' weights stacked by rows: quantized when all of them are, in one format."""
-            if all(name in quantized for name, _ in modules):
-                fused = concat_rows([quantized[name] for name, _ in modules])
+            if all(name in quantized for name in modules):
+                fused = concat_rows([quantized[name] for name in modules])
                 if fused is not None:
                     return fused
-            return take(torch.cat([m.weight for _, m in modules]))
+            parts = [take(name + ".weight") for name in modules]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        inner = hf_model.model
-        self.embed = take(inner.embed_tokens.weight)
-        self.lm_head = weight(("lm_head", hf_model.get_output_embeddings()))
-        self.norm = take(inner.norm.weight)
+        self.embed = take("model.embed_tokens.weight")
+        if "lm_head" in quantized:
+            self.lm_head: Weight = quantized["lm_head"]
+        elif tensors.has("lm_head.weight") and not getattr(config, "tie_word_embeddings", False):
+            self.lm_head = take("lm_head.weight")
+        else:
+            self.lm_head = self.embed  # tied: one copy
+        self.norm = take("model.norm.weight")
         self.layers: list[DecoderLayer] = []
-        for i, hl in enumerate(inner.layers):
-            att, mlp = hl.self_attn, hl.mlp
-            if not s.qk_norm and any(hasattr(att, n) for n in ("q_norm", "k_norm")):
+        for i in range(s.n_layers):
+            prefix = f"model.layers.{i}"
+            if not s.qk_norm and tensors.has(f"{prefix}.self_attn.q_norm.weight"):
                 raise ValueError(f"{s.model_type}: q/k norms where the family declares none")
             b_qkv = None
             if s.qkv_bias:
-                b_qkv = take(torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]))
+                b_qkv = torch.cat([take(s.module_name(i, p) + ".bias") for p in ("q_proj", "k_proj", "v_proj")])
 
-            def named(*projections: str, i=i, att=att, mlp=mlp) -> list[tuple[str, torch.nn.Module]]:
-                parent = {p: att if p in ATTENTION_PROJECTIONS else mlp for p in projections}
-                return [(s.module_name(i, p), getattr(parent[p], p)) for p in projections]
+            def named(*projections: str, i=i) -> list[str]:
+                return [s.module_name(i, p) for p in projections]
 
             qkv_parts, gate_up_parts = (("qkv_proj",), ("gate_up_proj",)) if s.fused else (
                 ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -102,16 +109,15 @@ class CausalLM:
                     w_o=weight(*named("o_proj")),
                     w_gate_up=weight(*named(*gate_up_parts)),
                     w_down=weight(*named("down_proj")),
-                    ln_in=take(hl.input_layernorm.weight),
-                    ln_post=take(hl.post_attention_layernorm.weight),
-                    q_norm=take(att.q_norm.weight) if s.qk_norm else None,
-                    k_norm=take(att.k_norm.weight) if s.qk_norm else None,
+                    ln_in=take(f"{prefix}.input_layernorm.weight"),
+                    ln_post=take(f"{prefix}.post_attention_layernorm.weight"),
+                    q_norm=take(f"{prefix}.self_attn.q_norm.weight") if s.qk_norm else None,
+                    k_norm=take(f"{prefix}.self_attn.k_norm.weight") if s.qk_norm else None,
                 )
             )
-        positions = torch.arange(s.max_positions, device="cpu")[None, :]
-        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
-        self.rope_cos = cos[0].to(device=device, dtype=dtype).contiguous()  # [max_positions, head_dim]
-        self.rope_sin = sin[0].to(device=device, dtype=dtype).contiguous()
+        cos, sin = rope_tables(config, s.max_positions)
+        self.rope_cos = cos.to(device=device, dtype=dtype).contiguous()  # [max_positions, head_dim]
+        self.rope_sin = sin.to(device=device, dtype=dtype).contiguous()
         self.attn_scale = s.head_dim**-0.5
         # fp32 and bf16 on the CPU: decode-sized projections by our GEMV kernel (every thread streams the weights).
         cpu_kernel = device.type == "cpu" and dtype in cpu_gemv.MAX_TOKENS and cpu_gemv.available()
@@ -202,6 +208,18 @@ class CausalLM:
             x = x + d
         last = norm(x.index_select(0, step.sample_rows), self.norm, eps)
         return linear(last, self.lm_head).float()
+
+
+def rope_tables(config: PretrainedConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin ``[max_positions, head_dim]`` from the model's own transformers rotary module (its rope
+    type and scaling included), built from the config alone: the model's skeleton on the meta device names
+    the module's class."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    rotary = type(skeleton.model.rotary_emb)(config=config)
+    positions = torch.arange(max_positions)[None, :]
+    cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions)
+    return cos[0], sin[0]
 
 
 def _head_norm_(part: torch.Tensor, heads: int, head_dim: int, w: torch.Tensor, norm, eps: float) -> None:

@@ -1,6 +1,9 @@
 """Resolve ``--model`` to a transformers model and tokenizer.
 
-A local transformers directory loads as it is. A ``.gguf`` file (the default
+A local transformers directory loads as it is: for serving (``lean=True``) only its config, tokenizer and a
+reader of its safetensors files (the serving copy is read tensor by tensor, see
+:mod:`server.model.weights_source`), otherwise as a transformers model (tests and benchmarks use it as a
+reference). A ``.gguf`` file (the default
 model is one) is dequantized once by transformers and saved as a safetensors
 cache keyed by the file's path, size and mtime, so later starts take seconds.
 """
@@ -18,25 +21,49 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from server.model.architecture import ModelShape
 from server.model.default_model import DEFAULT_MODEL_NAME, default_gguf_path
+from server.model.weights_source import FolderTensors, ModuleTensors, TensorSource
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    hf_model: PreTrainedModel
+    hf_model: PreTrainedModel | None  # None when loaded lean: the weights stay in ``source`` until served
     tokenizer: PreTrainedTokenizerBase
     name: str  # the served name of the base model
     source: Path  # the directory the weights were read from
     gguf: Path | None = None  # the GGUF file they were converted from, whose quantized tensors can be served as stored
+    config: PretrainedConfig | None = None  # a lean load's config (else hf_model's)
+    generation_config: GenerationConfig | None = None  # a lean load's generation config, if the folder has one
+
+    @property
+    def model_config(self) -> PretrainedConfig:
+        return self.hf_model.config if self.hf_model is not None else self.config
+
+    @property
+    def model_generation_config(self) -> GenerationConfig | None:
+        return self.hf_model.generation_config if self.hf_model is not None else self.generation_config
+
+    def tensors(self) -> TensorSource:
+        """Where the serving copy of the weights is read from."""
+        return ModuleTensors(self.hf_model) if self.hf_model is not None else FolderTensors(self.source)
 
 
-def load_model(model: str | None, cache_dir: Path) -> LoadedModel:
-    """Load the base model (fp32, CPU, eval) from a directory, a GGUF file, or the default."""
+def load_model(model: str | None, cache_dir: Path, *, lean: bool = False) -> LoadedModel:
+    """Load the base model (fp32, CPU, eval) from a directory, a GGUF file, or the default. ``lean``: no
+    transformers model, only what serving reads (config, tokenizer, the weights' folder)."""
     if model is None:
         gguf = default_gguf_path()
         name = DEFAULT_MODEL_NAME
@@ -45,11 +72,11 @@ def load_model(model: str | None, cache_dir: Path) -> LoadedModel:
         if not path.exists():
             raise FileNotFoundError(f"--model {model}: no such file or directory")
         if path.is_dir():
-            return _load_directory(path, path.name)
+            return _load_directory(path, path.name, lean)
         if path.suffix != ".gguf":
             raise ValueError(f"--model {model}: expected a transformers model directory or a .gguf file")
         gguf, name = path, path.stem
-    loaded = _load_directory(gguf_cache(gguf, cache_dir), name)
+    loaded = _load_directory(gguf_cache(gguf, cache_dir), name, lean)
     return dataclasses.replace(loaded, gguf=gguf)
 
 
@@ -92,9 +119,17 @@ def check_directory(path: Path) -> None:
     ModelShape.from_config(AutoConfig.from_pretrained(path))
 
 
-def _load_directory(path: Path, name: str) -> LoadedModel:
+def _load_directory(path: Path, name: str, lean: bool = False) -> LoadedModel:
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if lean:
+        config = AutoConfig.from_pretrained(path)
+        try:
+            generation = GenerationConfig.from_pretrained(path)
+        except OSError:  # the folder has none
+            generation = None
+        log.info("read %s's config and tokenizer from %s in %.1f s", name, path, time.monotonic() - started)
+        return LoadedModel(None, tokenizer, name, path, config=config, generation_config=generation)
     hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     hf_model.eval().requires_grad_(False)
     log.info("loaded %s from %s in %.1f s", name, path, time.monotonic() - started)

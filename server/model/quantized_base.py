@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig
 
 from server.model import cpu_gemv
 from server.model.architecture import ModelShape
 from server.model.gguf_blocks import read_quantized
 from server.model.quantized import QuantizedMatrix, from_blocks, load_matrices, quantize, save_matrices
+from server.model.weights_source import TensorSource
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ def check_supported(quantization: str, device: torch.device, dtype: torch.dtype,
 
 
 def quantized_weights(
-    hf_model: PreTrainedModel,
+    config: PretrainedConfig,
+    tensors: TensorSource,
     gguf: Path | None,
     quantization: str,
     device: torch.device,
@@ -83,7 +86,7 @@ def quantized_weights(
     """Quantized matrices by module name (``model.layers.0.self_attn.q_proj``, ``lm_head``); the rest stay dense.
     ``cache``: where a GGUF's checked codes are kept between starts. The caller has run :func:`check_supported`
     (the builder does, before the model loads)."""
-    out = _matrices(hf_model, gguf, quantization, device, dtype, cache)
+    out = _matrices(config, tensors, gguf, quantization, device, dtype, cache)
     if activations == "int8":
         if not out:
             log.warning("--activations int8 has no effect: no base weights are served quantized")
@@ -92,19 +95,24 @@ def quantized_weights(
 
 
 def _matrices(
-    hf_model: PreTrainedModel,
+    config: PretrainedConfig,
+    tensors: TensorSource,
     gguf: Path | None,
     quantization: str,
     device: torch.device,
     dtype: torch.dtype,
     cache: Path | None,
 ) -> dict[str, QuantizedMatrix]:
-    shape = ModelShape.from_config(hf_model.config)
-    weights = dict(hf_model.named_parameters(remove_duplicate=False))
+    shape = ModelShape.from_config(config)
+    cpu, f32 = torch.device("cpu"), torch.float32
+
+    def dense(module: str) -> torch.Tensor:  # fp32 on the CPU, read when needed
+        return tensors.get(_lm_head_tensor(config, tensors) if module == "lm_head" else module + ".weight", cpu, f32)
+
     if quantization in ("int8", "int4"):
         projections = [shape.module_name(i, p) for i in range(shape.n_layers) for p in shape.projections]
-        out = {name: quantize(weights[name + ".weight"], quantization) for name in projections}
-        out["lm_head"] = quantize(hf_model.get_output_embeddings().weight, "int8")
+        out = {name: quantize(dense(name), quantization) for name in projections}
+        out["lm_head"] = quantize(dense("lm_head"), "int8")
         return out
     if quantization == "none" or gguf is None or device.type != "cpu" or dtype != torch.float32:
         return {}
@@ -114,11 +122,20 @@ def _matrices(
     if not cpu_gemv.available():
         log.warning("serving %s dequantized: our C kernel did not build here (is gcc installed?)", gguf.name)
         return {}
-    return _from_gguf(hf_model, gguf, cache, shape, weights)
+    return _from_gguf(config, dense, gguf, cache, shape)
+
+
+def _lm_head_tensor(config: PretrainedConfig, tensors: TensorSource) -> str:
+    tied = getattr(config, "tie_word_embeddings", False) or not tensors.has("lm_head.weight")
+    return "model.embed_tokens.weight" if tied else "lm_head.weight"
 
 
 def _from_gguf(
-    hf_model: PreTrainedModel, gguf: Path, cache: Path | None, shape: ModelShape, weights: dict[str, torch.Tensor]
+    config: PretrainedConfig,
+    dense_of: Callable[[str], torch.Tensor],
+    gguf: Path,
+    cache: Path | None,
+    shape: ModelShape,
 ) -> dict[str, QuantizedMatrix]:
     """The GGUF's quantized projections, checked against the dequantized weights; kept in ``cache`` (a
     safetensors file beside the model's dequantized cache) so later starts skip GGUF's slow header parse."""
@@ -136,19 +153,19 @@ def _from_gguf(
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     # transformers' per-architecture GGUF tensor processor: it undoes llama.cpp's q/k row order.
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=hf_model.config.to_dict())
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
     out: dict[str, QuantizedMatrix] = {}
     mismatched: list[str] = []
     for gguf_name, module in wanted.items():
         blocks = stored.get(gguf_name)
         if blocks is None:
             continue
-        dense = hf_model.get_output_embeddings().weight if module == "lm_head" else weights[module + ".weight"]
+        dense = dense_of(module)
         if gguf_name.startswith("blk."):
             rows = processor.process(np.arange(blocks.codes.shape[0]).reshape(-1, 1), gguf_name).weights
             blocks = blocks.take_rows(torch.from_numpy(np.ascontiguousarray(rows).reshape(-1)))
         matrix = from_blocks(blocks)
-        if tuple(dense.shape) != matrix.shape or not torch.equal(matrix.dequantize(), dense.detach().float()):
+        if tuple(dense.shape) != matrix.shape or not torch.equal(matrix.dequantize(), dense):
             mismatched.append(gguf_name)
             continue
         out[module] = matrix

@@ -1,0 +1,41 @@
+"""Loading is lean: the serving copy is read from the model's safetensors one tensor at a time, so peak host
+memory while loading stays at that copy plus about one layer (measured in a child process, whose peak
+resident set is its own)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import LlamaConfig, LlamaForCausalLM
+
+SLACK_MB = 32  # allocator and interpreter noise beyond the bound
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A random Llama of ~230 MB in fp32 (8 layers of ~28 MB), saved as transformers does."""
+    config = LlamaConfig(vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                         num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    out = tmp_path_factory.mktemp("lean") / "model"
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out, config
+
+
+@pytest.mark.parametrize(("dtype", "size"), [("float32", 4), ("bfloat16", 2)])
+def test_peak_memory_while_loading_is_the_serving_copy_plus_one_layer(folder, dtype, size):
+    path, config = folder
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; two norms
+    layer_fp32_mb = layer * 4 / 2**20  # a layer's tensors are read in fp32, then cast
+    result = subprocess.run([sys.executable, "-m", "tests.helpers.load_rss", str(path), dtype],
+                            capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    params = config.num_hidden_layers * layer + 2 * v * h + h  # layers, embedding and lm_head, final norm
+    model_mb = params * size / 2**20
+    assert got["held_mb"] == pytest.approx(model_mb, rel=0.01)  # the serving copy: the model in that dtype
+    assert got["peak_over_baseline_mb"] <= got["held_mb"] + layer_fp32_mb + SLACK_MB, got
