@@ -19,7 +19,7 @@ from server.model import cpu_gemv, cpu_layer_ops
 from server.model.architecture import ModelShape
 from server.model.attention import AttentionBatch, attend
 from server.model.quantized import QuantizedMatrix, concat_rows
-from server.model.weights_source import TensorSource
+from server.model.weights_source import TensorSource, lm_head_name
 
 Weight = torch.Tensor | QuantizedMatrix  # a base projection: dense in the serving dtype, or quantized codes
 
@@ -81,12 +81,11 @@ class CausalLM:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         self.embed = take("model.embed_tokens.weight")
+        head = lm_head_name(config)
         if "lm_head" in quantized:
             self.lm_head: Weight = quantized["lm_head"]
-        elif tensors.has("lm_head.weight") and not getattr(config, "tie_word_embeddings", False):
-            self.lm_head = take("lm_head.weight")
-        else:
-            self.lm_head = self.embed  # tied: one copy
+        else:  # tied: one copy
+            self.lm_head = self.embed if head == "model.embed_tokens.weight" else take(head)
         self.norm = take("model.norm.weight")
         self.layers: list[DecoderLayer] = []
         for i in range(s.n_layers):

@@ -33,7 +33,7 @@ from server.model import cpu_gemv
 from server.model.architecture import ModelShape
 from server.model.gguf_blocks import read_quantized
 from server.model.quantized import QuantizedMatrix, from_blocks, load_matrices, quantize, save_matrices
-from server.model.weights_source import TensorSource
+from server.model.weights_source import TensorSource, lm_head_name
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _matrices(
     cpu, f32 = torch.device("cpu"), torch.float32
 
     def dense(module: str) -> torch.Tensor:  # fp32 on the CPU, read when needed
-        return tensors.get(_lm_head_tensor(config, tensors) if module == "lm_head" else module + ".weight", cpu, f32)
+        return tensors.get(lm_head_name(config) if module == "lm_head" else module + ".weight", cpu, f32)
 
     if quantization in ("int8", "int4"):
         projections = [shape.module_name(i, p) for i in range(shape.n_layers) for p in shape.projections]
@@ -123,11 +123,6 @@ def _matrices(
         log.warning("serving %s dequantized: our C kernel did not build here (is gcc installed?)", gguf.name)
         return {}
     return _from_gguf(config, dense, gguf, cache, shape)
-
-
-def _lm_head_tensor(config: PretrainedConfig, tensors: TensorSource) -> str:
-    tied = getattr(config, "tie_word_embeddings", False) or not tensors.has("lm_head.weight")
-    return "model.embed_tokens.weight" if tied else "lm_head.weight"
 
 
 def _from_gguf(

@@ -16,7 +16,12 @@ from typing import Protocol
 
 import torch
 from safetensors import safe_open
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+def lm_head_name(config: PretrainedConfig) -> str:
+    """The tensor the output projection reads: the input embedding when the config ties them."""
+    return "model.embed_tokens.weight" if getattr(config, "tie_word_embeddings", False) else "lm_head.weight"
 
 
 class TensorSource(Protocol):
