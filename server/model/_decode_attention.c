@@ -20,26 +20,13 @@
 #include <string.h>
 #include <omp.h>
 
+#include "_bf16.h"
+
 /* K and V rows come from memory (the step's weights have passed through the caches since they were
  * written) at scattered block addresses: each is asked for PF positions ahead of its use. */
 enum { PF = 16 };
 static inline void prefetch_row(const char *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
-}
-
-static inline float bf16_widen(uint16_t v) {
-    const uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t bf16_round(float f) { /* to nearest even; NaN -> 0x7FC0, as torch */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if (f != f) return 0x7FC0;
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 /* Element d of a row of fp32 (bf16 == 0) or bf16 values, as fp32. */

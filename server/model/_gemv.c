@@ -30,6 +30,7 @@
 
 #include <omp.h>
 
+#include "_bf16.h"
 #include "_gemv_codes.h"
 
 enum { W_F32 = 0, W_BF16 = 1, W_I8 = 2, W_U4 = 3 };
@@ -69,21 +70,6 @@ typedef struct {
     int64_t T, K, N;
     weights W;
 } job;
-
-LP_INLINE float bf16_widen(uint16_t v) {
-    const uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-LP_INLINE uint16_t bf16_round(float f) { /* to nearest even; NaN -> 0x7FC0, as torch */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if (f != f) return 0x7FC0;
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* w = scale * (code - offset) + minimum as one fused multiply-add, w = fma(scale, code, c) with
  * c = minimum - offset * scale: one rounding where GGML's dequantization rounds the product and then

@@ -17,21 +17,7 @@
 #include <string.h>
 
 #include "../lora/_lora_vec.h"
-
-static inline float widen(uint16_t v) {
-    const uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t round_bf16(float f) { /* to nearest even; NaN -> 0x7FC0, as torch */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if (f != f) return 0x7FC0;
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "_bf16.h"
 
 /* 1 / sqrt(mean(x^2) + eps) of a row of K fp32 (bf16 == 0) or bf16 values. */
 static inline float inv_rms(const void *row, int64_t K, float eps, int bf16) {
@@ -64,52 +50,54 @@ int loraplex_rms_norm_bf16(uint16_t *y, const uint16_t *x, int64_t ldx, const ui
         const uint16_t *xr = x + t * ldx;
         uint16_t *yr = y + t * K;
         const float inv = inv_rms(xr, K, eps, 1);
-        for (int64_t k = 0; k < K; ++k) yr[k] = round_bf16(widen(w[k]) * widen(round_bf16(widen(xr[k]) * inv)));
+        for (int64_t k = 0; k < K; ++k) yr[k] = bf16_round(bf16_widen(w[k]) * bf16_widen(bf16_round(bf16_widen(xr[k]) * inv)));
+    }
+    return 0;
+}
+
+/* Element i of a row of fp32 (bf16 == 0) or bf16 values, as fp32; and a result stored back, rounded for bf16. */
+static inline float get_at(const void *row, int64_t i, int bf16) {
+    return bf16 ? bf16_widen(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+static inline float to_dtype(float v, int bf16) { return bf16 ? bf16_widen(bf16_round(v)) : v; }
+
+/* Both RoPE entries, inlined with bf16 a literal: fp32 rounds the products and their sum as fp32 ops do
+ * (no contraction); bf16 rounds each of them to bf16, as torch's bf16 ops do. */
+static inline __attribute__((always_inline)) int rope(void *qkv, int64_t ld, const void *cos_table,
+                                                      const void *sin_table, const int64_t *positions, int64_t T,
+                                                      int64_t heads, int64_t head_dim, int64_t max_positions,
+                                                      const int bf16) {
+    if (T < 0 || heads < 1 || head_dim < 2 || head_dim % 2 || ld < heads * head_dim) return 4;
+    const int64_t half = head_dim / 2, es = bf16 ? 2 : 4;
+    float tmp[512];
+    if (head_dim > 512) return 4;
+    for (int64_t t = 0; t < T; ++t) {
+        const int64_t p = positions[t];
+        if (p < 0 || p >= max_positions) return 4;
+        const char *c = (const char *)cos_table + p * head_dim * es, *s = (const char *)sin_table + p * head_dim * es;
+        for (int64_t h = 0; h < heads; ++h) {
+            char *v = (char *)qkv + (t * ld + h * head_dim) * es;
+            for (int64_t i = 0; i < head_dim; ++i) tmp[i] = get_at(v, i, bf16);
+            for (int64_t i = 0; i < head_dim; ++i) {
+                const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+                const float sum = to_dtype(tmp[i] * get_at(c, i, bf16), bf16) + to_dtype(rot * get_at(s, i, bf16), bf16);
+                if (bf16) ((uint16_t *)v)[i] = bf16_round(sum);
+                else ((float *)v)[i] = sum;
+            }
+        }
     }
     return 0;
 }
 
 int loraplex_rope(float *qkv, int64_t ld, const float *cos_table, const float *sin_table, const int64_t *positions,
                   int64_t T, int64_t heads, int64_t head_dim, int64_t max_positions) {
-    if (T < 0 || heads < 1 || head_dim < 2 || head_dim % 2 || ld < heads * head_dim) return 4;
-    const int64_t half = head_dim / 2;
-    float tmp[512];
-    if (head_dim > 512) return 4;
-    for (int64_t t = 0; t < T; ++t) {
-        const int64_t p = positions[t];
-        if (p < 0 || p >= max_positions) return 4;
-        const float *c = cos_table + p * head_dim, *s = sin_table + p * head_dim;
-        for (int64_t h = 0; h < heads; ++h) {
-            float *v = qkv + t * ld + h * head_dim;
-            memcpy(tmp, v, (size_t)head_dim * sizeof(float));
-            for (int64_t i = 0; i < half; ++i) v[i] = tmp[i] * c[i] + (-tmp[i + half]) * s[i];
-            for (int64_t i = half; i < head_dim; ++i) v[i] = tmp[i] * c[i] + tmp[i - half] * s[i];
-        }
-    }
-    return 0;
+    return rope(qkv, ld, cos_table, sin_table, positions, T, heads, head_dim, max_positions, 0);
 }
 
 int loraplex_rope_bf16(uint16_t *qkv, int64_t ld, const uint16_t *cos_table, const uint16_t *sin_table,
                        const int64_t *positions, int64_t T, int64_t heads, int64_t head_dim, int64_t max_positions) {
-    if (T < 0 || heads < 1 || head_dim < 2 || head_dim % 2 || ld < heads * head_dim) return 4;
-    const int64_t half = head_dim / 2;
-    float tmp[512];
-    if (head_dim > 512) return 4;
-    for (int64_t t = 0; t < T; ++t) {
-        const int64_t p = positions[t];
-        if (p < 0 || p >= max_positions) return 4;
-        const uint16_t *c = cos_table + p * head_dim, *s = sin_table + p * head_dim;
-        for (int64_t h = 0; h < heads; ++h) {
-            uint16_t *v = qkv + t * ld + h * head_dim;
-            for (int64_t i = 0; i < head_dim; ++i) tmp[i] = widen(v[i]);
-            for (int64_t i = 0; i < head_dim; ++i) {
-                const float rot = i < half ? -tmp[i + half] : tmp[i - half];
-                const float a = widen(round_bf16(tmp[i] * widen(c[i]))), b = widen(round_bf16(rot * widen(s[i])));
-                v[i] = round_bf16(a + b);
-            }
-        }
-    }
-    return 0;
+    return rope(qkv, ld, cos_table, sin_table, positions, T, heads, head_dim, max_positions, 1);
 }
 
 int loraplex_layer_ops_isa(void) { return LP_ISA; }

@@ -11,7 +11,9 @@ import torch
 from server.native import NativeFunction, NativeLibrary
 
 # Built once per ISA level (server.native); the compiler vectorises the loops for each.
-_LIB = NativeLibrary(Path(__file__).with_name("_decode_attention.c"), "decode_attention", ("-ffp-contract=fast",))
+_HERE = Path(__file__).parent
+_LIB = NativeLibrary(_HERE / "_decode_attention.c", "decode_attention", ("-ffp-contract=fast",),
+                     depends=(_HERE / "_bf16.h",))
 _ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
 _ATTEND = NativeFunction(_LIB, "loraplex_decode_attention_f32", _ARGTYPES)
 _ATTEND_BF16 = NativeFunction(_LIB, "loraplex_decode_attention_bf16", _ARGTYPES)

@@ -33,7 +33,7 @@ _LIB = NativeLibrary(
     _HERE / "_gemv.c",
     "gemv",
     cflags=("-ffp-contract=off",),
-    depends=(_HERE.parent / "lora" / "_lora_vec.h", _HERE / "_gemv_codes.h", _HERE / "_gemv_qdot.h"),
+    depends=(_HERE.parent / "lora" / "_lora_vec.h", _HERE / "_bf16.h", _HERE / "_gemv_codes.h", _HERE / "_gemv_qdot.h"),
 )
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _GEMV = NativeFunction(

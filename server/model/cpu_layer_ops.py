@@ -19,7 +19,8 @@ from server.native import NativeFunction, NativeLibrary
 
 _HERE = Path(__file__).parent
 _LIB = NativeLibrary(
-    _HERE / "_layer_ops.c", "layer_ops", cflags=("-ffp-contract=off",), depends=(_HERE.parent / "lora" / "_lora_vec.h",)
+    _HERE / "_layer_ops.c", "layer_ops", cflags=("-ffp-contract=off",),
+    depends=(_HERE.parent / "lora" / "_lora_vec.h", _HERE / "_bf16.h"),
 )
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _RMS_NORM = NativeFunction(_LIB, "loraplex_rms_norm", [_P, _P, _I, _P, _I, _I, ctypes.c_float])
