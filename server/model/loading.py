@@ -122,6 +122,9 @@ def check_directory(path: Path) -> None:
 def _load_directory(path: Path, name: str, lean: bool = False) -> LoadedModel:
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if lean and not any(path.glob("*.safetensors")):  # e.g. pytorch_model.bin only: transformers reads it
+        log.info("%s has no safetensors weights: loading it with transformers first", path)
+        lean = False
     if lean:
         config = AutoConfig.from_pretrained(path)
         try:

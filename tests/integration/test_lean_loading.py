@@ -39,3 +39,20 @@ def test_peak_memory_while_loading_is_the_serving_copy_plus_one_layer(folder, dt
     model_mb = params * size / 2**20
     assert got["held_mb"] == pytest.approx(model_mb, rel=0.01)  # the serving copy: the model in that dtype
     assert got["peak_over_baseline_mb"] <= got["held_mb"] + layer_fp32_mb + SLACK_MB, got
+
+
+def test_a_folder_without_safetensors_is_loaded_by_transformers(tmp_path):
+    """A pytorch_model.bin-only folder: no lean reader for it, so transformers loads it (and serving reads that)."""
+    import torch
+
+    from server.model.loading import load_model
+    from server.model.weights_source import FolderTensors, ModuleTensors
+    from tests.helpers.tiny_server import save_tiny_model
+
+    folder, model, _ = save_tiny_model(tmp_path / "bin", seed=3)
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    loaded = load_model(str(folder), tmp_path / "cache", lean=True)
+    assert loaded.hf_model is not None and isinstance(loaded.tensors(), ModuleTensors)
+    lean = load_model(str(save_tiny_model(tmp_path / "st", seed=3)[0]), tmp_path / "cache", lean=True)
+    assert lean.hf_model is None and isinstance(lean.tensors(), FolderTensors)
