@@ -8,10 +8,9 @@ from transformers import PretrainedConfig
 
 from server.model.families import FAMILIES, STATIC_ROPE_TYPES, SUPPORTED_MODEL_TYPES
 
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")  # under self_attn; the rest under mlp
 # The LoRA-targetable projections of a layer: separate (most families), or q/k/v and gate/up fused (Phi-3).
-TARGET_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SPLIT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED_PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
@@ -49,7 +48,7 @@ class ModelShape:
     @property
     def projections(self) -> tuple[str, ...]:
         """The LoRA-targetable projections of a layer, as the model names its modules."""
-        return FUSED_PROJECTIONS if self.fused else TARGET_PROJECTIONS
+        return FUSED_PROJECTIONS if self.fused else SPLIT_PROJECTIONS
 
     def projection_dims(self) -> dict[str, tuple[int, int]]:
         """``(d_in, d_out)`` of each LoRA-targetable projection."""
