@@ -23,6 +23,16 @@ LORA_BACKENDS = ("auto", "cpu", "triton", "torch", "reference")
 MIN_API_KEY_LENGTH = 8
 
 
+def activations_problem(activations: str, quantization: str) -> str | None:
+    """Why ``--activations`` cannot go with ``--quantization``, or None."""
+    if activations != "exact" and quantization == "none":
+        return (
+            f"--activations {activations} applies to quantized base weights; with --quantization none every "
+            "projection is dense: use --quantization auto (a GGUF model's codes), int8 or int4"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None  # transformers directory or .gguf file; None = the embedded default
@@ -46,11 +56,8 @@ class ModelConfig:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.activations not in ACTIVATIONS:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
-        if self.activations != "exact" and self.quantization == "none":
-            raise ValueError(
-                f"--activations {self.activations} applies to quantized base weights; with --quantization none every "
-                "projection is dense: use --quantization auto (a GGUF model's codes), int8 or int4"
-            )
+        if (problem := activations_problem(self.activations, self.quantization)) is not None:
+            raise ValueError(problem)
         if self.quantization in ("int8", "int4") and self.dtype not in ("auto", "float32"):
             raise ValueError(
                 f"--quantization {self.quantization} keeps activations in float32: use it with --dtype float32 "

@@ -22,4 +22,10 @@ static inline uint16_t bf16_round(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* Element i of a row of fp32 (bf16 == 0) or bf16 values, as fp32 (kernels taking either dtype inline
+ * their bodies with bf16 a literal, so each dtype's loops are compiled for it alone). */
+static inline float f32_or_bf16_at(const void *row, int64_t i, int bf16) {
+    return bf16 ? bf16_widen(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
 #endif /* LP_BF16_H */

@@ -29,11 +29,6 @@ static inline void prefetch_row(const char *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
 
-/* Element d of a row of fp32 (bf16 == 0) or bf16 values, as fp32. */
-static inline float at(const void *row, int64_t d, int bf16) {
-    return bf16 ? bf16_widen(((const uint16_t *)row)[d]) : ((const float *)row)[d];
-}
-
 /* One (sequence, kv head) pair: 0, or the error code. Always inlined with bf16 a literal constant (see
  * attend), so the fp32 and bf16 loops are each compiled, and vectorised, for their own element type. */
 static inline __attribute__((always_inline)) int one_pair(
@@ -47,7 +42,7 @@ static inline __attribute__((always_inline)) int one_pair(
     if (L < 1 || L > Lmax) return 2;
     const int64_t *idx = index + b * Lmax;
     const char *qb = (const char *)q + (b * H + kvh * G) * D * es;
-    for (int64_t e = 0; e < G * D; ++e) qf[e] = at(qb, e, bf16);
+    for (int64_t e = 0; e < G * D; ++e) qf[e] = f32_or_bf16_at(qb, e, bf16);
     for (int64_t j = 0; j < L; ++j) {
         const int64_t pos = idx[j];
         if (pos < 0 || pos >= N) return 1;
@@ -57,7 +52,7 @@ static inline __attribute__((always_inline)) int one_pair(
             const float *qg = qf + g * D;
             float dot = 0.f;
             #pragma omp simd reduction(+:dot)
-            for (int64_t d = 0; d < D; ++d) dot += qg[d] * at(k, d, bf16);
+            for (int64_t d = 0; d < D; ++d) dot += qg[d] * f32_or_bf16_at(k, d, bf16);
             scores[g * Lmax + j] = dot * scale;
         }
     }
@@ -78,7 +73,7 @@ static inline __attribute__((always_inline)) int one_pair(
             const float p = scores[g * Lmax + j];
             float *a = acc + g * D;
             #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] += p * at(v, d, bf16);
+            for (int64_t d = 0; d < D; ++d) a[d] += p * f32_or_bf16_at(v, d, bf16);
         }
     }
     if (bf16) {

@@ -9,8 +9,8 @@
  *   W_BF16  bf16 values, x, y and b bf16 (products summed in fp32, y rounded once);
  *   W_I8    signed 8-bit codes, one fp32 scale (and optional minimum) per `group` values of a row;
  *   W_U4    4-bit codes in GGML's 32-value block order (../model/_gemv_codes.h), scales likewise.
- * Quantized matrices take two paths. Where the caller asks (qdot_tokens), steps of up to that many
- * tokens (at most QDOT_TOKENS) quantize the activations to 8 bits per block and take integer dot
+ * Quantized matrices take two paths. Where the caller asks (int8_acts), steps of up to QDOT_TOKENS
+ * tokens quantize the activations to 8 bits per block and take integer dot
  * products (_gemv_qdot.h: GGML's arithmetic, close to the fp32 product, not equal to it). Other steps
  * dequantize each tile of rows to the fp32 values GGML
  * writes out (see scale_and_shift) and multiply those: bit for bit what the dequantized copy
@@ -367,12 +367,12 @@ static weights describe(const void *w, int64_t row_bytes, const float *scales, c
 
 int loraplex_gemv(void *y, const void *x, int64_t ldx, const void *w, int64_t row_bytes, const float *scales,
                   const float *mins, int64_t group, float offset, const void *b, int64_t T, int64_t K, int64_t N,
-                  int mode, int nthreads, int qdot_tokens) {
+                  int mode, int nthreads, int int8_acts) {
     const job j = {y, x, ldx, b, T, K, N, describe(w, row_bytes, scales, mins, group, offset, K)};
     if (T < 1 || ldx < K || check(&j.W, mode, K, N)) return 4;
-    /* Decode-sized steps on codes, when the caller allows (qdot_tokens > 0: steps up to that many tokens, at
-     * most QDOT_TOKENS): integer dot products (_gemv_qdot.h) where the format allows */
-    const int qdot = (mode == W_I8 || mode == W_U4) && T <= qdot_tokens && T <= QDOT_TOKENS && K % GW == 0 &&
+    /* Decode-sized steps on codes, when the caller asks (int8_acts): integer dot products (_gemv_qdot.h)
+     * where the format allows */
+    const int qdot = int8_acts && (mode == W_I8 || mode == W_U4) && T <= QDOT_TOKENS && K % GW == 0 &&
                      offset == (float)(int32_t)offset && (mode == W_U4 || offset == 0.0f);
     qacts A = {0}, *pa = NULL;
     void *mem = NULL;

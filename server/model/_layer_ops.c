@@ -55,11 +55,7 @@ int loraplex_rms_norm_bf16(uint16_t *y, const uint16_t *x, int64_t ldx, const ui
     return 0;
 }
 
-/* Element i of a row of fp32 (bf16 == 0) or bf16 values, as fp32; and a result stored back, rounded for bf16. */
-static inline float get_at(const void *row, int64_t i, int bf16) {
-    return bf16 ? bf16_widen(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
+/* v as the serving dtype would hold it: rounded to bf16 (and widened back), or fp32 as it is. */
 static inline float to_dtype(float v, int bf16) { return bf16 ? bf16_widen(bf16_round(v)) : v; }
 
 /* Both RoPE entries, inlined with bf16 a literal: fp32 rounds the products and their sum as fp32 ops do
@@ -78,10 +74,10 @@ static inline __attribute__((always_inline)) int rope(void *qkv, int64_t ld, con
         const char *c = (const char *)cos_table + p * head_dim * es, *s = (const char *)sin_table + p * head_dim * es;
         for (int64_t h = 0; h < heads; ++h) {
             char *v = (char *)qkv + (t * ld + h * head_dim) * es;
-            for (int64_t i = 0; i < head_dim; ++i) tmp[i] = get_at(v, i, bf16);
+            for (int64_t i = 0; i < head_dim; ++i) tmp[i] = f32_or_bf16_at(v, i, bf16);
             for (int64_t i = 0; i < head_dim; ++i) {
                 const float rot = i < half ? -tmp[i + half] : tmp[i - half];
-                const float sum = to_dtype(tmp[i] * get_at(c, i, bf16), bf16) + to_dtype(rot * get_at(s, i, bf16), bf16);
+                const float sum = to_dtype(tmp[i] * f32_or_bf16_at(c, i, bf16), bf16) + to_dtype(rot * f32_or_bf16_at(s, i, bf16), bf16);
                 if (bf16) ((uint16_t *)v)[i] = bf16_round(sum);
                 else ((float *)v)[i] = sum;
             }

@@ -112,19 +112,18 @@ def attend(
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
     t, n_heads, hd = q.shape
-    if batch.decode_kernel and not batch.prefills and batch.decode_rows is not None:
-        # every row a decode token, in order (a step without a prompt chunk): the kernel's output is the answer
-        od = cpu_attention.decode_attention(
-            q.contiguous(), k_cache, v_cache, batch.decode_kv_index, batch.decode_lengths, scale
-        )
-        return od.view(t, n_heads * hd)
-    out = torch.empty(t, n_heads, hd, dtype=q.dtype, device=q.device)
-    gqa = n_heads != k.shape[1]
+    od = None
     if batch.decode_rows is not None and batch.decode_kernel:
-        qd = q.index_select(0, batch.decode_rows)  # [B, H, hd], contiguous
+        # A step of decode tokens only has them in order: q as it is, and the kernel's output is the answer.
+        qd = q.contiguous() if not batch.prefills else q.index_select(0, batch.decode_rows)  # [B, H, hd]
         od = cpu_attention.decode_attention(
             qd, k_cache, v_cache, batch.decode_kv_index, batch.decode_lengths, scale
         )
+        if not batch.prefills:
+            return od.view(t, n_heads * hd)
+    out = torch.empty(t, n_heads, hd, dtype=q.dtype, device=q.device)
+    gqa = n_heads != k.shape[1]
+    if od is not None:
         out.index_copy_(0, batch.decode_rows, od)
     elif batch.decode_rows is not None:
         qd = q.index_select(0, batch.decode_rows).unsqueeze(2)  # [B, H, 1, hd]

@@ -25,8 +25,8 @@ W_F32, W_BF16, W_I8, W_U4 = 0, 1, 2, 3
 # Up to 16 tokens ours beats torch's (MKL) fp32 GEMM on the wide projections of a 135M model (2 threads,
 # Zen 3: 78 vs 39 GFLOP/s at 16 tokens on 3072x576) and its bf16 path by more; beyond, torch's GEMM wins.
 MAX_TOKENS = {torch.float32: 16, torch.bfloat16: 16}
-# Steps of quantized weights up to this many tokens can take integer dot products on 8-bit activations
-# (QDOT_TOKENS in _gemv.c, which caps what callers ask for; this mirrors it for callers and tests).
+# Steps of quantized weights up to this many tokens take integer dot products on 8-bit activations when asked
+# (QDOT_TOKENS in _gemv.c, which decides; this mirrors it for callers and tests).
 QDOT_TOKENS = 2
 _HERE = Path(__file__).parent
 _LIB = NativeLibrary(
@@ -109,7 +109,7 @@ def quantized_linear(
     if t:
         _check(fn(y.data_ptr(), x.data_ptr(), x.stride(0), codes.data_ptr(), codes.shape[1], scales.data_ptr(),
                   _ptr(mins), group, offset, _ptr(b), t, k, n, mode, torch.get_num_threads(),
-                  QDOT_TOKENS if int8_activations else 0))
+                  int(int8_activations)))
     return y
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from transformers import PretrainedConfig
 
+from server.config import activations_problem
 from server.model import cpu_gemv
 from server.model.architecture import ModelShape
 from server.model.gguf_blocks import read_quantized
@@ -50,11 +51,8 @@ class UnsupportedQuantization(ValueError):
 
 def check_supported(quantization: str, device: torch.device, dtype: torch.dtype, activations: str = "exact") -> None:
     """Refuse a quantization this device, dtype or build cannot serve, naming what can."""
-    if activations != "exact" and quantization == "none":
-        raise UnsupportedQuantization(
-            f"--activations {activations} applies to quantized base weights; with --quantization none every "
-            "projection is dense: use --quantization auto (a GGUF model's codes), int8 or int4"
-        )
+    if (problem := activations_problem(activations, quantization)) is not None:
+        raise UnsupportedQuantization(problem)
     if quantization in ("auto", "none"):
         return
     if device.type != "cpu":
