@@ -28,7 +28,7 @@ from server.lora.metadata import LoraBackend
 from server.metrics import Metrics
 from server.model import cpu_attention
 from server.model.architecture import ModelShape
-from server.model.llama import CausalLM
+from server.model.decoder import CausalLM
 from server.model.loading import LoadedModel, load_model
 from server.model.quantized_base import check_supported, quantized_weights
 from server.model.runner import ModelRunner
@@ -178,7 +178,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
             "is only supported as bfloat16 adapters under float32 serving with --lora-backend cpu"
         )
     cache = config.cache
-    max_len = min(shape.max_positions, cache.num_blocks * cache.block_size, shape.sliding_window or 1 << 30)
+    max_len = min(shape.max_positions, cache.num_blocks * cache.block_size)
     if config.scheduler.max_model_len:
         if config.scheduler.max_model_len > max_len:
             raise ValueError(
@@ -187,7 +187,9 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
             )
         max_len = config.scheduler.max_model_len
     sched_config = dataclasses.replace(config.scheduler, max_model_len=max_len)
-    decode_kernel = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_attention.available()
+    # Our decode attention kernel on the CPU (fp32, bf16; it does not soft-cap scores, Gemma 2 decodes by torch).
+    decode_kernel = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and shape.attn_softcap is None
+                     and cpu_attention.available())
     runner = ModelRunner(
         model, cache.num_blocks, cache.block_size, config.lora.max_loras, config.lora.max_lora_rank, backend,
         decode_kernel, lora_dtype,

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
-from server.model.families import FAMILIES, STATIC_ROPE_TYPES, SUPPORTED_MODEL_TYPES
+from server.model.families import (
+    ACTIVATIONS,
+    FAMILIES,
+    PRE_NORMS,
+    STATIC_ROPE_TYPES,
+    SUPPORTED_MODEL_TYPES,
+    Norms,
+)
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")  # under self_attn; the rest under mlp
 # The LoRA-targetable projections of a layer: separate (most families), or q/k/v and gate/up fused (Phi-3).
@@ -20,7 +27,7 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a Llama-family decoder."""
+    """The dimensions of a decoder and what its family's forward pass does (server.model.families)."""
 
     model_type: str
     hidden: int
@@ -33,9 +40,21 @@ class ModelShape:
     max_positions: int
     rms_eps: float
     qkv_bias: bool
-    sliding_window: int | None
-    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (server.model.families)
+    sliding_window: int | None  # the window of the layers in ``windowed`` (None: no layer has one)
+    qk_norm: str | None = None  # "head" or "all": RMSNorm of q and k before RoPE
     fused: bool = False  # qkv_proj and gate_up_proj modules (Phi-3)
+    norms: Norms = PRE_NORMS
+    norm_offset: float = 0.0
+    norm_weight_fp32: bool = False
+    activation: str = "silu"
+    embed_scale: float = 1.0
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    residual_scale: float = 1.0
+    logits_divisor: float = 1.0
+    windowed: tuple[bool, ...] = ()  # per layer: attends to the last ``sliding_window`` positions only
+    rope: tuple[str | None, ...] = ()  # per layer: its rotary table's key in ``rope_keys``, None: no RoPE
 
     @property
     def q_dim(self) -> int:
@@ -44,6 +63,14 @@ class ModelShape:
     @property
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5 if self.attn_scale is None else self.attn_scale
+
+    @property
+    def rope_keys(self) -> tuple[str, ...]:
+        return tuple(sorted({k for k in self.rope if k is not None}))
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -85,27 +112,46 @@ class ModelShape:
             raise UnsupportedModel(
                 f"model type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedModel(f"{model_type}: activation {act!r} is not supported (silu only)")
+        act = getattr(config, family.activation_field, None) or "silu"
+        if act not in ACTIVATIONS:
+            raise UnsupportedModel(
+                f"{model_type}: activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+            )
         if getattr(config, "mlp_bias", False):
             raise UnsupportedModel(f"{model_type}: MLP biases (mlp_bias) are not supported")
         if not family.qkv_bias and getattr(config, "attention_bias", False):
             raise UnsupportedModel(f"{model_type}: attention biases (attention_bias) are not supported")
-        rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in STATIC_ROPE_TYPES:
-            raise UnsupportedModel(
-                f"{model_type}: rope type {rope_type!r} is not supported; supported: {', '.join(STATIC_ROPE_TYPES)}"
-            )
-        partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
-        if partial != 1.0:
-            raise UnsupportedModel(f"{model_type}: partial_rotary_factor {partial} is not supported (1.0 only)")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise UnsupportedModel(f"{model_type}: bidirectional attention (use_bidirectional_attention) is not "
+                                   "supported: a causal decoder only")
+        n_layers = config.num_hidden_layers
+        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n_layers
+        if len(layer_types) != n_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
+            raise UnsupportedModel(f"{model_type}: layer_types {layer_types!r}: only full_attention and "
+                                   f"sliding_attention, one per layer, are supported")
+        rope_keys = _check_rope(config, model_type, family.rope_per_layer_type, set(layer_types))
+        rope: list[str | None] = [t if family.rope_per_layer_type else rope_keys[0] for t in layer_types]
+        if family.no_rope_layers:
+            uses = getattr(config, "no_rope_layers", None) or [1] * n_layers
+            rope = [key if use else None for key, use in zip(rope, uses, strict=True)]
+        window = getattr(config, "sliding_window", None) if family.window != "none" else None
+        windowed = [window is not None and (family.window == "all" or t == "sliding_attention") for t in layer_types]
         n_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-        window = getattr(config, "sliding_window", None)
-        if family.window_flag is not None and not getattr(config, family.window_flag, False):
-            window = None
+        attn_scale = embed_scale = None
+        residual_scale = logits_divisor = 1.0
+        if family.query_pre_attn_scalar:
+            attn_scale = config.query_pre_attn_scalar**-0.5
+        if family.embed_sqrt_hidden:
+            embed_scale = config.hidden_size**0.5
+        if family.multipliers:
+            embed_scale = config.embedding_multiplier
+            attn_scale = config.attention_multiplier
+            residual_scale = config.residual_multiplier
+            logits_divisor = config.logits_scaling
+        softcaps = (None, None)
+        if family.softcapping:
+            softcaps = (config.attn_logit_softcapping, config.final_logit_softcapping)
         return cls(
             model_type=model_type,
             hidden=config.hidden_size,
@@ -113,12 +159,41 @@ class ModelShape:
             n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
             head_dim=head_dim,
             intermediate=config.intermediate_size,
-            n_layers=config.num_hidden_layers,
+            n_layers=n_layers,
             vocab=config.vocab_size,
             max_positions=config.max_position_embeddings,
             rms_eps=config.rms_norm_eps,
             qkv_bias=family.qkv_bias,
-            sliding_window=window,
+            sliding_window=window if any(windowed) else None,
             qk_norm=family.qk_norm,
             fused=family.fused,
+            norms=family.norms,
+            norm_offset=family.norm_offset,
+            norm_weight_fp32=family.norm_weight_fp32,
+            activation=act,
+            embed_scale=1.0 if embed_scale is None else float(embed_scale),
+            attn_scale=attn_scale,
+            attn_softcap=softcaps[0] or None,
+            final_softcap=softcaps[1] or None,
+            residual_scale=float(residual_scale),
+            logits_divisor=float(logits_divisor),
+            windowed=tuple(windowed),
+            rope=tuple(rope),
         )
+
+
+def _check_rope(config: PretrainedConfig, model_type: str, per_layer_type: bool, layer_types: set[str]) -> list[str]:
+    """The rotary tables' keys (``"default"``, or each layer type's); refuses rope the forward pass does not
+    implement."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    tables = {t: params.get(t) or {} for t in sorted(layer_types)} if per_layer_type else {"default": params}
+    for key, rope in tables.items():
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        where = "" if key == "default" else f" ({key} layers)"
+        if rope_type not in STATIC_ROPE_TYPES:
+            raise UnsupportedModel(f"{model_type}: rope type {rope_type!r}{where} is not supported; supported: "
+                                   f"{', '.join(STATIC_ROPE_TYPES)}")
+        partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+        if partial != 1.0:
+            raise UnsupportedModel(f"{model_type}: partial_rotary_factor {partial} is not supported (1.0 only)")
+    return list(tables)

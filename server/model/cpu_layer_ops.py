@@ -60,6 +60,13 @@ def torch_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor
     return w * h.to(x.dtype)
 
 
+def rms_norm_fp32_weight(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's and OLMo 2's RMSNorm arithmetic: normalized in fp32, times the fp32 weight ``w``, rounded to x's
+    dtype once."""
+    h = x.float()
+    return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w).to(x.dtype)
+
+
 def rope_(
     qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
     *, isa: str | None = None,

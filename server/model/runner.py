@@ -9,8 +9,8 @@ import torch
 from server.lora.metadata import LoraBackend, LoraBatch
 from server.lora.slots import SlotPool
 from server.model.attention import AttentionBatch
+from server.model.decoder import CausalLM, StepInputs
 from server.model.kv_cache import allocate_kv_cache
-from server.model.llama import CausalLM, StepInputs
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,14 @@ class ModelRunner:
             if seq.sample:
                 sample_rows.append(len(ids) - 1)
         dev = self.device
+        layout = [(s.blocks, s.start, len(s.token_ids)) for s in seqs]
+        window = self.model.shape.sliding_window
         step = StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            attention=AttentionBatch.build(
-                [(s.blocks, s.start, len(s.token_ids)) for s in seqs], self.block_size, dev, self.decode_kernel
+            attention=AttentionBatch.build(layout, self.block_size, dev, self.decode_kernel),
+            windowed=None if window is None else AttentionBatch.build(
+                layout, self.block_size, dev, self.decode_kernel, window
             ),
             lora=LoraBatch.build(token_slots, dev, self.backend, composed=terms),
             lora_projections=self._projections(

@@ -25,7 +25,9 @@ def lm_head_name(config: PretrainedConfig) -> str:
 
 
 class TensorSource(Protocol):
-    def has(self, name: str) -> bool: ...
+    def names(self) -> list[str]:
+        """Every tensor it holds."""
+        ...
 
     def get(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The tensor ``name`` (a transformers parameter name) in ``dtype`` on ``device``."""
@@ -38,8 +40,8 @@ class ModuleTensors:
     def __init__(self, model: PreTrainedModel) -> None:
         self._params = dict(model.named_parameters(remove_duplicate=False))
 
-    def has(self, name: str) -> bool:
-        return name in self._params
+    def names(self) -> list[str]:
+        return list(self._params)
 
     def get(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return self._params[name].detach().to(device=device, dtype=dtype)
@@ -61,8 +63,8 @@ class FolderTensors:
         if not self._files:
             raise FileNotFoundError(f"{folder}: no safetensors weights")
 
-    def has(self, name: str) -> bool:
-        return name in self._files
+    def names(self) -> list[str]:
+        return list(self._files)
 
     def get(self, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         file = self._files.get(name)

@@ -25,7 +25,7 @@ def _peak_mb() -> float:
 
 def main() -> None:
     from server.model import cpu_gemv, cpu_layer_ops
-    from server.model.llama import CausalLM, rope_tables
+    from server.model.decoder import CausalLM, rope_tables
     from server.model.weights_source import FolderTensors
 
     folder, dtype = Path(sys.argv[1]), getattr(torch, sys.argv[2])
@@ -35,11 +35,10 @@ def main() -> None:
     rope_tables(config, config.max_position_embeddings)
     baseline = _peak_mb()
     model = CausalLM(config, FolderTensors(folder), torch.device("cpu"), dtype)
-    held = sum(t.nbytes for t in (model.embed, model.norm, model.rope_cos, model.rope_sin))
+    held = sum(t.nbytes for t in (model.embed, model.norm, *(t for pair in model.rope_tables.values() for t in pair)))
     held += 0 if model.lm_head is model.embed else model.lm_head.nbytes
     for layer in model.layers:
-        held += sum(t.nbytes for t in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down, layer.ln_in,
-                                       layer.ln_post))
+        held += sum(t.nbytes for t in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down, *layer.norms.values()))
     sys.stdout.write(json.dumps({"peak_over_baseline_mb": _peak_mb() - baseline, "held_mb": held / 2**20}) + "\n")
 
 

@@ -13,10 +13,20 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     PreTrainedModel,
@@ -25,6 +35,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 CORPUS = [
@@ -41,7 +53,15 @@ ARCHITECTURES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "llama3": (LlamaConfig, LlamaForCausalLM),  # Llama 3.1's rope scaling
     "phi3": (Phi3Config, Phi3ForCausalLM),  # fused qkv_proj and gate_up_proj
+    "gemma": (GemmaConfig, GemmaForCausalLM),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM),
+    "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    "granite": (GraniteConfig, GraniteForCausalLM),
+    "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
 }
+# Families whose norms scale by 1 + weight (their weights are randomized around 0 rather than 1).
+OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
 # A spec's split targets as a fused family names them (an adapter for Phi-3 targets qkv_proj, gate_up_proj).
 FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -55,6 +75,16 @@ ARCHITECTURE_EXTRAS: dict[str, dict] = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
         }
     },
+    "gemma": {"head_dim": 16},
+    # A window of 8 (prompts and decodes here run past it), alternate layers windowed; soft-caps small enough to
+    # change the scores and logits of a tiny model.
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8, "attn_logit_softcapping": 1.0,
+               "final_logit_softcapping": 5.0},
+    "gemma3": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8, "sliding_window_pattern": 2},
+    "granite": {"embedding_multiplier": 2.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,
+                "logits_scaling": 2.0},
+    "smollm3": {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 8, "pad_token_id": None,
+                "bos_token_id": None},
 }
 
 
@@ -69,9 +99,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def make_model(arch: str, vocab: int, seed: int = 0, layers: int = 2) -> PreTrainedModel:
+def make_model(arch: str, vocab: int, seed: int = 0, layers: int = 2, **extras) -> PreTrainedModel:
+    """A tiny random model of ``arch``; ``extras``: config fields over :data:`ARCHITECTURE_EXTRAS`'."""
     config_cls, model_cls = ARCHITECTURES[arch]
-    config = config_cls(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=64,
         intermediate_size=96,
@@ -82,14 +113,15 @@ def make_model(arch: str, vocab: int, seed: int = 0, layers: int = 2) -> PreTrai
         initializer_range=0.2,  # peaky logits, so greedy choices are not near-ties
         tie_word_embeddings=False,
         eos_token_id=0,
-        **ARCHITECTURE_EXTRAS.get(arch, {}),
     )
+    config = config_cls(**{**fields, **ARCHITECTURE_EXTRAS.get(arch, {}), **extras})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():  # q/k norms start as ones: make them matter
+    with torch.no_grad():  # norms start as ones (or zeros where they scale by 1 + w): make them matter
+        offset = config.model_type in OFFSET_NORMS
         for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.uniform_(0.5, 1.5)
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5) if offset else p.uniform_(0.5, 1.5)
     return model
 
 

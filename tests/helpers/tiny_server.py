@@ -16,13 +16,13 @@ CHAT_TEMPLATE = (
 
 
 def save_tiny_model(
-    folder: Path, seed: int = 5, layers: int = 2, arch: str = "llama"
+    folder: Path, seed: int = 5, layers: int = 2, arch: str = "llama", **extras
 ) -> tuple[Path, PreTrainedModel, PreTrainedTokenizerBase]:
-    """Save a tiny model of ``arch`` (tests.helpers.tiny.ARCHITECTURES) and its tokenizer (with a chat template)
-    under ``folder``; return (dir, model, tokenizer)."""
+    """Save a tiny model of ``arch`` (tests.helpers.tiny.ARCHITECTURES; ``extras``: config fields) and its
+    tokenizer (with a chat template) under ``folder``; return (dir, model, tokenizer)."""
     tok = make_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
-    model = make_model(arch, len(tok), seed=seed, layers=layers)
+    model = make_model(arch, len(tok), seed=seed, layers=layers, **extras)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

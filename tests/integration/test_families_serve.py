@@ -1,6 +1,8 @@
-"""Families beyond Llama 2's shape served from a model folder by the real server: greedy outputs equal
-transformers + PEFT, base and with an adapter (Qwen3's q/k norms, Llama 3.1's rope scaling, Phi-3's fused
-qkv_proj / gate_up_proj targets); an adapter naming modules the family does not have is refused."""
+"""Families beyond Llama 2's shape served from a model folder by the real server (the lean loader reads the
+folder's safetensors): greedy outputs equal transformers + PEFT, base and with an adapter (Qwen3's q/k norms,
+Llama 3.1's rope scaling, Phi-3's fused qkv_proj / gate_up_proj targets, Gemma 2/3's 1 + w norms, soft-caps and
+sliding windows, OLMo 2's post-norms); an adapter naming modules the family does not have
+is refused."""
 
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ from tests.helpers.tiny import AdapterSpec, make_adapter
 from tests.helpers.tiny_server import save_tiny_model
 from tests.helpers.uploads import files_of
 
-N = 10
 PROMPT = "the quick brown fox"
-SEEDS = {"qwen3": 3, "llama3": 3, "phi3": 4}  # models whose greedy references run N tokens without EOS
+N = 24  # past the window of the windowed families (8)
+SEEDS = {"qwen3": 3, "llama3": 3, "phi3": 4, "gemma2": 3, "gemma3": 3, "olmo2": 3}  # references run N tokens
 SPEC = AdapterSpec("all7", 8, 16, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama3", "phi3"])
+@pytest.mark.parametrize("arch", list(SEEDS))
 def test_family_served_from_a_folder_equals_peft(tmp_path, arch):
     model_dir, base, tok = save_tiny_model(tmp_path / arch, seed=SEEDS[arch], arch=arch)
     store = tmp_path / "store"

@@ -39,7 +39,11 @@ def _setup(arch, tokenizer, tmp_path_factory):
     return base, store, paths
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "qwen3", "llama3", "phi3"])
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "llama3", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "granite",
+            "smollm3"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def arch_setup(request, tokenizer, tmp_path_factory):
     base, store, paths = _setup(request.param, tokenizer, tmp_path_factory)
     names = [s.name for s in MIXED_ADAPTERS]

@@ -235,12 +235,12 @@ def test_limit_flags_and_variables_reach_the_config_and_flags_win():
 
 
 def test_a_model_folder_of_an_unsupported_family_is_refused_before_it_loads(tmp_path):
-    from transformers import Gemma2Config
+    from transformers import OlmoConfig
 
-    folder = tmp_path / "gemma2"
+    folder = tmp_path / "olmo"
     folder.mkdir()
-    Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=8).save_pretrained(folder)  # the config alone: no weights needed
+    OlmoConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2).save_pretrained(folder)  # the config alone: no weights needed
     stderr = _refused(tmp_path, "--model", str(folder))
-    supported = "llama, mistral, qwen2, qwen3, phi3"
-    assert f"--model {folder}: model type 'gemma2' is not supported; supported: {supported}" in stderr
+    supported = "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, smollm3"
+    assert f"--model {folder}: model type 'olmo' is not supported; supported: {supported}" in stderr
