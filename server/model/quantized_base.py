@@ -38,11 +38,13 @@ from server.model.weights_source import TensorSource, lm_head_name
 
 log = logging.getLogger(__name__)
 
-# GGUF tensor name (per layer) -> projection, as llama.cpp names the Llama-family tensors.
+# GGUF tensor name (per layer) -> projection, as llama.cpp names them: split projections, or Phi-3's fused ones
+# (q/k/v in attn_qkv, gate and up in ffn_up).
 _GGUF_NAMES = {
     "attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
     "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
 }
+_GGUF_FUSED_NAMES = {"attn_qkv": "qkv_proj", "attn_output": "o_proj", "ffn_up": "gate_up_proj", "ffn_down": "down_proj"}
 
 
 class UnsupportedQuantization(ValueError):
@@ -114,9 +116,6 @@ def _matrices(
         return out
     if quantization == "none" or gguf is None or device.type != "cpu" or dtype != torch.float32:
         return {}
-    if shape.fused:  # llama.cpp stores them fused under other names: not matched here
-        log.info("serving %s dequantized: its fused q/k/v and gate/up tensors are not read as stored", gguf.name)
-        return {}
     if not cpu_gemv.available():
         log.warning("serving %s dequantized: our C kernel did not build here (is gcc installed?)", gguf.name)
         return {}
@@ -140,7 +139,7 @@ def _from_gguf(
     arch, stored = read_quantized(gguf)
     wanted: dict[str, str] = {}  # GGUF name -> module name
     for i in range(shape.n_layers):
-        for short, proj in _GGUF_NAMES.items():
+        for short, proj in (_GGUF_FUSED_NAMES if shape.fused else _GGUF_NAMES).items():
             wanted[f"blk.{i}.{short}.weight"] = shape.module_name(i, proj)
     wanted["output.weight" if "output.weight" in stored else "token_embd.weight"] = "lm_head"
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
