@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters_store.base_family import check_family
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.errors import InvalidAdapter
 
@@ -182,6 +183,7 @@ def bind(manifest: AdapterManifest, spec: BaseModelSpec, max_rank: int) -> Adapt
     if not pairs:
         raise InvalidAdapter("the adapter has no LoRA tensors")
     config = manifest.config
+    check_family(config, spec.architecture)
     modules: list[ModuleBinding] = []
     for module, kinds in sorted(pairs.items()):
         if module not in spec.modules:

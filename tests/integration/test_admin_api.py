@@ -73,6 +73,9 @@ def made(tmp_path_factory):
             ),
         ),
         "ia3": _edit(good, src / "ia3", config=lambda c: c.update(peft_type="IA3")),
+        # Same module names and shapes, but trained on another family (as Mistral 7B and Llama 3 8B are).
+        "other-family": _edit(good, src / "mistral", config=lambda c: c.update(
+            base_model_name_or_path="mistralai/Mistral-7B-Instruct-v0.3")),
         "alien": _edit(
             good,
             src / "alien",
@@ -206,6 +209,9 @@ def _bad_cases(made):
         "embedding": ("x", files_of(bad["embedding"]), 400, "embedding LoRA"),
         "ia3": ("x", files_of(bad["ia3"]), 400, "peft_type"),
         "module the base lacks": ("x", files_of(bad["alien"]), 400, "does not exist in the base model"),
+        "another family": ("x", files_of(bad["other-family"]), 400,
+                           "trained on 'mistralai/Mistral-7B-Instruct-v0.3' (mistral), but this server's base "
+                           "model is a llama"),
         "traversal": (
             "x",
             [("files", ("a.tar.gz", tar_gz({"../adapter_config.json": cfg, "adapter_model.safetensors": weights})))],
