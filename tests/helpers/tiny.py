@@ -80,7 +80,10 @@ ARCHITECTURE_EXTRAS: dict[str, dict] = {
     # change the scores and logits of a tiny model.
     "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8, "attn_logit_softcapping": 1.0,
                "final_logit_softcapping": 5.0},
-    "gemma3": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8, "sliding_window_pattern": 2},
+    # Gemma 3 4B+'s rope: linear scaling on the global layers, a local base on the windowed ones.
+    "gemma3": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8, "sliding_window_pattern": 2,
+               "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
     "granite": {"embedding_multiplier": 2.0, "attention_multiplier": 0.3, "residual_multiplier": 0.5,
                 "logits_scaling": 2.0},
     "smollm3": {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 8, "pad_token_id": None,
