@@ -32,6 +32,7 @@ from server.model.decoder import CausalLM
 from server.model.loading import LoadedModel, load_model
 from server.model.quantized_base import check_supported, quantized_weights
 from server.model.runner import ModelRunner
+from server.model.weights_source import QUANTIZED_CACHE
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     tensors = loaded.tensors()
     quantized = quantized_weights(
         loaded.model_config, tensors, loaded.gguf, config.model.quantization, device, dtype,
-        cache=loaded.source / "gguf_quantized.safetensors" if loaded.gguf else None,
+        cache=loaded.source / QUANTIZED_CACHE if loaded.gguf else None,
         activations=config.model.activations,
     )
     model = CausalLM(loaded.model_config, tensors, device, dtype, quantized)

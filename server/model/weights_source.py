@@ -18,6 +18,10 @@ import torch
 from safetensors import safe_open
 from transformers import PretrainedConfig, PreTrainedModel
 
+# The file beside a converted GGUF's weights that keeps its checked quantized codes (server.model.quantized_base):
+# not one of the model's weights.
+QUANTIZED_CACHE = "gguf_quantized.safetensors"
+
 
 def lm_head_name(config: PretrainedConfig) -> str:
     """The tensor the output projection reads: the input embedding when the config ties them."""
@@ -55,9 +59,12 @@ class FolderTensors:
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
             self._files = {name: folder / file for name, file in weight_map.items()}
-        else:
+        else:  # model.safetensors; else every safetensors file but the quantized-codes cache kept beside them
             self._files = {}
-            for file in sorted(folder.glob("*.safetensors")):
+            single = folder / "model.safetensors"
+            files = [single] if single.exists() else sorted(
+                f for f in folder.glob("*.safetensors") if f.name != QUANTIZED_CACHE)
+            for file in files:
                 with safe_open(file, "pt") as f:
                     self._files.update(dict.fromkeys(f.keys(), file))
         if not self._files:

@@ -120,11 +120,13 @@ def make_model(arch: str, vocab: int, seed: int = 0, layers: int = 2, **extras) 
     config = config_cls(**{**fields, **ARCHITECTURE_EXTRAS.get(arch, {}), **extras})
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():  # norms start as ones (or zeros where they scale by 1 + w): make them matter
+    with torch.no_grad():  # q/k norms start as ones, Gemma's norms as zeros (they scale by 1 + w): make them matter
         offset = config.model_type in OFFSET_NORMS
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(-0.5, 0.5) if offset else p.uniform_(0.5, 1.5)
+            if offset and name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     return model
 
 
