@@ -212,7 +212,8 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         on_loaded=lambda: engine_box[0].wake() if engine_box else None,
         metrics=metrics,
     )
-    scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), adapters)
+    scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), adapters,
+                          recompute_at=shape.long_rope_after)
     telemetry = Telemetry(metrics, scheduler, adapters) if metrics is not None else None
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_ids(loaded), telemetry)
     engine_box.append(engine)

@@ -193,7 +193,7 @@ class Engine:
             tokens = req.next_tokens(n)
             done_prompt = start + n >= req.num_tokens
             composed = tuple(zip(req.composed_slots, (t.weight for t in req.composition), strict=True))
-            seqs.append(SeqStep(tokens, start, req.blocks, req.slot, done_prompt, composed))
+            seqs.append(SeqStep(tokens, start, req.blocks, req.slot, done_prompt, composed, req.num_tokens))
             if done_prompt:
                 sampled.append(req)
         logits = self.runner.execute(seqs)

@@ -127,14 +127,24 @@ class Request:
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt_ids)
+        """Tokens to compute before the next sample: the prompt's, or all of them again after :meth:`recompute`."""
+        return self.num_computed < len(self.prompt_ids) or self.num_computed < self.num_tokens - 1
 
     @property
     def max_total_tokens(self) -> int:
         return len(self.prompt_ids) + self.params.max_tokens
 
     def next_tokens(self, budget: int) -> list[int]:
-        """Tokens to feed next: a prompt chunk of at most ``budget``, or the last sampled token."""
+        """Tokens to feed next: a chunk of at most ``budget`` (of the prompt, or of prompt and outputs when
+        recomputing), or the last sampled token."""
         if self.in_prefill:
-            return self.prompt_ids[self.num_computed : self.num_computed + budget]
+            start, end, n_prompt = self.num_computed, self.num_computed + budget, len(self.prompt_ids)
+            ids = self.prompt_ids[start:end]
+            if end > n_prompt:
+                ids = ids + self.output_ids[max(0, start - n_prompt) : end - n_prompt]
+            return ids
         return [self.output_ids[-1]]
+
+    def recompute(self) -> None:
+        """Compute every token's K/V again (into the same blocks) before the next sample."""
+        self.num_computed = 0

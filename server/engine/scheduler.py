@@ -73,8 +73,13 @@ class Scheduler:
         blocks: BlockManager,
         adapters: AdapterSlots,
         clock: Callable[[], float] = time.monotonic,
+        recompute_at: int | None = None,
     ) -> None:
+        """``recompute_at``: a sequence whose cached tokens were computed while it was at most this long is
+        computed again when it grows past it (longrope: transformers' Phi-3 switches to the long rope table
+        there and recomputes the cache once)."""
         self.config = config
+        self.recompute_at = recompute_at
         self.clock = clock
         self.blocks = blocks
         self.adapters = adapters
@@ -100,6 +105,11 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
+        at = self.recompute_at
+        if at is not None:
+            for req in self.running:
+                if req.num_computed == at and req.num_tokens == at + 1 and len(req.prompt_ids) <= at:
+                    req.recompute()
         for req in self.running:  # decodes first: one token each
             if not req.in_prefill and budget > 0:
                 batch.steps.append((req, 1))

@@ -2,7 +2,8 @@
  * The small per-layer fp32 operations of a decode step, one call each instead of a chain of torch ops:
  *
  *   loraplex_rms_norm: y[t] = w * (x[t] * (1 / sqrt(mean(x[t]^2) + eps)))      (transformers' order)
- *   loraplex_rope:     in place on the first `heads` heads of each row of qkv, rotate-half RoPE:
+ *   loraplex_rope:     in place on the first `heads` heads of each row of qkv, rotate-half RoPE on the first
+ *                      rot_dim values of each head (the rest pass through: partial rotary):
  *                      x' = x * cos[pos] + rotate_half(x) * sin[pos],  rotate_half(x) = (-x2, x1)
  *
  * Sums of squares run in 16 fp32 lanes folded by the LoRA kernel's fixed tree, so every ISA build
@@ -62,20 +63,20 @@ static inline float to_dtype(float v, int bf16) { return bf16 ? bf16_widen(bf16_
  * (no contraction); bf16 rounds each of them to bf16, as torch's bf16 ops do. */
 static inline __attribute__((always_inline)) int rope(void *qkv, int64_t ld, const void *cos_table,
                                                       const void *sin_table, const int64_t *positions, int64_t T,
-                                                      int64_t heads, int64_t head_dim, int64_t max_positions,
-                                                      const int bf16) {
-    if (T < 0 || heads < 1 || head_dim < 2 || head_dim % 2 || ld < heads * head_dim) return 4;
-    const int64_t half = head_dim / 2, es = bf16 ? 2 : 4;
+                                                      int64_t heads, int64_t head_dim, int64_t rot_dim,
+                                                      int64_t max_positions, const int bf16) {
+    if (T < 0 || heads < 1 || rot_dim < 2 || rot_dim % 2 || rot_dim > head_dim || ld < heads * head_dim) return 4;
+    const int64_t half = rot_dim / 2, es = bf16 ? 2 : 4;
     float tmp[512];
-    if (head_dim > 512) return 4;
+    if (rot_dim > 512) return 4;
     for (int64_t t = 0; t < T; ++t) {
         const int64_t p = positions[t];
         if (p < 0 || p >= max_positions) return 4;
-        const char *c = (const char *)cos_table + p * head_dim * es, *s = (const char *)sin_table + p * head_dim * es;
+        const char *c = (const char *)cos_table + p * rot_dim * es, *s = (const char *)sin_table + p * rot_dim * es;
         for (int64_t h = 0; h < heads; ++h) {
             char *v = (char *)qkv + (t * ld + h * head_dim) * es;
-            for (int64_t i = 0; i < head_dim; ++i) tmp[i] = f32_or_bf16_at(v, i, bf16);
-            for (int64_t i = 0; i < head_dim; ++i) {
+            for (int64_t i = 0; i < rot_dim; ++i) tmp[i] = f32_or_bf16_at(v, i, bf16);
+            for (int64_t i = 0; i < rot_dim; ++i) {
                 const float rot = i < half ? -tmp[i + half] : tmp[i - half];
                 const float sum = to_dtype(tmp[i] * f32_or_bf16_at(c, i, bf16), bf16) + to_dtype(rot * f32_or_bf16_at(s, i, bf16), bf16);
                 if (bf16) ((uint16_t *)v)[i] = bf16_round(sum);
@@ -87,13 +88,14 @@ static inline __attribute__((always_inline)) int rope(void *qkv, int64_t ld, con
 }
 
 int loraplex_rope(float *qkv, int64_t ld, const float *cos_table, const float *sin_table, const int64_t *positions,
-                  int64_t T, int64_t heads, int64_t head_dim, int64_t max_positions) {
-    return rope(qkv, ld, cos_table, sin_table, positions, T, heads, head_dim, max_positions, 0);
+                  int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim, int64_t max_positions) {
+    return rope(qkv, ld, cos_table, sin_table, positions, T, heads, head_dim, rot_dim, max_positions, 0);
 }
 
 int loraplex_rope_bf16(uint16_t *qkv, int64_t ld, const uint16_t *cos_table, const uint16_t *sin_table,
-                       const int64_t *positions, int64_t T, int64_t heads, int64_t head_dim, int64_t max_positions) {
-    return rope(qkv, ld, cos_table, sin_table, positions, T, heads, head_dim, max_positions, 1);
+                       const int64_t *positions, int64_t T, int64_t heads, int64_t head_dim, int64_t rot_dim,
+                       int64_t max_positions) {
+    return rope(qkv, ld, cos_table, sin_table, positions, T, heads, head_dim, rot_dim, max_positions, 1);
 }
 
 int loraplex_layer_ops_isa(void) { return LP_ISA; }

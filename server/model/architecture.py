@@ -12,6 +12,7 @@ from server.model.families import (
     PRE_NORMS,
     STATIC_ROPE_TYPES,
     SUPPORTED_MODEL_TYPES,
+    Family,
     Norms,
 )
 
@@ -55,6 +56,8 @@ class ModelShape:
     logits_divisor: float = 1.0
     windowed: tuple[bool, ...] = ()  # per layer: attends to the last ``sliding_window`` positions only
     rope: tuple[str | None, ...] = ()  # per layer: its rotary table's key in ``rope_keys``, None: no RoPE
+    rotary_dim: int = 0  # the values of each head RoPE rotates (head_dim, or a partial rotary factor's share)
+    long_rope_after: int | None = None  # longrope: the long table past this sequence length (None: one table)
 
     @property
     def q_dim(self) -> int:
@@ -129,15 +132,15 @@ class ModelShape:
         if len(layer_types) != n_layers or set(layer_types) - {"full_attention", "sliding_attention"}:
             raise UnsupportedModel(f"{model_type}: layer_types {layer_types!r}: only full_attention and "
                                    f"sliding_attention, one per layer, are supported")
-        rope_keys = _check_rope(config, model_type, family.rope_per_layer_type, set(layer_types))
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        rope_keys, partial, long_after = _check_rope(config, model_type, family, set(layer_types))
         rope: list[str | None] = [t if family.rope_per_layer_type else rope_keys[0] for t in layer_types]
         if family.no_rope_layers:
             uses = getattr(config, "no_rope_layers", None) or [1] * n_layers
             rope = [key if use else None for key, use in zip(rope, uses, strict=True)]
         window = getattr(config, "sliding_window", None) if family.window != "none" else None
         windowed = [window is not None and (family.window == "all" or t == "sliding_attention") for t in layer_types]
-        n_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         attn_scale = embed_scale = None
         residual_scale = logits_divisor = 1.0
         if family.query_pre_attn_scalar:
@@ -179,21 +182,31 @@ class ModelShape:
             logits_divisor=float(logits_divisor),
             windowed=tuple(windowed),
             rope=tuple(rope),
+            rotary_dim=int(head_dim * partial),
+            long_rope_after=long_after,
         )
 
 
-def _check_rope(config: PretrainedConfig, model_type: str, per_layer_type: bool, layer_types: set[str]) -> list[str]:
-    """The rotary tables' keys (``"default"``, or each layer type's); refuses rope the forward pass does not
-    implement."""
+def _check_rope(
+    config: PretrainedConfig, model_type: str, family: Family, layer_types: set[str]
+) -> tuple[list[str], float, int | None]:
+    """The rotary tables' keys (``"default"``, or each layer type's), the partial rotary factor and, for
+    longrope, the length past which the long table applies; refuses rope the forward pass does not implement."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    tables = {t: params.get(t) or {} for t in sorted(layer_types)} if per_layer_type else {"default": params}
+    per_type = family.rope_per_layer_type
+    tables = {t: params.get(t) or {} for t in sorted(layer_types)} if per_type else {"default": params}
+    partial, long_after = 1.0, None
     for key, rope in tables.items():
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         where = "" if key == "default" else f" ({key} layers)"
-        if rope_type not in STATIC_ROPE_TYPES:
+        if rope_type not in STATIC_ROPE_TYPES or (rope_type == "longrope" and per_type):
             raise UnsupportedModel(f"{model_type}: rope type {rope_type!r}{where} is not supported; supported: "
                                    f"{', '.join(STATIC_ROPE_TYPES)}")
+        if rope_type == "longrope":
+            long_after = rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
         partial = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
-        if partial != 1.0:
+        if partial != 1.0 and not family.partial_rotary:
             raise UnsupportedModel(f"{model_type}: partial_rotary_factor {partial} is not supported (1.0 only)")
-    return list(tables)
+    if not 0 < partial <= 1:
+        raise UnsupportedModel(f"{model_type}: partial_rotary_factor {partial} is not supported")
+    return list(tables), partial, long_after

@@ -24,9 +24,9 @@ _LIB = NativeLibrary(
 )
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _RMS_NORM = NativeFunction(_LIB, "loraplex_rms_norm", [_P, _P, _I, _P, _I, _I, ctypes.c_float])
-_ROPE = NativeFunction(_LIB, "loraplex_rope", [_P, _I, _P, _P, _P, _I, _I, _I, _I])
+_ROPE = NativeFunction(_LIB, "loraplex_rope", [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I])
 _RMS_NORM_BF16 = NativeFunction(_LIB, "loraplex_rms_norm_bf16", [_P, _P, _I, _P, _I, _I, ctypes.c_float])
-_ROPE_BF16 = NativeFunction(_LIB, "loraplex_rope_bf16", [_P, _I, _P, _P, _P, _I, _I, _I, _I])
+_ROPE_BF16 = NativeFunction(_LIB, "loraplex_rope_bf16", [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I])
 _NORMS = {torch.float32: _RMS_NORM, torch.bfloat16: _RMS_NORM_BF16}
 _ROPES = {torch.float32: _ROPE, torch.bfloat16: _ROPE_BF16}
 DTYPES = tuple(_NORMS)
@@ -72,8 +72,9 @@ def rope_(
     *, isa: str | None = None,
 ) -> None:
     """Rotate the first ``heads`` heads of each row of ``qkv [T, width]`` (fp32 or bf16, unit column stride) in
-    place, by the ``cos``/``sin`` tables ``[max_positions, head_dim]`` (contiguous, qkv's dtype) at
-    ``positions [T]`` (int64)."""
+    place, by the ``cos``/``sin`` tables ``[max_positions, rot_dim]`` (contiguous, qkv's dtype) at
+    ``positions [T]`` (int64): the first ``rot_dim`` values of each head (all of them, or a partial rotary
+    factor's share), the rest unchanged."""
     entry = _ROPES.get(qkv.dtype)
     if entry is None or cos.dtype is not qkv.dtype or sin.dtype is not qkv.dtype:
         raise ValueError(f"RoPE takes fp32 or bf16 rows and tables of their dtype, got {qkv.dtype}, {cos.dtype}")
@@ -81,7 +82,7 @@ def rope_(
     if fn is None:
         raise RuntimeError("the layer-ops kernel is not available")
     _check(fn(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), qkv.shape[0],
-              heads, head_dim, cos.shape[0]))
+              heads, head_dim, cos.shape[1], cos.shape[0]))
 
 
 def _check(err: int) -> None:

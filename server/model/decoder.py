@@ -30,6 +30,7 @@ class StepInputs:
 
     input_ids: torch.Tensor  # [T] int64, packed
     positions: torch.Tensor  # [T] int64
+    rope_rows: torch.Tensor  # [T] int64: each token's row of the rotary tables (its position, or past it: longrope)
     attention: AttentionBatch  # full causal attention
     windowed: AttentionBatch | None  # the sliding-window layers' (None: the model has none)
     lora: LoraBatch
@@ -126,9 +127,15 @@ class CausalLM:
                 )
             )
         _refuse_unread(s.model_type, tensors, used, ignore={"lm_head.weight"} if head != "lm_head.weight" else set())
-        self.rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # [max_positions, head_dim] each
+        # [rows, rotary_dim] each: a row per position; with longrope, the short table's rows then the long one's
+        # (server.model.runner picks a token's row).
+        self.rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for key in s.rope_keys:
-            cos, sin = rope_tables(config, s.max_positions, None if key == "default" else key)
+            layer_type = None if key == "default" else key
+            cos, sin = rope_tables(config, s.max_positions, layer_type)
+            if s.long_rope_after is not None:  # transformers' rotary module picks the table by the length it sees
+                short_cos, short_sin = rope_tables(config, s.long_rope_after, layer_type)
+                cos, sin = torch.cat([short_cos, cos]), torch.cat([short_sin, sin])
             self.rope_tables[key] = (cos.to(device=device, dtype=dtype).contiguous(),
                                      sin.to(device=device, dtype=dtype).contiguous())
         self.embed_scale = None if s.embed_scale == 1.0 else torch.tensor(s.embed_scale, dtype=dtype, device=device)
@@ -202,8 +209,8 @@ class CausalLM:
             x = x * self.embed_scale
         c_ops = self.c_layer_ops
         norm, eps = self.rms_norm, s.rms_eps
-        if not c_ops:  # each table's rows at this step's positions, [T, 1, hd]
-            at = {key: tuple(tab.index_select(0, step.positions).unsqueeze(1) for tab in tables)
+        if not c_ops:  # each table's rows at this step's positions, [T, 1, rotary_dim]
+            at = {key: tuple(tab.index_select(0, step.rope_rows).unsqueeze(1) for tab in tables)
                   for key, tables in self.rope_tables.items()}
         active = step.lora_projections if step.lora.has_lora else frozenset()
         linear = self.linear
@@ -219,7 +226,7 @@ class CausalLM:
                 self._qk_norms(qkv, layer)
             if c_ops and layer.rope is not None:  # q and k rotated in place
                 cos, sin = self.rope_tables[layer.rope]
-                cpu_layer_ops.rope_(qkv, s.n_heads + s.n_kv_heads, s.head_dim, cos, sin, step.positions)
+                cpu_layer_ops.rope_(qkv, s.n_heads + s.n_kv_heads, s.head_dim, cos, sin, step.rope_rows)
             q = qkv[:, : s.q_dim].view(t, s.n_heads, s.head_dim)
             k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(t, s.n_kv_heads, s.head_dim)
             v = qkv[:, s.q_dim + s.kv_dim :].view(t, s.n_kv_heads, s.head_dim)
@@ -292,6 +299,10 @@ def _head_norm_(part: torch.Tensor, heads: int, head_dim: int, w: torch.Tensor, 
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    """Rotate-half RoPE on the first ``cos.shape[-1]`` values of each head of ``x``; the rest pass through."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat((_rope(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

@@ -25,7 +25,9 @@ projections and a gated MLP (``act(gate) * up``, then down). They differ in:
   config sets a window (Mistral, Phi-3), those the config's ``layer_types`` call ``sliding_attention`` (Qwen2/3,
   Gemma 2/3, SmolLM3), or ``"none"``;
 * ``rope_per_layer_type``: separate rotary tables for sliding and full layers (Gemma 3's local base);
-* ``no_rope_layers``: the config's ``no_rope_layers`` list turns RoPE off in some layers (SmolLM3).
+* ``no_rope_layers``: the config's ``no_rope_layers`` list turns RoPE off in some layers (SmolLM3);
+* ``partial_rotary``: a ``partial_rotary_factor`` below 1 rotates only that share of each head (Phi-4-mini's
+  0.75; transformers implements it for these families only).
 
 A config value the forward pass does not implement (an activation, a rope type, biases where the family
 has none) is refused by :func:`server.model.architecture.ModelShape.from_config`, and a weight file tensor
@@ -80,6 +82,7 @@ class Family:
     window: str = "none"  # "all", "layer_types" or "none"
     rope_per_layer_type: bool = False
     no_rope_layers: bool = False
+    partial_rotary: bool = False
 
 
 _GEMMA = Family(norm_offset=1.0, norm_weight_fp32=True, embed_sqrt_hidden=True)
@@ -93,7 +96,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(window="all"),
     "qwen2": Family(qkv_bias=True, window="layer_types"),
     "qwen3": Family(qk_norm="head", window="layer_types"),
-    "phi3": Family(fused=True, window="all"),
+    "phi3": Family(fused=True, window="all", partial_rotary=True),
     "gemma": _GEMMA,
     "gemma2": _GEMMA2,
     "gemma3_text": replace(_GEMMA2, qk_norm="head", rope_per_layer_type=True),
@@ -106,8 +109,9 @@ SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 # The MLP activations of act(gate) * up, as transformers' ACT2FN names them (each is torch's own function).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
-# Rotary embeddings over the whole head (a partial_rotary_factor below 1 is refused) whose cos/sin at a
-# position do not depend on the sequence's length: the forward pass computes them once for every position
-# with transformers' own rotary module. ("dynamic" and "longrope" rescale with the running length, so they
-# are refused.)
-STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Rotary embeddings whose cos/sin at a position depend on the position only: the forward pass computes them once
+# for every position with transformers' own rotary module. "longrope" (Phi-3.5/Phi-4-mini's 128k contexts) switches
+# between two such tables: the long one for a token once its sequence, as transformers counts it (the whole prompt
+# in a prompt token's forward pass, the tokens so far in a decode step), is longer than the pretraining length.
+# ("dynamic" rescales continuously with the running length, so it is refused.)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")

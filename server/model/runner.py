@@ -23,6 +23,7 @@ class SeqStep:
     slot: int  # adapter slot, -1 for the base model
     sample: bool  # whether the logits of the last token are needed
     composed: tuple[tuple[int, float], ...] = ()  # (slot, weight) of each adapter composed; then ``slot`` is -1
+    length: int = 0  # the sequence's tokens so far (prompt and outputs): longrope picks its table by it
 
 
 class ModelRunner:
@@ -74,9 +75,11 @@ class ModelRunner:
         dev = self.device
         layout = [(s.blocks, s.start, len(s.token_ids)) for s in seqs]
         window = self.model.shape.sliding_window
+        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
         step = StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            positions=positions_t,
+            rope_rows=self._rope_rows(seqs, positions_t),
             attention=AttentionBatch.build(layout, self.block_size, dev, self.decode_kernel),
             windowed=None if window is None else AttentionBatch.build(
                 layout, self.block_size, dev, self.decode_kernel, window
@@ -88,6 +91,18 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
         return self.model.forward(step, self.kv_cache)
+
+    def _rope_rows(self, seqs: list[SeqStep], positions: torch.Tensor) -> torch.Tensor:
+        """Each token's row of the rotary tables: its position, or with longrope, past the short table's rows when
+        its sequence is longer than the pretraining length, as transformers decides it (the whole sequence's
+        length; the scheduler recomputes a sequence's cache once when it grows past it, as transformers'
+        Phi-3 does)."""
+        short = self.model.shape.long_rope_after
+        if short is None:
+            return positions
+        offsets = [short if max(s.length, s.start + len(s.token_ids)) > short else 0 for s in seqs]
+        counts = torch.tensor([len(s.token_ids) for s in seqs], device=positions.device)
+        return positions + torch.tensor(offsets, device=positions.device).repeat_interleave(counts)
 
     def _projections(self, slots: set[int]) -> frozenset[str]:
         return frozenset().union(*(self.slots.projections(s) for s in slots if s >= 0))

@@ -53,6 +53,7 @@ ARCHITECTURES = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     "llama3": (LlamaConfig, LlamaForCausalLM),  # Llama 3.1's rope scaling
     "phi3": (Phi3Config, Phi3ForCausalLM),  # fused qkv_proj and gate_up_proj
+    "phi4mini": (Phi3Config, Phi3ForCausalLM),  # and longrope, partial rotary (Phi-3.5 / Phi-4-mini 128k)
     "gemma": (GemmaConfig, GemmaForCausalLM),
     "gemma2": (Gemma2Config, Gemma2ForCausalLM),
     "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
@@ -75,6 +76,12 @@ ARCHITECTURE_EXTRAS: dict[str, dict] = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
         }
     },
+    # Phi-4-mini's rope: longrope (the long factors past 8 tokens here: prompts and decodes cross it) on 3/4 of
+    # each 16-value head.
+    "phi4mini": {"pad_token_id": None, "original_max_position_embeddings": 8, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 8, "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+        "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]}},
     "gemma": {"head_dim": 16},
     # A window of 8 (prompts and decodes here run past it), alternate layers windowed; soft-caps small enough to
     # change the scores and logits of a tiny model.
@@ -184,7 +191,7 @@ def make_adapters(
 
 
 def _lora_config(spec: AdapterSpec, model_type: str = "llama") -> LoraConfig:
-    fused = FUSED_TARGETS if model_type == "phi3" else {}
+    fused = FUSED_TARGETS if model_type == "phi3" else {}  # Phi-3 and Phi-4-mini
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,

@@ -39,8 +39,8 @@ def _setup(arch, tokenizer, tmp_path_factory):
     return base, store, paths
 
 
-FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "llama3", "phi3", "gemma", "gemma2", "gemma3", "olmo2", "granite",
-            "smollm3"]
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "llama3", "phi3", "phi4mini", "gemma", "gemma2", "gemma3", "olmo2",
+            "granite", "smollm3"]
 # The LoRA backends add into the same column views whatever the family: each runs on the families whose projections
 # differ (split, with biases, fused); the interpreted Triton one (slow) on those only.
 BACKENDS = {"cpu": FAMILIES, "torch": FAMILIES, "triton": ["llama", "qwen2", "qwen3", "phi3"]}

@@ -76,3 +76,28 @@ def test_rope_refuses_positions_outside_the_table():
     cos = sin = torch.ones(8, 4)
     with pytest.raises(ValueError, match="error 4"):
         cpu_layer_ops.rope_(torch.zeros(1, 4), 1, 4, cos, sin, torch.tensor([8]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partial_rope_matches_phi3(dtype):
+    """A partial rotary factor (Phi-4-mini's 0.75): the first 3/4 of each head rotated as transformers' Phi-3 does,
+    bit for bit, the rest unchanged."""
+    from transformers import Phi3Config
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb as phi3_rope
+
+    heads, kv_heads, hd, t = 4, 2, 64, 3
+    config = Phi3Config(hidden_size=heads * hd, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                        max_position_embeddings=64, pad_token_id=None,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75})
+    cos, sin = Phi3RotaryEmbedding(config)(torch.zeros(1), torch.arange(64)[None, :])
+    cos, sin = cos[0].to(dtype).contiguous(), sin[0].to(dtype).contiguous()
+    assert cos.shape == (64, 48)
+    positions = torch.tensor([0, 9, 63])
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * hd).to(dtype)
+    q = qkv[:, : heads * hd].view(t, heads, hd).transpose(0, 1)[None]
+    k = qkv[:, heads * hd : (heads + kv_heads) * hd].view(t, kv_heads, hd).transpose(0, 1)[None]
+    q_ref, k_ref = phi3_rope(q, k, cos[positions][None], sin[positions][None])
+    cpu_layer_ops.rope_(qkv, heads + kv_heads, hd, cos, sin, positions)
+    assert torch.equal(qkv[:, : heads * hd].view(t, heads, hd).transpose(0, 1)[None], q_ref)
+    assert torch.equal(qkv[:, heads * hd : (heads + kv_heads) * hd].view(t, kv_heads, hd).transpose(0, 1)[None], k_ref)

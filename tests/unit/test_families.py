@@ -65,6 +65,11 @@ def test_gemma_olmo2_granite_smollm3_features():
                                                    residual_multiplier=0.25, logits_scaling=4.0))
     assert (granite.embed_scale, granite.scale, granite.residual_scale, granite.logits_divisor) == (
         12.0, 0.5, 0.25, 4.0)
+    phi4mini = ModelShape.from_config(Phi3Config(**TINY, pad_token_id=None, original_max_position_embeddings=4096,
+                                                 rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 4096, "short_factor": [1.0] * 3, "long_factor": [2.0] * 3}))
+    assert (phi4mini.rotary_dim, phi4mini.long_rope_after) == (6, 4096)
     smol = ModelShape.from_config(SmolLM3Config(**layers, no_rope_layer_interval=2))
     assert smol.rope == ("default", None, "default", None) and smol.sliding_window is None
     assert ModelShape.from_config(Qwen2Config(**layers, use_sliding_window=True, sliding_window=16,
@@ -77,14 +82,14 @@ def test_gemma_olmo2_granite_smollm3_features():
         (OlmoConfig(**TINY), ["model type 'olmo' is not supported", "llama, mistral, qwen2, qwen3, phi3, gemma"]),
         (Gemma3Config(text_config=dict(TINY)), ["model type 'gemma3' is not supported"]),
         (Gemma3TextConfig(**TINY, use_bidirectional_attention=True), ["bidirectional attention"]),
-        (Phi3Config(**TINY, pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                                                 "partial_rotary_factor": 0.75}),
-         ["phi3: partial_rotary_factor 0.75 is not supported"]),
+        (Qwen3Config(**TINY, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                              "partial_rotary_factor": 0.75}),
+         ["qwen3: partial_rotary_factor 0.75 is not supported"]),  # transformers' Qwen3 rotates whole heads
         (LlamaConfig(**TINY, hidden_act="relu"), ["llama: activation 'relu' is not supported", "silu, gelu"]),
         (LlamaConfig(**TINY, attention_bias=True), ["llama: attention biases (attention_bias)"]),
         (LlamaConfig(**TINY, mlp_bias=True), ["llama: MLP biases (mlp_bias)"]),
         (LlamaConfig(**TINY, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
-         ["llama: rope type 'dynamic' is not supported", "default, linear, llama3, yarn"]),
+         ["llama: rope type 'dynamic' is not supported", "default, linear, llama3, yarn, longrope"]),
     ],
     ids=["olmo", "gemma3-multimodal", "bidirectional", "partial-rotary", "activation", "attention-bias", "mlp-bias",
          "dynamic-rope"],
