@@ -3,9 +3,9 @@
 A local transformers directory loads as it is: for serving (``lean=True``) only its config, tokenizer and a
 reader of its safetensors files (the serving copy is read tensor by tensor, see
 :mod:`server.model.weights_source`), otherwise as a transformers model (tests and benchmarks use it as a
-reference). A ``.gguf`` file (the default
-model is one) is dequantized once by transformers and saved as a safetensors
-cache keyed by the file's path, size and mtime, so later starts take seconds.
+reference). A ``.gguf`` file (the default model is one) is converted once, tensor by tensor
+(:mod:`server.model.gguf_convert`), into a safetensors cache keyed by the file's path, size and mtime, so
+later starts take seconds.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from transformers import (
 
 from server.model.architecture import ModelShape
 from server.model.default_model import DEFAULT_MODEL_NAME, default_gguf_path
+from server.model.gguf_convert import INDEX, convert
 from server.model.weights_source import FolderTensors, ModuleTensors, TensorSource
 
 log = logging.getLogger(__name__)
@@ -81,28 +82,26 @@ def load_model(model: str | None, cache_dir: Path, *, lean: bool = False) -> Loa
 
 
 def gguf_cache(gguf: Path, cache_dir: Path) -> Path:
-    """Return the safetensors cache of ``gguf``, converting it first if needed."""
+    """Return the safetensors cache of ``gguf``, converting it first if needed (tensor by tensor:
+    :mod:`server.model.gguf_convert`)."""
     st = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir / "models" / f"{gguf.stem}-{key}"
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if (target / "config.json").exists() and any((target / f).exists() for f in ("model.safetensors", INDEX)):
         return target
-    log.info("converting %s to a safetensors cache at %s (once; about 20 s)", gguf.name, target)
+    log.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
     started = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    tenth = [0]
+
+    def progress(done: int, total: int) -> None:
+        if done * 10 // total > tenth[0]:
+            tenth[0] = done * 10 // total
+            log.info("conversion: %d of %d tensors (%.0f s)", done, total, time.monotonic() - started)
+
     try:
-        log.info("conversion 1/3: reading the tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        log.info("conversion 2/3: dequantizing the GGUF tensors")
-        hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
-        hf_model.hf_quantizer = None
-        if hasattr(hf_model.config, "quantization_config"):
-            del hf_model.config.quantization_config
-        log.info("conversion 3/3: writing safetensors")
-        hf_model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        convert(gguf, tmp, progress)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -32,6 +32,7 @@ def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, path:
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
     w.add_rope_freq_base(c.rope_parameters.get("rope_theta", 10000.0) if "rope_theta" in c.rope_parameters
                          else c.rope_parameters["full_attention"]["rope_theta"])
     if c.model_type in GEMMA:

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig
 
 
-def _peak_mb() -> float:
+def peak_mb() -> float:
     """This process image's peak resident set (VmHWM: getrusage's ru_maxrss would carry the forking parent's
     peak across exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -33,13 +33,13 @@ def main() -> None:
     # Before the baseline: the modules and native libraries a build loads, and the rope tables it makes.
     cpu_gemv.available(), cpu_layer_ops.available()
     rope_tables(config, config.max_position_embeddings)
-    baseline = _peak_mb()
+    baseline = peak_mb()
     model = CausalLM(config, FolderTensors(folder), torch.device("cpu"), dtype)
     held = sum(t.nbytes for t in (model.embed, model.norm, *(t for pair in model.rope_tables.values() for t in pair)))
     held += 0 if model.lm_head is model.embed else model.lm_head.nbytes
     for layer in model.layers:
         held += sum(t.nbytes for t in (layer.w_qkv, layer.w_o, layer.w_gate_up, layer.w_down, *layer.norms.values()))
-    sys.stdout.write(json.dumps({"peak_over_baseline_mb": _peak_mb() - baseline, "held_mb": held / 2**20}) + "\n")
+    sys.stdout.write(json.dumps({"peak_over_baseline_mb": peak_mb() - baseline, "held_mb": held / 2**20}) + "\n")
 
 
 if __name__ == "__main__":

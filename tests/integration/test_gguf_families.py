@@ -1,5 +1,5 @@
-"""GGUF files of the new families (written as llama.cpp lays them out, projections as Q8_0 codes) served with
-``--model file.gguf``: transformers reads the file once into our safetensors cache, the projections are served as
+"""GGUF files of each family (written as llama.cpp lays them out, projections as Q8_0 codes) served with
+``--model file.gguf``: converted once, tensor by tensor, into our safetensors cache, the projections are served as
 the file's codes (Phi-3's fused attn_qkv and ffn_up included), and the logits equal transformers'
 own reading of the GGUF; over HTTP with an adapter, the GGUF's tokenizer and chat template included."""
 
@@ -22,6 +22,7 @@ from tests.helpers.tiny_server import save_tiny_model
 # Qwen3's GGUF metadata carries no head_dim, so transformers' reader takes the config default (128): tiny
 # Qwen3 files use it. llama.cpp writes Gemma without an output matrix (tied embeddings).
 FAMILIES = {
+    "llama": {},  # llama.cpp's q/k row order, undone by transformers' processor in our conversion
     "qwen3": dict(head_dim=128),
     "gemma2": dict(tie_word_embeddings=True),
     "gemma3": dict(tie_word_embeddings=True),

@@ -1,6 +1,6 @@
 """Loading is lean: the serving copy is read from the model's safetensors one tensor at a time, so peak host
-memory while loading stays at that copy plus about one layer (measured in a child process, whose peak
-resident set is its own)."""
+memory while loading stays at that copy plus about one layer, and a GGUF file is converted into those
+safetensors one tensor at a time (measured in a child process, whose peak resident set is its own)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,24 @@ def test_peak_memory_while_loading_is_the_serving_copy_plus_one_layer(folder, dt
     model_mb = params * size / 2**20
     assert got["held_mb"] == pytest.approx(model_mb, rel=0.01)  # the serving copy: the model in that dtype
     assert got["peak_over_baseline_mb"] <= got["held_mb"] + layer_fp32_mb + SLACK_MB, got
+
+
+def test_converting_a_gguf_holds_one_shard_and_one_tensor_not_the_model(folder, tmp_path):
+    """The 230 MB (fp32) model as a GGUF (Q8_0 projections), converted with 16 MB shards: the peak is a shard
+    plus a few copies of the largest tensor (dequantized, reordered), far below the model."""
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers.gguf_file import write_gguf
+    from tests.helpers.tiny import make_tokenizer
+
+    path, config = folder
+    gguf = write_gguf(LlamaForCausalLM.from_pretrained(path), make_tokenizer(), tmp_path / "model.gguf")
+    result = subprocess.run([sys.executable, "-m", "tests.helpers.convert_rss", str(gguf), str(tmp_path / "out"),
+                             "16"], capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    model_mb = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors")) / 2**20
+    assert model_mb > 200 and len(list((tmp_path / "out").glob("*.safetensors"))) > 10
+    assert got["peak_over_baseline_mb"] <= 16 + 3 * got["largest_tensor_mb"] + SLACK_MB < model_mb * 0.7, got
 
 
 def test_a_folder_without_safetensors_is_loaded_by_transformers(tmp_path):
