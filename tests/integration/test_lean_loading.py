@@ -49,7 +49,7 @@ def test_converting_a_gguf_holds_one_shard_and_one_tensor_not_the_model(folder, 
     from tests.helpers.gguf_file import write_gguf
     from tests.helpers.tiny import make_tokenizer
 
-    path, config = folder
+    path, _ = folder
     gguf = write_gguf(LlamaForCausalLM.from_pretrained(path), make_tokenizer(), tmp_path / "model.gguf")
     result = subprocess.run([sys.executable, "-m", "tests.helpers.convert_rss", str(gguf), str(tmp_path / "out"),
                              "16"], capture_output=True, text=True, timeout=300, check=True)
