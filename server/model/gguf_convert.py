@@ -36,6 +36,7 @@ INDEX = "model.safetensors.index.json"
 def convert(gguf: Path, out: Path, progress: Callable[[int, int], None] | None = None) -> None:
     """Write ``gguf`` as a transformers folder (config, generation config, tokenizer, sharded fp32 safetensors)
     into the existing directory ``out``. ``progress(done, total)`` after each tensor."""
+    log.info("conversion 1/2: reading %s's config, tokenizer and chat template (transformers' GGUF reader)", gguf.name)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -44,6 +45,7 @@ def convert(gguf: Path, out: Path, progress: Callable[[int, int], None] | None =
     config.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
     wanted = set(skeleton.state_dict())
+    log.info("conversion 2/2: the tensors, one at a time")
     reader = GGUFReader(gguf)
     arch = read_field(reader, "general.architecture")[0]
     parsed = {"config": config.to_dict(), "tensors": {}}
