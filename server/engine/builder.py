@@ -188,9 +188,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
             )
         max_len = config.scheduler.max_model_len
     sched_config = dataclasses.replace(config.scheduler, max_model_len=max_len)
-    # Our decode attention kernel on the CPU (fp32, bf16; it does not soft-cap scores, Gemma 2 decodes by torch).
-    decode_kernel = (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and shape.attn_softcap is None
-                     and cpu_attention.available())
+    decode_kernel = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_attention.available()
     runner = ModelRunner(
         model, cache.num_blocks, cache.block_size, config.lora.max_loras, config.lora.max_lora_rank, backend,
         decode_kernel, lora_dtype,

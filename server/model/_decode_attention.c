@@ -4,6 +4,7 @@
  *   for b in range(B):                       # one sequence each
  *     for h in range(H):                     # query heads; kv head = h / (H / KV)
  *       s[j] = scale * q[b, h] . K[index[b, j], h / G]      for j < length[b]
+ *       s[j] = softcap * tanh(s[j] / softcap)             if softcap > 0 (Gemma 2)
  *       p = softmax(s)
  *       out[b, h] = sum_j p[j] * V[index[b, j], h / G]
  *
@@ -33,7 +34,7 @@ static inline void prefetch_row(const char *p, int64_t bytes) {
  * attend), so the fp32 and bf16 loops are each compiled, and vectorised, for their own element type. */
 static inline __attribute__((always_inline)) int one_pair(
     void *out, const void *q, const void *k_cache, const void *v_cache, const int64_t *index, const int32_t *length,
-    int64_t pair, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N, float scale,
+    int64_t pair, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N, float scale, float softcap,
     float *scores, float *acc, float *qf, const int bf16)
 {
     const int64_t es = bf16 ? 2 : 4; /* bytes per element */
@@ -58,6 +59,8 @@ static inline __attribute__((always_inline)) int one_pair(
     }
     for (int64_t g = 0; g < G; ++g) {
         float *s = scores + g * Lmax;
+        if (softcap > 0.f)
+            for (int64_t j = 0; j < L; ++j) s[j] = tanhf(s[j] / softcap) * softcap;
         float m = -INFINITY;
         for (int64_t j = 0; j < L; ++j) m = s[j] > m ? s[j] : m;
         float total = 0.f;
@@ -91,7 +94,7 @@ static int attend(
     void *out, const void *q, const void *k_cache, const void *v_cache,
     const int64_t *index, const int32_t *length,
     int64_t B, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N,
-    float scale, int threads, int bf16)
+    float scale, float softcap, int threads, int bf16)
 {
     if (B <= 0 || H <= 0 || KV <= 0 || D <= 0 || H % KV != 0) return 4;
     const int64_t G = H / KV;
@@ -109,9 +112,9 @@ static int attend(
         for (int64_t pair = 0; pair < B * KV; ++pair) {
             if (!scores || !acc || !qf) continue;
             const int e = bf16 ? one_pair(out, q, k_cache, v_cache, index, length, pair, H, KV, D, Lmax, N, scale,
-                                          scores, acc, qf, 1)
+                                          softcap, scores, acc, qf, 1)
                                : one_pair(out, q, k_cache, v_cache, index, length, pair, H, KV, D, Lmax, N, scale,
-                                          scores, acc, qf, 0);
+                                          softcap, scores, acc, qf, 0);
             if (e) {
                 #pragma omp atomic write
                 err = e;
@@ -128,9 +131,9 @@ int loraplex_decode_attention_f32(
     float *out, const float *q, const float *k_cache, const float *v_cache,
     const int64_t *index, const int32_t *length,
     int64_t B, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N,
-    float scale, int threads)
+    float scale, float softcap, int threads)
 {
-    return attend(out, q, k_cache, v_cache, index, length, B, H, KV, D, Lmax, N, scale, threads, 0);
+    return attend(out, q, k_cache, v_cache, index, length, B, H, KV, D, Lmax, N, scale, softcap, threads, 0);
 }
 
 /* q, out, k_cache, v_cache: bf16 (as uint16); the rest as above. */
@@ -138,7 +141,7 @@ int loraplex_decode_attention_bf16(
     uint16_t *out, const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
     const int64_t *index, const int32_t *length,
     int64_t B, int64_t H, int64_t KV, int64_t D, int64_t Lmax, int64_t N,
-    float scale, int threads)
+    float scale, float softcap, int threads)
 {
-    return attend(out, q, k_cache, v_cache, index, length, B, H, KV, D, Lmax, N, scale, threads, 1);
+    return attend(out, q, k_cache, v_cache, index, length, B, H, KV, D, Lmax, N, scale, softcap, threads, 1);
 }

@@ -130,12 +130,10 @@ def attend(
     t, n_heads, hd = q.shape
     od = None
     if batch.decode_rows is not None and batch.decode_kernel:
-        if softcap is not None:
-            raise ValueError("the decode attention kernel does not soft-cap scores")
         # A step of decode tokens only has them in order: q as it is, and the kernel's output is the answer.
         qd = q.contiguous() if not batch.prefills else q.index_select(0, batch.decode_rows)  # [B, H, hd]
         od = cpu_attention.decode_attention(
-            qd, k_cache, v_cache, batch.decode_kv_index, batch.decode_lengths, scale
+            qd, k_cache, v_cache, batch.decode_kv_index, batch.decode_lengths, scale, softcap
         )
         if not batch.prefills:
             return od.view(t, n_heads * hd)

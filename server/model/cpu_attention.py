@@ -14,7 +14,7 @@ from server.native import NativeFunction, NativeLibrary
 _HERE = Path(__file__).parent
 _LIB = NativeLibrary(_HERE / "_decode_attention.c", "decode_attention", ("-ffp-contract=fast",),
                      depends=(_HERE / "_bf16.h",))
-_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_float, ctypes.c_int]
 _ATTEND = NativeFunction(_LIB, "loraplex_decode_attention_f32", _ARGTYPES)
 _ATTEND_BF16 = NativeFunction(_LIB, "loraplex_decode_attention_bf16", _ARGTYPES)
 _ENTRIES = {torch.float32: _ATTEND, torch.bfloat16: _ATTEND_BF16}
@@ -31,6 +31,7 @@ def decode_attention(
     index: torch.Tensor,
     lengths: torch.Tensor,
     scale: float,
+    softcap: float | None = None,
     *,
     isa: str | None = None,
 ) -> torch.Tensor:
@@ -42,6 +43,8 @@ def decode_attention(
     Returns ``[B, H, D]`` of q's dtype::
 
         out[b, h] = softmax(scale * q[b, h] @ K[index[b, :len_b], h // (H // KV)].T) @ V[...]
+
+    with the scores soft-capped to ``softcap * tanh(scores / softcap)`` first when ``softcap`` is given.
 
     ``isa`` picks a build other than this CPU's best (tests compare them).
     """
@@ -57,7 +60,7 @@ def decode_attention(
     out = torch.empty_like(q)
     err = fn(
         out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), index.data_ptr(),
-        lengths.data_ptr(), b, h, kv, d, index.shape[1], n, scale, torch.get_num_threads(),
+        lengths.data_ptr(), b, h, kv, d, index.shape[1], n, scale, softcap or 0.0, torch.get_num_threads(),
     )
     if err:
         raise ValueError(f"decode attention kernel failed with error {err}")
