@@ -20,26 +20,17 @@ from loadtests.machine import machine
 METHODS = ("loraplex", "transformers")
 
 
-def _peak_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def child(method: str, gguf: Path, out: Path) -> None:
     """One conversion in this process; prints its JSON result."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from server.model.gguf_convert import convert
+    from tests.helpers.convert_rss import import_conversion_modules
+    from tests.helpers.load_rss import peak_mb
 
-    # The modules both methods import (GGUF reader, tokenizer converter, model classes), before the baseline.
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with torch.device("meta"):
-        AutoModelForCausalLM.from_config(config)
-    baseline, started = _peak_mb(), time.perf_counter()
+    import_conversion_modules(gguf)  # both methods import the same modules: the baseline is after them
+    baseline, started = peak_mb(), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     if method == "loraplex":
         convert(gguf, out)
@@ -51,7 +42,7 @@ def child(method: str, gguf: Path, out: Path) -> None:
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     seconds = time.perf_counter() - started
-    sys.stdout.write(json.dumps({"seconds": seconds, "peak_over_baseline_mb": _peak_mb() - baseline}) + "\n")
+    sys.stdout.write(json.dumps({"seconds": seconds, "peak_over_baseline_mb": peak_mb() - baseline}) + "\n")
 
 
 def main() -> None:

@@ -13,22 +13,28 @@ from pathlib import Path
 from tests.helpers.load_rss import peak_mb
 
 
-def main() -> None:
+def import_conversion_modules(gguf: Path) -> None:
+    """Load the modules a conversion imports (transformers' GGUF reader, tokenizer converter and model classes:
+    ~110 MB, the same for any model) by reading ``gguf``'s config and tokenizer once, so a peak measured after
+    this is the conversion's data."""
     import torch
-    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(config)
+
+
+def main() -> None:
+    from gguf import GGUFReader
 
     from server.model import gguf_convert
 
     gguf, out, shard_mb = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     largest = max(int(t.n_elements) for t in GGUFReader(gguf).tensors) * 4 / 2**20
     gguf_convert.SHARD_BYTES = shard_mb << 20
-    # Before the baseline: the modules a conversion imports (transformers' GGUF reader, tokenizer converter and
-    # model classes: ~110 MB here, the same for any model), by reading this file's config and tokenizer once.
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    with torch.device("meta"):
-        AutoModelForCausalLM.from_config(config)
+    import_conversion_modules(gguf)
     baseline = peak_mb()
     out.mkdir(parents=True, exist_ok=True)
     gguf_convert.convert(gguf, out)
