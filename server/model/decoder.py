@@ -133,6 +133,9 @@ class CausalLM:
         for key in s.rope_keys:
             layer_type = None if key == "default" else key
             cos, sin = rope_tables(config, s.max_positions, layer_type)
+            if cos.shape[1] != s.rotary_dim:  # transformers' rotary module and our reading of the config disagree
+                raise UnsupportedModel(f"{s.model_type}: rotary tables of {cos.shape[1]} values per head, expected "
+                                       f"{s.rotary_dim}")
             if s.long_rope_after is not None:  # transformers' rotary module picks the table by the length it sees
                 short_cos, short_sin = rope_tables(config, s.long_rope_after, layer_type)
                 cos, sin = torch.cat([short_cos, cos]), torch.cat([short_sin, sin])
