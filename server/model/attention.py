@@ -48,20 +48,23 @@ class AttentionBatch:
         device: torch.device,
         decode_kernel: bool = False,
         window: int | None = None,
+        slot_mapping: torch.Tensor | None = None,
     ) -> AttentionBatch:
         """``seqs``: per sequence, in packed order: (its block table, tokens already cached,
         tokens this step). ``window``: each query attends only to the last ``window`` positions up to its own
         (transformers' sliding window: key ``j`` is seen from query ``i`` when ``i - window < j <= i``).
         Cache positions are computed from block tables with tensor ops, so the Python work per step grows with
-        blocks, not with context length."""
+        blocks, not with context length. ``slot_mapping``: where this step's K/V go, when another layout of the
+        same step already has it (the windowed one reuses the full one's)."""
         bs = block_size
-        slot_mapping: list[int] = []
+        slots: list[int] = []
         decode_rows: list[int] = []
         decode: list[tuple[list[int], int]] = []
         prefills: list[PrefillSpan] = []
         row = 0
         for blocks, cached, new in seqs:
-            slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(cached, cached + new))
+            if slot_mapping is None:
+                slots.extend(blocks[p // bs] * bs + p % bs for p in range(cached, cached + new))
             length = cached + new
             if new == 1 and cached > 0:
                 decode_rows.append(row)
@@ -93,7 +96,8 @@ class AttentionBatch:
             if not decode_kernel:
                 d_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
         return cls(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            slot_mapping=(torch.tensor(slots, dtype=torch.int64, device=device) if slot_mapping is None
+                          else slot_mapping),
             decode_rows=d_rows,
             decode_kv_index=d_idx,
             decode_mask=d_mask,

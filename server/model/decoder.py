@@ -18,6 +18,7 @@ from server.lora.ops import ModuleSlots, add_lora
 from server.model import cpu_gemv, cpu_layer_ops
 from server.model.architecture import ModelShape, UnsupportedModel
 from server.model.attention import AttentionBatch, attend
+from server.model.families import ACTIVATIONS
 from server.model.quantized import QuantizedMatrix, concat_rows
 from server.model.weights_source import TensorSource, lm_head_name
 
@@ -29,7 +30,6 @@ class StepInputs:
     """Everything one forward pass needs besides the weights, built once per step."""
 
     input_ids: torch.Tensor  # [T] int64, packed
-    positions: torch.Tensor  # [T] int64
     rope_rows: torch.Tensor  # [T] int64: each token's row of the rotary tables (its position, or past it: longrope)
     attention: AttentionBatch  # full causal attention
     windowed: AttentionBatch | None  # the sliding-window layers' (None: the model has none)
@@ -130,14 +130,15 @@ class CausalLM:
         # [rows, rotary_dim] each: a row per position; with longrope, the short table's rows then the long one's
         # (server.model.runner picks a token's row).
         self.rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        rotary = rotary_module(config)
         for key in s.rope_keys:
             layer_type = None if key == "default" else key
-            cos, sin = rope_tables(config, s.max_positions, layer_type)
+            cos, sin = rope_tables(rotary, s.max_positions, layer_type)
             if cos.shape[1] != s.rotary_dim:  # transformers' rotary module and our reading of the config disagree
                 raise UnsupportedModel(f"{s.model_type}: rotary tables of {cos.shape[1]} values per head, expected "
                                        f"{s.rotary_dim}")
             if s.long_rope_after is not None:  # transformers' rotary module picks the table by the length it sees
-                short_cos, short_sin = rope_tables(config, s.long_rope_after, layer_type)
+                short_cos, short_sin = rope_tables(rotary, s.long_rope_after, layer_type)
                 cos, sin = torch.cat([short_cos, cos]), torch.cat([short_sin, sin])
             self.rope_tables[key] = (cos.to(device=device, dtype=dtype).contiguous(),
                                      sin.to(device=device, dtype=dtype).contiguous())
@@ -266,7 +267,7 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": _gelu_tanh, "gelu": F.gelu}  # families.ACTIVATIONS
+_ACTIVATIONS = dict(zip(ACTIVATIONS, (F.silu, _gelu_tanh, F.gelu), strict=True))  # by transformers' names
 
 
 def _refuse_unread(model_type: str, tensors: TensorSource, used: set[str], ignore: set[str]) -> None:
@@ -280,15 +281,19 @@ def _refuse_unread(model_type: str, tensors: TensorSource, used: set[str], ignor
         )
 
 
-def rope_tables(
-    config: PretrainedConfig, max_positions: int, layer_type: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin ``[max_positions, head_dim]`` from the model's own transformers rotary module (its rope
-    type and scaling included; ``layer_type`` for families with one table per layer type), built from the
-    config alone: the model's skeleton on the meta device names the module's class."""
+def rotary_module(config: PretrainedConfig) -> torch.nn.Module:
+    """The model's own transformers rotary module (its rope type and scaling included), built from the config
+    alone: the model's skeleton on the meta device names the module's class."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    rotary = type(skeleton.model.rotary_emb)(config=config)
+    return type(skeleton.model.rotary_emb)(config=config)
+
+
+def rope_tables(
+    rotary: torch.nn.Module, max_positions: int, layer_type: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin ``[max_positions, rotary_dim]`` from a :func:`rotary_module` (``layer_type`` for families
+    with one table per layer type)."""
     positions = torch.arange(max_positions)[None, :]
     extra = {} if layer_type is None else {"layer_type": layer_type}
     cos, sin = rotary(torch.zeros(1, dtype=torch.float32), positions, **extra)

@@ -75,14 +75,13 @@ class ModelRunner:
         dev = self.device
         layout = [(s.blocks, s.start, len(s.token_ids)) for s in seqs]
         window = self.model.shape.sliding_window
-        positions_t = torch.tensor(positions, dtype=torch.int64, device=dev)
+        attention = AttentionBatch.build(layout, self.block_size, dev, self.decode_kernel)
         step = StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=positions_t,
-            rope_rows=self._rope_rows(seqs, positions_t),
-            attention=AttentionBatch.build(layout, self.block_size, dev, self.decode_kernel),
+            rope_rows=self._rope_rows(seqs, torch.tensor(positions, dtype=torch.int64, device=dev)),
+            attention=attention,
             windowed=None if window is None else AttentionBatch.build(
-                layout, self.block_size, dev, self.decode_kernel, window
+                layout, self.block_size, dev, self.decode_kernel, window, attention.slot_mapping
             ),
             lora=LoraBatch.build(token_slots, dev, self.backend, composed=terms),
             lora_projections=self._projections(

@@ -25,14 +25,14 @@ def peak_mb() -> float:
 
 def main() -> None:
     from server.model import cpu_gemv, cpu_layer_ops
-    from server.model.decoder import CausalLM, rope_tables
+    from server.model.decoder import CausalLM, rope_tables, rotary_module
     from server.model.weights_source import FolderTensors
 
     folder, dtype = Path(sys.argv[1]), getattr(torch, sys.argv[2])
     config = AutoConfig.from_pretrained(folder)
     # Before the baseline: the modules and native libraries a build loads, and the rope tables it makes.
     cpu_gemv.available(), cpu_layer_ops.available()
-    rope_tables(config, config.max_position_embeddings)
+    rope_tables(rotary_module(config), config.max_position_embeddings)
     baseline = peak_mb()
     model = CausalLM(config, FolderTensors(folder), torch.device("cpu"), dtype)
     held = sum(t.nbytes for t in (model.embed, model.norm, *(t for pair in model.rope_tables.values() for t in pair)))
