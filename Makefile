@@ -10,7 +10,7 @@ ARGS ?=
 
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup setup-dev serve test lint bench prometheus-tools llama-cpp
+.PHONY: setup setup-dev serve test lint typecheck bench prometheus-tools llama-cpp
 
 # What serving needs: torch (CPU build), the runtime dependencies and the embedded default model.
 setup: $(VENV)/.installed
@@ -35,6 +35,11 @@ serve: setup
 lint: setup-dev
 	$(PY) -m ruff check .
 
+# mypy over the engine, the adapter lifecycle and the store ([tool.mypy] in pyproject.toml): a protocol that
+# drifts from its use fails the build
+typecheck: setup-dev
+	$(PY) -m mypy
+
 # tests/deploy runs a real Prometheus: Debian's `prometheus` package (prometheus and
 # promtool), installed when promtool is missing; apt-get update only if that fails.
 # RUNLEVEL=1: the package's maintainer scripts do not start a prometheus daemon
@@ -46,7 +51,7 @@ prometheus-tools:
 	  $$install >/dev/null || { $$sudo apt-get update -qq && $$install >/dev/null; } \
 	  || echo "warning: could not install Debian's prometheus package; tests/deploy will fail" >&2; }
 
-test: lint prometheus-tools
+test: lint typecheck prometheus-tools
 	$(PY) -m pytest -q $(ARGS)
 
 # the full load-test suite on the default model (about 35 minutes; README "Load tests")

@@ -23,7 +23,7 @@ def read_tensors(folder: Path, manifest: AdapterManifest, keys: list[str]) -> di
     size = path.stat().st_size
     buffer = np.empty(size, dtype=np.uint8)  # writable (torch.from_numpy shares it), and not zeroed first
     with path.open("rb") as f:
-        if f.readinto(buffer) != size:
+        if f.readinto(buffer.data) != size:
             raise InvalidAdapter(f"{WEIGHTS_FILE} changed while being read")
     out = {key: _view(buffer, manifest, key) for key in keys}
     if not _span_finite(buffer, manifest, keys):  # something is not finite (or no one-pass check): find what

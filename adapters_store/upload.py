@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO, TypeVar
 
 from adapters_store.backend import ADAPTER_FILES
 from adapters_store.errors import InvalidUpload, UploadTooLarge
@@ -29,6 +29,8 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".zip")
 IGNORED_FILES = frozenset({"README.md", "training_args.bin"})  # what PEFT and Trainer put beside an adapter
 MAX_ARCHIVE_MEMBERS = 256
 _EXPECTED = f"send {CONFIG_FILE} and {WEIGHTS_FILE}, or one .tar.gz or .zip archive holding them"
+
+M = TypeVar("M")  # an archive member (tarfile.TarInfo, zipfile.ZipInfo)
 
 
 def folder_files(
@@ -136,9 +138,9 @@ def _extract_zip(stream: BinaryIO, dest: Path, max_bytes: int) -> None:
         raise InvalidUpload(f"not a readable .zip archive: {exc}") from None
 
 
-def _choose(members: Iterable[tuple[str, int, object]], max_bytes: int) -> dict[str, object]:
+def _choose(members: Iterable[tuple[str, int, M]], max_bytes: int) -> dict[str, M]:
     """The archive's two PEFT files: at its top or in one folder, side by side; sizes within the limit."""
-    by_dir: dict[str, dict[str, object]] = {}
+    by_dir: dict[str, dict[str, M]] = {}
     total = 0
     for path, size, member in members:
         total += size
@@ -185,7 +187,7 @@ class _Budget:
         self.left = max_bytes
         self.limit = max_bytes
 
-    def copy(self, source: BinaryIO, target: Path) -> None:
+    def copy(self, source: IO[bytes], target: Path) -> None:
         with target.open("xb") as out:
             while chunk := source.read(1 << 20):
                 self.left -= len(chunk)

@@ -35,6 +35,8 @@ from safetensors.torch import load_file, save_file
 
 from adapters_store.local import LocalAdapterStore
 from loadtests.bench.common import CACHE_DIR, PROJECTIONS, cpu_check, load_default, setup_torch, write_json
+from server.adapters.commands import TakeSnapshot
+from server.adapters.selection import Selection
 from server.engine.request import Request, SamplingParams
 from tests.helpers import engine as eng
 from tests.helpers.tiny import AdapterSpec, make_adapter
@@ -87,7 +89,8 @@ def submit_and_wait(serving, prompts: list[list[int]], adapters: list[str | None
         sink = eng.Collected()
         sink.started = time.perf_counter()
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        serving.engine.submit(Request(f"r{time.monotonic_ns()}-{i}", prompt, params, adapter=stored), sink)
+        request = Request(f"r{time.monotonic_ns()}-{i}", prompt, params, selection=Selection.of(stored))
+        serving.engine.submit(request, sink)
         sinks.append(sink)
     for sink in sinks:
         if not sink.done.wait(600):
@@ -98,15 +101,14 @@ def submit_and_wait(serving, prompts: list[list[int]], adapters: list[str | None
 
 
 def cold_start(serving, names: dict[str, list[str]], cold: int, prompt: list[int]) -> dict:
-    cache = serving.adapters
     out = {}
     for shape, shape_names in names.items():
         rows = []
         for name in shape_names[-cold:]:
             [cold_sink] = submit_and_wait(serving, [prompt], [name], 1)
             [warm_sink] = submit_and_wait(serving, [prompt], [name], 1)
-            residence = serving.engine.call(cache.residence).result()
-            stats = residence[serving.store.get(name).key].stats
+            snapshot = serving.engine.send(TakeSnapshot()).result()
+            stats = snapshot.records[serving.store.get(name).key]
             rows.append(
                 {
                     "adapter": name,
@@ -193,11 +195,11 @@ def main() -> None:
                     print(f"  round {rnd} {label}: {tokens / wall:.1f} tok/s", flush=True)
             hot_tps = statistics.mean(p["tok_s"] for p in phases if p["workload"] == "8 hot")
             rot_tps = statistics.mean(p["tok_s"] for p in phases if p["workload"] != "8 hot")
-            residence = serving.engine.call(serving.adapters.residence).result()
+            snapshot = serving.engine.send(TakeSnapshot()).result()
             host = {
-                "host_bytes": serving.adapters.host_bytes,
-                "host_bytes_limit": serving.adapters.host_bytes_limit,
-                "loads": sum(r.stats.loads for r in residence.values()),
+                "host_bytes": snapshot.host_bytes,
+                "host_bytes_limit": snapshot.host_bytes_limit,
+                "loads": sum(r.loads for r in snapshot.records.values()),
             }
             after = cpu_check("after")
         finally:

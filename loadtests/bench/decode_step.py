@@ -25,7 +25,7 @@ from server.engine.builder import build_serving
 from server.lora import cpu_kernel
 from server.lora.weights import AdapterWeights
 from server.model.loading import load_model
-from server.model.runner import ModelRunner, SeqStep
+from server.model.runner import ModelRunner, SeqStep, one_adapter
 
 CACHE = Path.home() / ".cache" / "loraplex"
 
@@ -89,15 +89,16 @@ def main() -> None:
         fill_slots(runner, n_adapters, args.rank)
         per_seq = -(-(args.context + 1) // 16)  # KV blocks of 16 tokens
         tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(args.batch)]
-        base = [SeqStep([100 + i], args.context, tables[i], -1, True) for i in range(args.batch)]
+        base = [SeqStep([100 + i], args.context, tables[i], (), True) for i in range(args.batch)]
         if args.compose > 1:
             mixed = [
-                SeqStep([100 + i], args.context, tables[i], -1, True,
-                        tuple(((i + j) % n_adapters, 0.5) for j in range(args.compose)))
+                SeqStep([100 + i], args.context, tables[i],
+                        tuple(((i + j) % n_adapters, 0.5) for j in range(args.compose)), True)
                 for i in range(args.batch)
             ]
         else:
-            mixed = [SeqStep([100 + i], args.context, tables[i], i % n_adapters, True) for i in range(args.batch)]
+            mixed = [SeqStep([100 + i], args.context, tables[i], one_adapter(i % n_adapters), True)
+                     for i in range(args.batch)]
             mixed.sort(key=lambda s: s.slot)
         base_t, lora_t = [], []
         for _ in range(args.rounds):

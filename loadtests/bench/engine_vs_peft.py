@@ -48,6 +48,7 @@ from loadtests.bench.common import (
     step_inline,
     write_json,
 )
+from server.adapters.selection import Selection
 from server.engine.request import FinishReason, Request, SamplingParams
 from server.lora import cpu_kernel
 from server.model.loading import LoadedModel
@@ -141,7 +142,7 @@ def _drive(
     for i in indices:
         sink = TimedSink()
         stored = serving.store.get(work.adapters[i])
-        serving.engine.submit(Request(f"{tag}-{i}", work.prompts[i], params, adapter=stored), sink)
+        serving.engine.submit(Request(f"{tag}-{i}", work.prompts[i], params, selection=Selection.of(stored)), sink)
         sinks.append(sink)
     if inline:
         step_inline(serving.engine)

@@ -34,7 +34,7 @@ from server.config import CacheConfig, Config, LoraConfig, ModelConfig
 from server.engine.builder import Serving, build_serving
 from server.lora.weights import load_weights
 from server.model.loading import LoadedModel, load_model
-from server.model.runner import ModelRunner, SeqStep
+from server.model.runner import ModelRunner, SeqStep, one_adapter
 from tests.helpers.tiny import AdapterSpec, make_adapter
 
 PROMPTS = [
@@ -83,10 +83,11 @@ def decode(runner: ModelRunner, prompt: list[int], new: int, slot: int, forced: 
     greedy token, or the ``forced`` continuation's (teacher forcing). Returns the tokens chosen at each position and
     the fp32 logits ``[new, vocab]`` that chose them."""
     blocks = list(range(-(-(len(prompt) + new) // runner.block_size)))
-    logits = [runner.execute([SeqStep(prompt, 0, blocks, slot, True)])[-1]]
+    logits = [runner.execute([SeqStep(prompt, 0, blocks, one_adapter(slot), True)])[-1]]
     while len(logits) < new:
         fed = int(logits[-1].argmax()) if forced is None else forced[len(logits) - 1]
-        logits.append(runner.execute([SeqStep([fed], len(prompt) + len(logits) - 1, blocks, slot, True)])[-1])
+        step = SeqStep([fed], len(prompt) + len(logits) - 1, blocks, one_adapter(slot), True)
+        logits.append(runner.execute([step])[-1])
     out = torch.stack(logits)
     return out.argmax(-1).tolist(), out
 

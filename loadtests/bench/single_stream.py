@@ -43,6 +43,7 @@ from loadtests.bench.common import (
     step_inline,
     write_json,
 )
+from server.adapters.selection import Selection
 from server.engine.request import Request, SamplingParams
 from tests.helpers import engine as eng
 
@@ -110,7 +111,7 @@ def engine_once(
     stored = serving.store.get(adapter) if adapter else None
     sink = TimedSink()
     t0 = time.perf_counter()
-    serving.engine.submit(Request(tag, prompt, params, adapter=stored), sink)
+    serving.engine.submit(Request(tag, prompt, params, selection=Selection.of(stored)), sink)
     if inline:
         step_inline(serving.engine)
     if not sink.done.wait(600):

@@ -12,7 +12,7 @@ class AdapterInfo(BaseModel):
 
     name: str
     version: str | None = Field(description="sha256 of the adapter's files (null: not readable under this name)")
-    state: str = Field(description="stored | loading | host | device | failed | invalid")
+    state: str = Field(description="stored | loading | host | device | failed | retiring | invalid")
     tier: str = Field(description="the fastest tier holding it: device | host | disk")
     pinned: bool = False
     in_flight: int = Field(0, description="requests using it now (waiting or running)")

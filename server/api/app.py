@@ -10,13 +10,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.types import Scope
 
+from server.adapters.catalog import Catalog
+from server.adapters.registry import AdapterRegistry
 from server.api.admission import Admission
 from server.api.auth import unauthorized
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
 from server.api.keys import ApiKeys
 from server.api.lora_modules import LoraModuleError, register_lora_modules
-from server.api.registry import AdapterRegistry
 from server.api.routes import admin, chat, completions, health, lora_compat, metrics, models, tokenize, version
 from server.api.state import AppState
 from server.config import AdminConfig, HttpConfig
@@ -47,11 +48,8 @@ def create_app(
         config = serving.config
         registry = AdapterRegistry(
             serving.store,
-            serving.spec,
-            serving.model_name,
-            serving.max_lora_rank,
-            serving.engine,
-            serving.adapters,
+            Catalog(serving.store, serving.spec, serving.model_name, serving.max_lora_rank),
+            serving.engine.send,
             config.admin.max_upload_bytes,
             config.admin.operation_timeout,
         )

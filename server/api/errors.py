@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_store.errors import AdapterError, AdapterNotFound, StoreConflict, StoreUnavailable, UploadTooLarge
+from server.adapters.errors import AdapterBusy, AdapterInUse, NameConflict, PinLimitReached
 from server.api.request_errors import request_error
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -40,6 +41,22 @@ def unavailable(message: str, code: str, retry_after: int = 1) -> ApiError:
     return ApiError(503, message, code, headers={"Retry-After": str(retry_after)})
 
 
+_ADAPTER_STATUS: dict[type[AdapterError], int] = {
+    AdapterNotFound: 404, UploadTooLarge: 413, StoreConflict: 409, NameConflict: 409, AdapterInUse: 409,
+    PinLimitReached: 409,
+}
+
+
+def adapter_error(exc: AdapterError, param: str | None = None) -> ApiError:
+    """The HTTP error for what the store or the adapter registry raised (400 unless it says otherwise)."""
+    param = param or getattr(exc, "param", None)
+    if isinstance(exc, StoreUnavailable | AdapterBusy):
+        error = unavailable(str(exc), exc.code)
+        error.param = param
+        return error
+    return ApiError(_ADAPTER_STATUS.get(type(exc), 400), str(exc), exc.code, param)
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -62,11 +79,8 @@ def install_error_handlers(app: FastAPI, before_validation: Callable[[Request], 
         return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
 
     @app.exception_handler(AdapterError)
-    async def _adapter_error(_: Request, exc: AdapterError) -> JSONResponse:
-        if isinstance(exc, StoreUnavailable):
-            return await _api_error(_, unavailable(str(exc), exc.code))
-        status = {AdapterNotFound: 404, UploadTooLarge: 413, StoreConflict: 409}.get(type(exc), 400)
-        return error_response(status, str(exc), exc.code)
+    async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+        return await _api_error(request, adapter_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

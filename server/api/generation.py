@@ -131,8 +131,7 @@ class Generation:
                 request_id=f"{self.id}-{i}",
                 prompt_ids=ids,
                 params=p,
-                adapter=target.adapter,
-                composition=target.composition,
+                selection=target.selection,
             )
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
         ]
@@ -141,27 +140,22 @@ class Generation:
         except ApiError as exc:
             if exc.status in (429, 503) and state.serving.metrics is not None:  # a 400 is not a rejection
                 for request in requests:
-                    state.serving.metrics.rejected(request.adapter_kind)
+                    state.serving.metrics.rejected(request.selection.kind)
             raise
-        target.hold(len(requests))
-
-        def finished() -> None:  # on the engine thread, once per engine request
-            state.admission.leave()
-            target.done()
-
-        self._outputs: Outputs = state.client.generate_many(requests, on_finish=finished)
+        self._outputs: Outputs = state.client.generate_many(requests, on_finish=state.admission.leave)
+        target.lease.release()  # after the submissions: the engine holds the versions for each request now
         self._gone = asyncio.ensure_future(_disconnected(http))
 
     @classmethod
     def start(cls, state: AppState, target: Target, *args, **kwargs) -> Generation:
-        """Submit; on any failure before submission the target's leases are released."""
+        """Submit; on any failure before submission the target's lease is released."""
         try:
             return cls(state, target, *args, **kwargs)
         except BaseException:
-            target.release()
+            target.lease.release()
             raise
 
-    async def first_output(self) -> str | None:
+    async def first_output(self) -> tuple[str, ...]:
         """Wait for the first output (of any prompt); raise its HTTP error if it failed at once.
 
         Returns where the adapters were found (``x-loraplex-adapter-cache``).
@@ -175,7 +169,7 @@ class Generation:
         except BaseException:
             await self.close()
             raise
-        return out.adapter_tier
+        return out.adapter_tiers
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Every output, the one read by :meth:`first_output` first; raises ApiError on timeout or disconnect."""

@@ -13,8 +13,8 @@ from contextlib import ExitStack
 
 from adapters_store.errors import AdapterError
 from adapters_store.upload import ARCHIVE_SUFFIXES, folder_files
+from server.adapters.registry import AdapterRegistry
 from server.api.errors import ApiError
-from server.api.registry import AdapterRegistry
 from server.config import LoraModule
 
 

@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.adapters.registry import AdapterRegistry
 from server.api.admission import Admission
 from server.api.errors import unavailable
 from server.api.keys import ApiKeys
-from server.api.registry import AdapterRegistry
 from server.api.schemas import MAX_COMPOSED
 from server.engine.builder import Serving
 from server.engine.client import EngineClient

@@ -17,8 +17,9 @@ from adapters_store.backend import AdapterStore
 from adapters_store.base_model import BaseModelSpec
 from adapters_store.local import LocalAdapterStore
 from server import native
+from server.adapters.loader import DiskLoader, store_reader
+from server.adapters.residency import Residency
 from server.config import Config, LoraConfig
-from server.engine.adapter_cache import AdapterCache
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine
 from server.engine.scheduler import Scheduler
@@ -43,7 +44,7 @@ class Serving:
 
     config: Config
     engine: Engine
-    adapters: AdapterCache
+    residency: Residency
     tokenizer: PreTrainedTokenizerBase
     store: AdapterStore
     spec: BaseModelSpec
@@ -56,7 +57,7 @@ class Serving:
     def stop(self) -> None:
         """Stop the engine (aborting what still runs), then the adapter loader thread."""
         self.engine.stop()
-        self.adapters.close()
+        self.residency.close()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -201,18 +202,14 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     metrics = Metrics(config.metrics) if config.metrics.enabled else None
     if metrics is not None:
         metrics.model_name = config.model.served_name or loaded.name
-    adapters = AdapterCache(
-        spec,
-        runner.slots,
-        config.lora.host_cache_bytes,
-        config.lora.max_lora_rank,
-        locate=store.locate,
-        on_loaded=lambda: engine_box[0].wake() if engine_box else None,
-        metrics=metrics,
+    loader = DiskLoader(
+        store_reader(store.locate, spec, config.lora.max_lora_rank, pin_memory=device.type == "cuda"),
+        on_done=lambda: engine_box[0].wake() if engine_box else None,
     )
-    scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), adapters,
+    residency = Residency(runner.slots, config.lora.host_cache_bytes, loader, metrics)
+    scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), residency,
                           recompute_at=shape.long_rope_after)
-    telemetry = Telemetry(metrics, scheduler, adapters) if metrics is not None else None
+    telemetry = Telemetry(metrics, scheduler) if metrics is not None else None
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_ids(loaded), telemetry)
     engine_box.append(engine)
     runner.warmup()
@@ -224,7 +221,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     return Serving(
         config=config,
         engine=engine,
-        adapters=adapters,
+        residency=residency,
         tokenizer=loaded.tokenizer,
         store=store,
         spec=spec,

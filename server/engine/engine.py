@@ -8,10 +8,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
+from server.adapters import commands
+from server.adapters.commands import AdapterCommand
 from server.engine.detokenizer import Detokenizer
 from server.engine.messages import Abort, Call, Message, OutputSink, RequestOutput, Stop, Submit, Wake
 from server.engine.request import ErrorKind, FinishReason, Request
@@ -86,13 +88,25 @@ class Engine:
         self.inbox.put(Wake())
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
-        """Run ``fn`` on the engine thread between two steps; the future holds its result or exception."""
+        """Run ``fn`` on the engine thread between two steps (tests and benchmarks look at engine state so;
+        operators' actions are adapter commands: :meth:`send`)."""
         future: Future[T] = Future()
         if self._thread is None or not self._thread.is_alive() or self._stopping:
             future.set_exception(RuntimeError("the engine is not running"))
             return future
         self.inbox.put(Call(fn, future))
         return future
+
+    def send(self, command: AdapterCommand) -> Future[Any] | None:
+        """Queue an adapter command for the engine thread; its future (None for holds), failed at once when the
+        engine is not running."""
+        done = getattr(command, "done", None)
+        with self._closing:
+            if not self._closed and self._thread is not None and not self._stopping:
+                self.inbox.put(command)
+                return done
+        commands.fail(command, RuntimeError("the engine is not running"))
+        return done
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="loraplex-engine", daemon=True)
@@ -125,10 +139,12 @@ class Engine:
                 msg = self.inbox.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(msg, Call):
-                msg.future.set_exception(RuntimeError("the engine stopped"))
-            elif isinstance(msg, Submit):
+            if isinstance(msg, Submit):
                 _refuse(msg.request, msg.sink)
+            elif isinstance(msg, Call):
+                msg.future.set_exception(RuntimeError("the engine stopped"))
+            elif not isinstance(msg, Abort | Wake | Stop):
+                commands.fail(msg, RuntimeError("the engine stopped"))
 
     def _drain(self, block: bool) -> None:
         """Take new messages, waiting a little for the first one when ``block``."""
@@ -146,11 +162,17 @@ class Engine:
                 req = self.scheduler.find(msg.request_id)
                 if req is not None:
                     self._finish(req, FinishReason.ABORT)
-            elif isinstance(msg, Call) and msg.future.set_running_or_notify_cancel():
+            elif isinstance(msg, Call):
+                if msg.future.set_running_or_notify_cancel():
+                    try:
+                        msg.future.set_result(msg.fn())
+                    except Exception as exc:
+                        msg.future.set_exception(exc)
+            elif not isinstance(msg, Wake):
                 try:
-                    msg.future.set_result(msg.fn())
-                except Exception as exc:
-                    msg.future.set_exception(exc)
+                    commands.run(msg, self.scheduler.residency, self.scheduler.busy_slots)
+                except Exception:
+                    log.exception("adapter command %s failed", type(msg).__name__)
 
     def _accept(self, req: Request, sink: OutputSink) -> None:
         self._sinks[req.request_id] = sink
@@ -171,6 +193,7 @@ class Engine:
         """Schedule, run one forward pass, sample, and emit outputs."""
         telemetry = self.telemetry
         started = time.perf_counter()
+        self.scheduler.residency.retry_loads(self.scheduler.busy_slots())  # operators' loads waiting for a slot
         batch = self.scheduler.schedule()
         for req in batch.failed:
             if telemetry:
@@ -192,8 +215,7 @@ class Engine:
             start = req.num_computed
             tokens = req.next_tokens(n)
             done_prompt = start + n >= req.num_tokens
-            composed = tuple(zip(req.composed_slots, (t.weight for t in req.composition), strict=True))
-            seqs.append(SeqStep(tokens, start, req.blocks, req.slot, done_prompt, composed, req.num_tokens))
+            seqs.append(SeqStep(tokens, start, req.blocks, req.lora_terms, done_prompt, req.num_tokens))
             if done_prompt:
                 sampled.append(req)
         logits = self.runner.execute(seqs)
@@ -271,7 +293,7 @@ class Engine:
             finish_reason=req.finish_reason if finished else None,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
-            adapter_tier=req.adapter_tier,
+            adapter_tiers=req.tiers if len(req.output_ids) <= 1 else (),  # the first output's
             error=error,
             error_kind=kind,
         )

@@ -7,6 +7,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from server.adapters.commands import AdapterCommand
 from server.engine.request import ErrorKind, FinishReason, Request
 
 
@@ -21,7 +22,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
-    adapter_tier: str | None = None
+    adapter_tiers: tuple[str, ...] = ()  # on a request's first output: where each adapter was found on arrival
     error: str | None = None
     error_kind: ErrorKind | None = None
 
@@ -47,7 +48,7 @@ class Wake:
 
 @dataclass(frozen=True)
 class Call:
-    """Run ``fn`` on the engine thread between steps (operator actions on engine-owned state)."""
+    """Tests' and benchmarks' look at engine-owned state between two steps; operators send adapter commands."""
 
     fn: Callable[[], Any]
     future: Future
@@ -58,4 +59,4 @@ class Stop:
     pass
 
 
-Message = Submit | Abort | Wake | Call | Stop
+Message = Submit | Abort | Wake | Call | Stop | AdapterCommand

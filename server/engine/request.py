@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from adapters_store.backend import StoredAdapter
+from server.adapters.selection import Selection
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -70,14 +71,6 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
-@dataclass(frozen=True)
-class WeightedAdapter:
-    """One term of a composition: ``weight * scale * B A x`` of ``adapter``."""
-
-    adapter: StoredAdapter
-    weight: float
-
-
 @dataclass
 class Request:
     """A completion request as the engine tracks it."""
@@ -85,16 +78,14 @@ class Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: StoredAdapter | None = None
-    composition: tuple[WeightedAdapter, ...] = ()  # several adapters at once (then ``adapter`` is None)
+    selection: Selection = field(default_factory=Selection)  # the base model, one adapter or a weighted sum
     arrival: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)
-    slot: int = -1  # adapter slot while running; -1 = base model
-    composed_slots: tuple[int, ...] = ()  # the slots of ``composition`` while running, in its order
-    adapter_tier: str | None = None  # where the adapter was found when the request arrived
+    slots: tuple[int, ...] = ()  # while running: each term's device slot, in the selection's order
+    tiers: tuple[str, ...] = ()  # where each term's adapter was found when the request arrived
     finish_reason: FinishReason | None = None
     error: str | None = None
     error_kind: ErrorKind | None = None
@@ -106,20 +97,21 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("the prompt is empty")
-        if self.composition and self.adapter is not None:
-            raise ValueError("a request has one adapter or a composition, not both")
 
     @property
     def adapters(self) -> tuple[StoredAdapter, ...]:
         """Every adapter the request needs resident."""
-        if self.adapter is not None:
-            return (self.adapter,)
-        return tuple(term.adapter for term in self.composition)
+        return self.selection.adapters
 
     @property
-    def adapter_kind(self) -> str:
-        """``base``, ``adapter`` or ``composed``: the metrics' label."""
-        return "composed" if self.composition else "adapter" if self.adapter is not None else "base"
+    def lora_terms(self) -> tuple[tuple[int, float], ...]:
+        """(slot, weight) of each term while running: what the runner hands the LoRA op."""
+        return tuple(zip(self.slots, self.selection.weights, strict=True))
+
+    @property
+    def sort_slot(self) -> int:
+        """Requests with equal keys run next to each other (runs of one adapter for the LoRA op)."""
+        return self.slots[0] if self.selection.single is not None else -1
 
     @property
     def num_tokens(self) -> int:

@@ -4,34 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Collection
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from adapters_store.backend import StoredAdapter
+from server.adapters.residency import Acquired, Outcome, Residency
 from server.engine.block_manager import BlockManager
 from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus
 
 log = logging.getLogger(__name__)
-
-
-class AdapterSlots(Protocol):
-    """What the scheduler needs of the adapter cache."""
-
-    def acquire(self, adapter: StoredAdapter, holding: Collection[int] = (), new_slot: bool = True) -> _Acquired: ...
-    def capacity(self, adapters: Collection[StoredAdapter]) -> int: ...
-    def release(self, slot: int) -> None: ...
-    def tier(self, adapter: StoredAdapter) -> str: ...
-
-
-class _Acquired(Protocol):
-    @property
-    def state(self) -> object: ...
-    @property
-    def slot(self) -> int: ...
-    @property
-    def error(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -64,14 +45,16 @@ class Scheduler:
     KV blocks for a request's whole budget (prompt + max_tokens) are taken at
     admission, so a running request never runs out of cache and nothing is
     preempted. A request whose adapter is still loading, or finds every slot
-    held, waits without blocking the requests behind it.
+    busy, waits without blocking the requests behind it. A request holds its
+    adapters' versions from :meth:`add` to :meth:`finish`, the one place that
+    frees what a request held.
     """
 
     def __init__(
         self,
         config: SchedulerConfig,
         blocks: BlockManager,
-        adapters: AdapterSlots,
+        residency: Residency,
         clock: Callable[[], float] = time.monotonic,
         recompute_at: int | None = None,
     ) -> None:
@@ -82,7 +65,7 @@ class Scheduler:
         self.recompute_at = recompute_at
         self.clock = clock
         self.blocks = blocks
-        self.adapters = adapters
+        self.residency = residency
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -98,8 +81,7 @@ class Scheduler:
             )
         if self.blocks.blocks_for(request.max_total_tokens) > self.blocks.num_blocks:
             raise ValueError(f"the request needs more KV cache than the server has ({self.blocks.num_blocks} blocks)")
-        if request.adapters:
-            request.adapter_tier = ",".join(self.adapters.tier(a) for a in request.adapters)
+        request.tiers = tuple(self.residency.hold(a).tier for a in request.adapters)
         self.waiting.append(request)
 
     def schedule(self) -> ScheduledBatch:
@@ -120,8 +102,12 @@ class Scheduler:
                 batch.steps.append((req, n))
                 budget -= n
         self._admit(batch, budget)
-        batch.steps.sort(key=lambda step: step[0].slot)  # runs of equal adapter for the LoRA op
+        batch.steps.sort(key=lambda step: step[0].sort_slot)  # runs of equal adapter for the LoRA op
         return batch
+
+    def busy_slots(self) -> Counter[int]:
+        """Running requests per adapter slot: those slots are never given to another adapter."""
+        return Counter(slot for req in self.running for slot in req.slots)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         still_waiting: deque[Request] = deque()
@@ -131,6 +117,7 @@ class Scheduler:
         # Queued requests that cannot start this step have their adapters read into host memory meanwhile
         # (at most a batch's worth of them), so a load never waits for a free sequence slot to begin.
         look_ahead = self.config.max_num_seqs
+        busy = self.busy_slots()
         try:
             while self.waiting:
                 req = self.waiting.popleft()
@@ -140,15 +127,16 @@ class Scheduler:
                     if req.adapters and look_ahead > 0:
                         look_ahead -= 1
                         for a in req.adapters:
-                            self.adapters.fetch(a)
+                            self.residency.read_ahead(a)
                     continue
                 if req.adapters:
-                    waiting_for = self._acquire_adapters(req, batch, new_slots=not slots_reserved)
+                    waiting_for = self._acquire_adapters(req, batch, busy, new_slots=not slots_reserved)
                     if waiting_for is not None:
                         if req.status is RequestStatus.WAITING:
                             still_waiting.append(req)
-                            slots_reserved = slots_reserved or waiting_for == "no_slot"
+                            slots_reserved = slots_reserved or waiting_for is Outcome.NO_SLOT
                         continue
+                    busy.update(req.slots)
                 req.blocks = self.blocks.allocate(req.max_total_tokens)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
@@ -159,32 +147,30 @@ class Scheduler:
             still_waiting.extend(self.waiting)
             self.waiting = still_waiting
 
-    def _acquire_adapters(self, req: Request, batch: ScheduledBatch, new_slots: bool) -> str | None:
+    def _acquire_adapters(
+        self, req: Request, batch: ScheduledBatch, busy: Counter[int], new_slots: bool
+    ) -> Outcome | None:
         """Take a slot for each of ``req``'s adapters, or none of them.
 
-        None when it has them all; else why not (``loading``, ``no_slot``, or
-        ``failed``, the request then finished with its error).
+        None when it has them all; else why not (``LOADING``, ``NO_SLOT``, or
+        ``FAILED``, the request then finished with its error).
         """
         slots: list[int] = []
         for adapter in req.adapters:
             try:
-                got = self.adapters.acquire(adapter, slots, new_slots)
-            except Exception:  # the cache's fault: this request fails, the others carry on
+                got = self.residency.acquire(adapter, busy, slots, new_slots)
+            except Exception:  # the residency's fault: this request fails, the others carry on
                 log.exception("acquiring adapter %s failed", adapter.ref)
-                for slot in slots:
-                    self.adapters.release(slot)
                 self._fail(req, batch, f"adapter {adapter.name!r} could not be made resident", ErrorKind.INTERNAL)
-                return "failed"
-            if got.error is None and got.slot >= 0:
+                return Outcome.FAILED
+            if got.outcome is Outcome.READY:
                 slots.append(got.slot)
                 continue
-            for slot in slots:
-                self.adapters.release(slot)
-            if got.error is not None:
+            if got.outcome is Outcome.FAILED:
                 kind = ErrorKind.UNAVAILABLE if got.retryable else ErrorKind.ADAPTER
                 self._fail(req, batch, f"adapter {adapter.name!r} cannot be loaded: {got.error}", kind)
-                return "failed"
-            capacity = self.adapters.capacity(req.adapters)
+                return Outcome.FAILED
+            capacity = self.residency.capacity(req.adapters)
             if len(req.adapters) > capacity:
                 self._fail(
                     req,
@@ -193,43 +179,42 @@ class Scheduler:
                     "not pinned by other adapters; retry after an unpin",
                     ErrorKind.UNAVAILABLE,
                 )
-                return "failed"
+                return Outcome.FAILED
             now = self.clock()
             if req.adapter_wait_since is None:
                 req.adapter_wait_since = now
             if now - req.adapter_wait_since > self.config.adapter_wait_timeout:
                 self._fail(req, batch, self._wait_message(adapter.name, got), ErrorKind.UNAVAILABLE)
-                return "failed"
-            return "loading" if getattr(got.state, "value", got.state) == "loading" else "no_slot"
-        if req.adapter is not None:
-            req.slot = slots[0]
-        else:
-            req.composed_slots = tuple(slots)
+                return Outcome.FAILED
+            return got.outcome
+        req.slots = tuple(slots)
         return None
 
     def _fail(self, req: Request, batch: ScheduledBatch, error: str, kind: ErrorKind = ErrorKind.ADAPTER) -> None:
+        """``req`` (waiting, being admitted) ends with ``error``."""
         req.error, req.error_kind = error, kind
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = FinishReason.ERROR
+        self.finish(req, FinishReason.ERROR)
         batch.failed.append(req)
 
-    def _wait_message(self, name: str, got: _Acquired) -> str:
-        loading = getattr(got.state, "value", got.state) == "loading"
-        why = "did not finish loading" if loading else "found no free device slot (all are held by running requests)"
+    def _wait_message(self, name: str, got: Acquired) -> str:
+        loading = got.outcome is Outcome.LOADING
+        why = "did not finish loading" if loading else "found no free device slot (all are busy with running requests)"
         return f"adapter {name!r} {why} within {self.config.adapter_wait_timeout:g} s; retry later"
 
     def finish(self, req: Request, reason: FinishReason) -> None:
-        """Free what ``req`` holds; it leaves the running or waiting set."""
+        """Free what ``req`` holds (KV blocks, slots, its hold on its adapters); it leaves the running or
+        waiting set. Once per request: a finished request is left as it is."""
+        if req.status is RequestStatus.FINISHED:
+            return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
             self.blocks.release(req.blocks)
             req.blocks = []
-            self.adapters.release(req.slot)
-            for slot in req.composed_slots:
-                self.adapters.release(slot)
-            req.slot, req.composed_slots = -1, ()
         elif req in self.waiting:
             self.waiting.remove(req)
+        req.slots = ()
+        for adapter in req.adapters:
+            self.residency.release(adapter)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
 

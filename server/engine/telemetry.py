@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from server.engine.adapter_cache import AdapterCache
 from server.engine.request import FinishReason, Request
 from server.engine.scheduler import ScheduledBatch, Scheduler
 from server.metrics import Metrics
@@ -38,17 +37,15 @@ def _guarded(fn: F) -> F:
 
 
 class Telemetry:
-    def __init__(self, metrics: Metrics, scheduler: Scheduler, cache: AdapterCache) -> None:
+    def __init__(self, metrics: Metrics, scheduler: Scheduler) -> None:
         self.metrics = metrics
         self.scheduler = scheduler
-        self.cache = cache
 
     @_guarded
     def accepted(self, req: Request) -> None:
         """A request arrived: where each of its adapters was found."""
-        for tier in (req.adapter_tier or "").split(","):
-            if tier:
-                self.metrics.adapter_lookup(tier)
+        for tier in req.tiers:
+            self.metrics.adapter_lookup(tier)
 
     @_guarded
     def scheduled(self, batch: ScheduledBatch, now: float) -> None:
@@ -56,12 +53,12 @@ class Telemetry:
         for req, _ in batch.steps:
             if req.admitted_at is None:
                 req.admitted_at = now
-                self.metrics.admitted(req.adapter_kind, now - req.arrival)
+                self.metrics.admitted(req.selection.kind, now - req.arrival)
         self._state()
 
     @_guarded
     def token(self, req: Request, now: float) -> None:
-        kind = req.adapter_kind
+        kind = req.selection.kind
         if req.first_token_at is None:
             req.first_token_at = now
             admitted = req.admitted_at if req.admitted_at is not None else now
@@ -75,17 +72,16 @@ class Telemetry:
     def finished(self, req: Request, reason: FinishReason) -> None:
         now = time.monotonic()
         if req.admitted_at is None:  # it never ran: its whole life was queue time
-            self.metrics.admitted(req.adapter_kind, now - req.arrival)
+            self.metrics.admitted(req.selection.kind, now - req.arrival)
         n = len(req.output_ids)
         tpot = None
         if n > 1 and req.first_token_at is not None and req.last_token_at is not None:
             tpot = (req.last_token_at - req.first_token_at) / (n - 1)
-        self.metrics.finished(req.adapter_kind, _OUTCOMES[reason], now - req.arrival, tpot, _name(req))
+        self.metrics.finished(req.selection.kind, _OUTCOMES[reason], now - req.arrival, tpot, _name(req))
 
     @_guarded
     def stepped(self, batch: ScheduledBatch, phases: dict[str, float]) -> None:
-        slots = {req.slot for req, _ in batch.steps if req.slot >= 0}
-        slots.update(s for req, _ in batch.steps for s in req.composed_slots)
+        slots = {s for req, _ in batch.steps for s in req.slots}
         self.metrics.step(len(batch.steps), sum(n for _, n in batch.steps), len(slots), phases)
 
     @_guarded
@@ -94,23 +90,25 @@ class Telemetry:
         self._state()
 
     def _state(self) -> None:
-        s, cache = self.scheduler, self.cache
+        s = self.scheduler
+        residency = s.residency
         waiting_adapters = {a for req in s.waiting for a in req.adapters}
         blocks = s.blocks
         self.metrics.engine_state(
             running=len(s.running),
             waiting=len(s.waiting),
-            adapters_waiting=sum(1 for a in waiting_adapters if cache.tier(a) == "host"),
-            slots_used=cache.slots_in_use,
-            slots_total=cache.slots.num_slots,
-            host_bytes=cache.host_bytes,
-            host_limit=cache.host_bytes_limit,
+            adapters_waiting=sum(1 for a in waiting_adapters if residency.tier(a) == "host"),
+            slots_used=residency.slots_in_use(s.busy_slots()),
+            slots_total=residency.slots.num_slots,
+            host_bytes=residency.host_bytes,
+            host_limit=residency.host_bytes_limit,
             kv_usage=blocks.used_blocks / blocks.num_blocks if blocks.num_blocks else 0.0,
         )
         if self.metrics.lora_requests_due():
             running = {a.name for req in s.running for a in req.adapters}
-            self.metrics.lora_requests(running, {a.name for a in waiting_adapters}, cache.slots.num_slots)
+            self.metrics.lora_requests(running, {a.name for a in waiting_adapters}, residency.slots.num_slots)
 
 
 def _name(req: Request) -> str | None:
-    return req.adapter.name if req.adapter is not None else None
+    single = req.selection.single
+    return single.name if single is not None else None

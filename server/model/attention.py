@@ -32,7 +32,7 @@ class PrefillSpan:
 class AttentionBatch:
     """Per-step attention layout, built once and read by every layer."""
 
-    slot_mapping: torch.Tensor  # [T] int64: where each new token's K/V is written
+    cache_rows: torch.Tensor  # [T] int64: where each new token's K/V is written
     decode_rows: torch.Tensor | None  # [B] int64: rows of decode tokens in the packed batch
     decode_kv_index: torch.Tensor | None  # [B, Lmax] int64 flat cache positions (padded with 0)
     decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] bool, True = attend
@@ -48,23 +48,23 @@ class AttentionBatch:
         device: torch.device,
         decode_kernel: bool = False,
         window: int | None = None,
-        slot_mapping: torch.Tensor | None = None,
+        cache_rows: torch.Tensor | None = None,
     ) -> AttentionBatch:
         """``seqs``: per sequence, in packed order: (its block table, tokens already cached,
         tokens this step). ``window``: each query attends only to the last ``window`` positions up to its own
         (transformers' sliding window: key ``j`` is seen from query ``i`` when ``i - window < j <= i``).
         Cache positions are computed from block tables with tensor ops, so the Python work per step grows with
-        blocks, not with context length. ``slot_mapping``: where this step's K/V go, when another layout of the
+        blocks, not with context length. ``cache_rows``: where this step's K/V go, when another layout of the
         same step already has it (the windowed one reuses the full one's)."""
         bs = block_size
-        slots: list[int] = []
+        rows: list[int] = []
         decode_rows: list[int] = []
         decode: list[tuple[list[int], int]] = []
         prefills: list[PrefillSpan] = []
         row = 0
         for blocks, cached, new in seqs:
-            if slot_mapping is None:
-                slots.extend(blocks[p // bs] * bs + p % bs for p in range(cached, cached + new))
+            if cache_rows is None:
+                rows.extend(blocks[p // bs] * bs + p % bs for p in range(cached, cached + new))
             length = cached + new
             if new == 1 and cached > 0:
                 decode_rows.append(row)
@@ -96,8 +96,8 @@ class AttentionBatch:
             if not decode_kernel:
                 d_mask = (torch.arange(longest, device=device)[None, :] < lengths[:, None])[:, None, None, :]
         return cls(
-            slot_mapping=(torch.tensor(slots, dtype=torch.int64, device=device) if slot_mapping is None
-                          else slot_mapping),
+            cache_rows=(torch.tensor(rows, dtype=torch.int64, device=device) if cache_rows is None
+                          else cache_rows),
             decode_rows=d_rows,
             decode_kv_index=d_idx,
             decode_mask=d_mask,
@@ -129,8 +129,8 @@ def attend(
 
     ``q [T, n_heads, hd]``, ``k``/``v`` ``[T, n_kv, hd]``; returns ``[T, n_heads * hd]``.
     """
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
+    k_cache.index_copy_(0, batch.cache_rows, k)
+    v_cache.index_copy_(0, batch.cache_rows, v)
     t, n_heads, hd = q.shape
     od = None
     if batch.decode_rows is not None and batch.decode_kernel:

@@ -20,10 +20,24 @@ class SeqStep:
     token_ids: list[int]  # tokens fed this step (a prompt chunk, or the last sampled token)
     start: int  # position of token_ids[0] in the sequence
     blocks: list[int]  # the sequence's KV block table
-    slot: int  # adapter slot, -1 for the base model
+    lora: tuple[tuple[int, float], ...]  # (slot, weight) of each adapter term; () for the base model
     sample: bool  # whether the logits of the last token are needed
-    composed: tuple[tuple[int, float], ...] = ()  # (slot, weight) of each adapter composed; then ``slot`` is -1
     length: int = 0  # the sequence's tokens so far (prompt and outputs): longrope picks its table by it
+
+    @property
+    def slot(self) -> int:
+        """The slot of a sequence of one adapter at full weight (the LoRA op's segment path), else -1."""
+        return self.lora[0][0] if len(self.lora) == 1 and self.lora[0][1] == 1.0 else -1
+
+    @property
+    def composed(self) -> tuple[tuple[int, float], ...]:
+        """The terms that take the op's weighted path: every term, unless the sequence is plain or base."""
+        return () if self.slot >= 0 else self.lora
+
+
+def one_adapter(slot: int) -> tuple[tuple[int, float], ...]:
+    """``SeqStep.lora`` for the adapter on ``slot`` at full weight (-1: the base model)."""
+    return () if slot < 0 else ((slot, 1.0),)
 
 
 class ModelRunner:
@@ -81,12 +95,10 @@ class ModelRunner:
             rope_rows=self._rope_rows(seqs, torch.tensor(positions, dtype=torch.int64, device=dev)),
             attention=attention,
             windowed=None if window is None else AttentionBatch.build(
-                layout, self.block_size, dev, self.decode_kernel, window, attention.slot_mapping
+                layout, self.block_size, dev, self.decode_kernel, window, attention.cache_rows
             ),
             lora=LoraBatch.build(token_slots, dev, self.backend, composed=terms),
-            lora_projections=self._projections(
-                {seq.slot for seq in seqs} | {slot for seq in seqs for slot, _ in seq.composed}
-            ),
+            lora_projections=self._projections({slot for seq in seqs for slot, _ in seq.lora}),
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
         return self.model.forward(step, self.kv_cache)
@@ -111,4 +123,4 @@ class ModelRunner:
 
         It writes K/V into the first block only, which any later owner overwrites.
         """
-        self.execute([SeqStep([0, 1], 0, [0], -1, True), SeqStep([0], 2, [0], 0, True)])
+        self.execute([SeqStep([0, 1], 0, [0], (), True), SeqStep([0], 2, [0], ((0, 1.0),), True)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from server.api.model_names import adapter_named_by
+from server.adapters.model_names import adapter_named_by
 
 
 def adapter_named(body: bytes, base_model: str) -> str | None:

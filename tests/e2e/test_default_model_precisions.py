@@ -104,9 +104,9 @@ def test_gguf_codes_give_the_dequantized_models_logits(default_model, default_mo
         manifest, binding = inspect(store / "all7", serving.spec, 16)
         runner.slots.write(0, load_weights(store / "all7", manifest, binding))
         tables = [list(range(0, 8)), list(range(8, 16))]
-        prefill = runner.execute([SeqStep(ids, 0, tables[0], -1, True), SeqStep(ids, 0, tables[1], 0, True)])
-        decode = runner.execute([SeqStep([ids[-1]], n, tables[0], -1, True),
-                                 SeqStep([ids[-1]], n, tables[1], 0, True)])
+        prefill = runner.execute([SeqStep(ids, 0, tables[0], (), True), SeqStep(ids, 0, tables[1], ((0, 1.0),), True)])
+        decode = runner.execute([SeqStep([ids[-1]], n, tables[0], (), True),
+                                 SeqStep([ids[-1]], n, tables[1], ((0, 1.0),), True)])
         logits[activations if quantization == "auto" else "none"] = (prefill, decode,
                                                                    runner.model.weights_summary())
         serving.stop()

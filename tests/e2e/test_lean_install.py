@@ -20,7 +20,7 @@ import httpx
 import pytest
 from packaging.requirements import Requirement
 
-from tests.helpers.server_process import free_port
+from tests.helpers.server_process import free_port, share_kernels
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
@@ -71,6 +71,7 @@ def test_the_server_runs_on_the_runtime_dependencies_alone(tmp_path):
     code = f"import sys; sys.path[:0] = {[str(REPO), str(site)]!r}; from server.cli import main; sys.exit(main())"
     argv = [sys.executable, "-S", "-c", code, "serve", "--port", str(port), "--cache-dir", str(tmp_path / "cache"),
             "--adapters-dir", str(tmp_path / "adapters")]
+    share_kernels(tmp_path / "cache")  # the conversion is fresh; the C kernels are the machine's builds
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(argv, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

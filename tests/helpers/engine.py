@@ -9,6 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from server.adapters.selection import Selection
 from server.config import (
     AdminConfig,
     AuthConfig,
@@ -109,5 +110,5 @@ class Collected:
 def submit(serving: Serving, request_id: str, prompt_ids: list[int], adapter: str | None, params: SamplingParams):
     stored = serving.store.get(adapter) if adapter else None
     sink = Collected()
-    serving.engine.submit(Request(request_id, prompt_ids, params, adapter=stored), sink)
+    serving.engine.submit(Request(request_id, prompt_ids, params, selection=Selection.of(stored)), sink)
     return sink

@@ -52,9 +52,26 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> None:
         proc.wait()
 
 
+def share_kernels(cache_dir: Path) -> None:
+    """Link ``cache_dir/kernels`` to the machine's kernel cache (``~/.cache/loraplex/kernels``, where servers
+    started without ``--cache-dir`` build them) unless it exists: building the C kernels takes about 20 s per
+    cache, and they are not what a test of a server's behaviour is about. Builds are atomic renames, so
+    servers can share them."""
+    kernels = cache_dir / "kernels"
+    if kernels.exists() or kernels.is_symlink():
+        return
+    shared = Path.home() / ".cache" / "loraplex" / "kernels"
+    shared.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    kernels.symlink_to(shared, target_is_directory=True)
+
+
 @contextmanager
 def running_server(args: list[str], log_path: Path, timeout: float = 180.0, env: dict[str, str] | None = None):
-    """``env``: variables added to the process's environment (LORAPLEX_* ones are otherwise stripped)."""
+    """``env``: variables added to the process's environment (LORAPLEX_* ones are otherwise stripped). A fresh
+    ``--cache-dir`` gets the machine's C kernel builds linked in (:func:`share_kernels`)."""
+    if "--cache-dir" in args:
+        share_kernels(Path(args[args.index("--cache-dir") + 1]))
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAPLEX_")} | (env or {})

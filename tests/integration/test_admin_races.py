@@ -14,6 +14,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from server.adapters.commands import TakeSnapshot
 from server.api.app import create_app
 from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
@@ -109,17 +110,18 @@ def test_admin_actions_racing_with_requests(world):
     assert len(ok) > 20 and len({v for v in ok}) >= 3  # several versions were really served
 
     # Nothing leaked: slots, leases, host bytes, stored files of old versions.
-    registry = client.app.state.loraplex.registry
+    engine = client.app.state.loraplex.serving.engine
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         listing = client.get("/admin/adapters").json()
+        held = engine.send(TakeSnapshot()).result(10).held_versions()
         objects = set(os.listdir(store / ".objects"))
         linked = {os.readlink(p).split("/")[-1] for p in store.iterdir() if p.is_symlink()}
-        if listing["slots_in_use"] == 0 and not registry.leased_versions() and objects == linked:
+        if listing["slots_in_use"] == 0 and not held and objects == linked:
             break
         time.sleep(0.1)
     assert listing["slots_in_use"] == 0
-    assert not registry.leased_versions()
+    assert not held
     assert objects == linked, (objects, linked)
     assert listing["host_bytes"] <= listing["host_bytes_limit"]
     assert all(a["in_flight"] == 0 and not a["pinned"] for a in listing["data"])

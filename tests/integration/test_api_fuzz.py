@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.torch import load_file, save_file
 
+from server.adapters.commands import TakeSnapshot
 from server.api.admin_schemas import AdapterInfo, AdapterList, UploadResult
 from server.api.app import create_app
 from server.api.tokenize_schemas import DetokenizeResponse, TokenizeResponse
@@ -850,25 +851,22 @@ def test_server_is_whole_after_fuzzing(world):
 
 
 def assert_nothing_leased(state, within: float = 5.0) -> None:
-    """No adapter lease is out, and the only adapter slot references left are the pins'."""
-    registry, engine = state.registry, state.serving.engine
-    cache = engine.scheduler.adapters
-
-    def slots() -> tuple[int, int, dict]:
-        residence = cache.residence()
-        running = {key: r.running for key, r in residence.items() if r.running}
-        return cache.slots_in_use, sum(r.pinned for r in residence.values()), running
+    """No request holds an adapter version, and the only adapter slots in use are the pins'."""
+    engine = state.serving.engine
 
     deadline = time.monotonic() + within
     while True:
-        leases = {name: n for name in state.serving.store.names() if (n := registry.in_flight(name))}
-        in_use, pins, running = engine.call(slots).result(30)
-        released = not leases and not registry.leased_versions() and in_use == pins and not running
-        if released or time.monotonic() > deadline:
+        snapshot = engine.send(TakeSnapshot()).result(30)
+        held = {key: r.refs for key, r in snapshot.records.items() if r.refs}
+        pins = sum(r.pinned for r in snapshot.records.values())
+        running = dict(engine.call(engine.scheduler.busy_slots).result(30))
+        if (not held and snapshot.slots_in_use == pins and not running) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert not leases and not registry.leased_versions(), f"leases still out: {leases} {registry.leased_versions()}"
-    assert in_use == pins and not running, f"{in_use} slots in use for {pins} pins; running on them: {running}"
+    assert not held, f"versions still held: {held}"
+    assert snapshot.slots_in_use == pins and not running, (
+        f"{snapshot.slots_in_use} slots in use for {pins} pins; running on them: {running}"
+    )
 
 
 # -- with API keys -----------------------------------------------------------------------------------------------------

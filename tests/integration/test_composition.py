@@ -22,6 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from server.adapters.commands import TakeSnapshot
 from server.api.app import create_app
 from server.lora import cpu_kernel
 from server.lora.metadata import LoraBackend
@@ -166,17 +167,17 @@ def assert_matches(r, models: References, composition: Composition, prompt_ids: 
 def assert_released(client: TestClient, timeout: float = 5.0) -> None:
     """The engine is idle, no adapter slot or KV block is held, no adapter lease is out."""
     state = client.app.state.loraplex
-    engine, registry = state.serving.engine, state.registry
+    engine = state.serving.engine
     sched = engine.scheduler
 
     def snapshot():
-        return sched.has_work, sched.adapters.slots_in_use, sched.blocks.used_blocks
+        return sched.has_work, sched.residency.slots_in_use(sched.busy_slots()), sched.blocks.used_blocks
 
     deadline = time.monotonic() + timeout
     while True:
         idle = engine.call(snapshot).result(timeout) == (False, 0, 0)
-        leases = {name: registry.in_flight(name) for name in client.app.state.loraplex.serving.store.names()}
-        if idle and not any(leases.values()) and not registry.leased_versions():
+        leases = engine.send(TakeSnapshot()).result(timeout).held_versions()
+        if idle and not leases:
             return
         assert time.monotonic() < deadline, (engine.call(snapshot).result(timeout), leases)
         time.sleep(0.02)
@@ -184,25 +185,37 @@ def assert_released(client: TestClient, timeout: float = 5.0) -> None:
 
 @contextmanager
 def paused(engine) -> Iterator[None]:
-    """Hold the engine thread between two steps; messages sent meanwhile are all taken before the next step."""
+    """Hold the engine thread between two steps; messages sent meanwhile are all taken before the next step.
+    Requests submitted meanwhile are counted (:func:`wait_for_inbox`)."""
     holding, gate = threading.Event(), threading.Event()
+    submitted = SUBMITTED[engine] = [0]
 
     def hold() -> bool:
         holding.set()
         return gate.wait(30)
 
+    def counted(request, sink) -> None:
+        type(engine).submit(engine, request, sink)
+        submitted[0] += 1
+
     done = engine.call(hold)
+    engine.submit = counted
     try:
         assert holding.wait(30), "the engine did not pause"
         yield
     finally:
+        del engine.submit
         gate.set()
     assert done.result(30)
 
 
+SUBMITTED: dict[object, list[int]] = {}  # requests submitted to a paused engine
+
+
 def wait_for_inbox(engine, n: int) -> None:
+    """Until ``n`` requests were submitted since the engine paused (each also sends adapter holds)."""
     deadline = time.monotonic() + 30
-    while engine.inbox.qsize() < n:
+    while SUBMITTED[engine][0] < n:
         assert time.monotonic() < deadline, "requests did not reach the engine"
         time.sleep(0.005)
 
@@ -274,19 +287,17 @@ def test_logits_equal_the_merged_model_at_every_position(world):
 
         def forward(stored=stored, composition=composition, ids=ids, first=first):
             sched = engine.scheduler
-            got = [sched.adapters.acquire(a) for a in stored]
+            got = [sched.residency.acquire(a, sched.busy_slots()) for a in stored]
             blocks = [sched.blocks.allocate(n + 1) for n in range(first, len(ids))]
             try:
                 assert all(g.slot >= 0 for g in got), got  # loaded by the fixture
                 composed = tuple((g.slot, w) for g, (_, w) in zip(got, composition, strict=True))
                 prefixes = zip(range(first, len(ids)), blocks, strict=True)
-                seqs = [SeqStep(ids[: n + 1], 0, b, -1, True, composed) for n, b in prefixes]
+                seqs = [SeqStep(ids[: n + 1], 0, b, composed, True) for n, b in prefixes]
                 return engine.runner.execute(seqs)
             finally:
                 for b in blocks:
                     sched.blocks.release(b)
-                for g in got:
-                    sched.adapters.release(g.slot)
 
         logits = engine.call(forward).result(30)
         torch.testing.assert_close(logits, expected[first:], rtol=1e-4, atol=3e-4)

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from server.adapters.selection import Selection
 from server.engine.client import EngineClient
 from server.engine.request import ErrorKind, FinishReason, Request, SamplingParams
 from server.lora import cpu_kernel
@@ -47,7 +48,8 @@ def test_closing_the_stream_aborts_and_frees_everything(world):
 
     async def consume_two():
         params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
-        gen = client.generate(Request("abort-me", tok("hello world")["input_ids"], params, adapter=stored))
+        request = Request("abort-me", tok("hello world")["input_ids"], params, selection=Selection.of(stored))
+        gen = client.generate(request)
         seen = [await anext(gen), await anext(gen)]
         await gen.aclose()  # what a client disconnect does
         return seen
@@ -55,7 +57,7 @@ def test_closing_the_stream_aborts_and_frees_everything(world):
     seen = asyncio.run(consume_two())
     assert not any(o.finished for o in seen)
     _wait_idle(serving)
-    assert serving.engine.scheduler.adapters.slots_in_use == 0
+    assert not serving.engine.scheduler.busy_slots()
 
 
 def test_stop_string_ends_the_request_and_is_not_returned(world):
@@ -114,7 +116,7 @@ def test_bf16_adapters_under_fp32_serving(tmp_path):
     from server.config import CacheConfig, Config, LoraConfig, ModelConfig
     from server.engine.builder import build_serving
     from server.model.loading import LoadedModel
-    from server.model.runner import SeqStep
+    from server.model.runner import SeqStep, one_adapter
     from tests.helpers.reference import last_logits, peft_model
 
     tok = make_tokenizer()
@@ -131,14 +133,14 @@ def test_bf16_adapters_under_fp32_serving(tmp_path):
         build_serving(config("torch"), LoadedModel(base, tok, "tiny", tmp_path))
     serving = build_serving(config("cpu"), LoadedModel(base, tok, "tiny", tmp_path))
     assert serving.engine.runner.slots.modules["model.layers.0.mlp.up_proj"].a.dtype == torch.bfloat16
-    cache = serving.engine.scheduler.adapters
+    cache = serving.engine.scheduler.residency
     stored = serving.store.get("m")
     deadline = time.monotonic() + 30
-    while (got := cache.acquire(stored)).slot < 0:
+    while (got := cache.acquire(stored, {})).slot < 0:
         assert got.error is None and time.monotonic() < deadline
         time.sleep(0.01)
     ids = tok("hello world, this is")["input_ids"]
-    logits = serving.engine.runner.execute([SeqStep(ids, 0, [0, 1], got.slot, True)])[0]
+    logits = serving.engine.runner.execute([SeqStep(ids, 0, [0, 1], one_adapter(got.slot), True)])[0]
     ref = last_logits(peft_model(base, path), ids)
     base_logits = last_logits(base, ids)
     # bf16 rounding of the adapter weights moves the logits a little; the adapter's effect is far larger.

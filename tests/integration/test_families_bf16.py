@@ -24,7 +24,7 @@ def test_bf16_steps_stay_within_bf16_rounding_of_transformers(arch):
     model = CausalLM(base.config, ModuleTensors(base), torch.device("cpu"), torch.bfloat16)
     runner = ModelRunner(model, 16, 16, 1, 8, LoraBackend.CPU_KERNEL, decode_kernel=True)
     seq = tok(CORPUS[1])["input_ids"]  # 31 tokens: past the window (8) of the windowed families
-    logits = runner.execute([SeqStep(seq, 0, [0, 1, 2], -1, True)])[0]
+    logits = runner.execute([SeqStep(seq, 0, [0, 1, 2], (), True)])[0]
     ours, theirs = [], []
     for _ in range(6):
         with torch.inference_mode():
@@ -34,5 +34,5 @@ def test_bf16_steps_stay_within_bf16_rounding_of_transformers(arch):
         theirs.append(float((bf16 - fp32).abs().max()))
         assert int(logits.argmax()) == int(bf16.argmax()), (arch, len(seq))
         seq.append(int(bf16.argmax()))
-        logits = runner.execute([SeqStep([seq[-1]], len(seq) - 1, [0, 1, 2], -1, True)])[0]
+        logits = runner.execute([SeqStep([seq[-1]], len(seq) - 1, [0, 1, 2], (), True)])[0]
     assert max(ours) <= 2 * max(theirs) + 0.02, (arch, ours, theirs)

@@ -52,7 +52,7 @@ def test_a_gguf_of_each_family_serves_transformers_reading_of_it(tmp_path, arch)
                                                                                        "w_down")}
         assert kinds == {"QuantizedMatrix"} and model.weights_summary().startswith("Q8_0 codes"), kinds
         ids = tok(CORPUS[1])["input_ids"]  # 31 tokens: past Gemma's window
-        logits = serving.engine.runner.execute([SeqStep(ids, 0, [0, 1], -1, True)])[0]
+        logits = serving.engine.runner.execute([SeqStep(ids, 0, [0, 1], (), True)])[0]
         torch.testing.assert_close(logits, last_logits(reference, ids), rtol=1e-4, atol=1e-4, msg=arch)
     finally:
         serving.stop()

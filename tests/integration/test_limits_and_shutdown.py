@@ -86,8 +86,8 @@ class InProcess:
             "running": len(sched.running),
             "waiting": len(sched.waiting),
             "kv_blocks": sched.blocks.used_blocks,
-            "slots_in_use": sched.adapters.slots_in_use,
-            "leases": self.state.registry.in_flight(ADAPTER),
+            "slots_in_use": sched.residency.slots_in_use(sched.busy_slots()),
+            "leases": sched.residency.snapshot({}).in_flight(ADAPTER),
             "admitted": self.state.admission.in_flight,
         }
 
@@ -327,7 +327,7 @@ def test_requests_the_stopped_engine_never_runs_are_503_and_release_everything(t
                             timeout=30)
         assert stream.status_code == 503 and stream.headers["retry-after"], stream.text
         s.wait_idle()  # admission and leases of the refused requests given back
-        assert s.state.admission.in_flight == 0 and s.state.registry.in_flight(ADAPTER) == 0
+        assert s.state.admission.in_flight == 0 and s.snapshot()["leases"] == 0
 
         s.state.admission.closed = True  # what the lifespan's shutdown sets first
         closed = httpx.post(s.url + "/v1/completions", json=_long(tok, max_tokens=5), timeout=30)

@@ -60,7 +60,7 @@ def test_traffic_over_a_thousand_adapters_stays_within_the_host_bound(world):
     assert len(client.get("/v1/models").json()["data"]) == N_ADAPTERS + 1
     rng = np.random.default_rng(5)
     picks = [int(N_ADAPTERS * x) for x in rng.power(0.3, N_REQUESTS)]  # S-LoRA's skewed popularity
-    cache = client.app.state.loraplex.serving.adapters
+    cache = client.app.state.loraplex.serving.residency
     results: dict[int, tuple[int, str, str]] = {}
     peak = [0]
     stop = threading.Event()

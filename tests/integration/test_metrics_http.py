@@ -22,6 +22,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.adapters.selection import Selection
 from server.api.app import create_app
 from server.config import AuthConfig, LimitsConfig
 from server.engine.request import Request, SamplingParams
@@ -517,7 +518,8 @@ def test_a_request_is_counted_before_its_final_output_is_delivered(world, case):
         req = Request("probe-too-long", [5, 6, 7], SamplingParams(max_tokens=100_000, temperature=0.0))
         probe = Probe(serving, "base", "error")
     else:
-        req = Request("probe-nan", [5, 6, 7], SamplingParams(max_tokens=2), adapter=serving.store.get("nan-probe"))
+        req = Request("probe-nan", [5, 6, 7], SamplingParams(max_tokens=2),
+                      selection=Selection.of(serving.store.get("nan-probe")))
         probe = Probe(serving, "adapter", "error")
     before = probe.count()
     serving.engine.submit(req, probe)

@@ -96,18 +96,18 @@ def test_concurrent_mixed_batch_matches_peft(arch_setup, tokenizer, tmp_path, ba
     # The adapters really change the output (otherwise the comparison proves little).
     base_only = {tuple(expected[i]) for i in range(len(plan)) if plan[i] is None}
     assert sum(tuple(expected[i]) not in base_only for i in range(len(plan)) if plan[i]) >= 5
-    assert serving.engine.scheduler.adapters.slots_in_use == 0
+    assert not serving.engine.scheduler.busy_slots()
     assert serving.engine.scheduler.blocks.used_blocks == 0
 
 
 def test_mixed_prefill_logits_match_peft(arch_setup, tokenizer, tmp_path):
     """One packed forward pass over prompts of different adapters: logits within tolerance of PEFT."""
-    from server.model.runner import SeqStep
+    from server.model.runner import SeqStep, one_adapter
 
     arch, base, store, paths, plan, _ = arch_setup
     serving = eng.build(base, tokenizer, store, tmp_path, backend="cpu")
     runner = serving.engine.runner
-    cache = serving.engine.scheduler.adapters
+    cache = serving.engine.scheduler.residency
     seqs, refs, offset = [], [], 0
     for i, adapter in enumerate(plan):
         ids = tokenizer(PROMPTS[i])["input_ids"]
@@ -115,14 +115,14 @@ def test_mixed_prefill_logits_match_peft(arch_setup, tokenizer, tmp_path):
         if adapter is not None:
             stored = serving.store.get(adapter)
             deadline = time.monotonic() + 30
-            while (got := cache.acquire(stored)).slot < 0:  # the first call starts the disk load
+            while (got := cache.acquire(stored, {})).slot < 0:  # the first call starts the disk load
                 assert got.error is None, got.error
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             slot = got.slot
         blocks = list(range(offset, offset + 16))  # 16 blocks of 16 tokens, disjoint per sequence
         offset += 16
-        seqs.append(SeqStep(ids, 0, blocks, slot, True))
+        seqs.append(SeqStep(ids, 0, blocks, one_adapter(slot), True))
         refs.append(last_logits(peft_model(base, paths[adapter] if adapter else None), ids))
     logits = runner.execute(seqs)
     for i, ref in enumerate(refs):

@@ -41,6 +41,7 @@ def client(tmp_path_factory):
         return serving
 
     with TestClient(create_app(build)) as client:
+        assert client.app.state.loraplex.registry.report.done.wait(60)  # cards then say what the check found
         yield client
 
 

@@ -71,13 +71,13 @@ def test_chunked_prefill_across_the_window_logits_match_peft(windowed, tokenizer
     blocks = list(range(-(-len(ids) // 16)))
     logits = None
     for start in range(0, len(ids), 5):
-        logits = runner.execute([SeqStep(ids[start : start + 5], start, blocks, -1, True)])
+        logits = runner.execute([SeqStep(ids[start : start + 5], start, blocks, (), True)])
     torch.testing.assert_close(logits[0], last_logits(base, ids), rtol=1e-4, atol=1e-4, msg=arch)
     # Decode 10 tokens one at a time beyond it: each step's logits against the full forward pass.
     seq = list(ids)
     for _ in range(10):
         seq.append(int(logits[0].argmax()))
         blocks = list(range(-(-len(seq) // 16)))
-        logits = runner.execute([SeqStep([seq[-1]], len(seq) - 1, blocks, -1, True)])
+        logits = runner.execute([SeqStep([seq[-1]], len(seq) - 1, blocks, (), True)])
         torch.testing.assert_close(logits[0], last_logits(base, seq), rtol=1e-4, atol=1e-4, msg=f"{arch} {len(seq)}")
     serving.stop()

@@ -12,7 +12,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from server.api import registry as registry_module
+from server.adapters import catalog as catalog_module
 from server.api.app import create_app
 from server.lora import cpu_kernel
 from server.model import cpu_attention
@@ -79,14 +79,14 @@ class SlowChecks:
 
     def __init__(self, monkeypatch) -> None:
         self.release, self.waiting = threading.Event(), threading.Event()
-        real = registry_module.validate
+        real = catalog_module.validate
 
         def slow(*args, **kw):
             self.waiting.set()
             assert self.release.wait(60)
             return real(*args, **kw)
 
-        monkeypatch.setattr(registry_module, "validate", slow)
+        monkeypatch.setattr(catalog_module, "validate", slow)
 
 
 def wait_for(predicate, timeout=60.0):
@@ -107,7 +107,7 @@ def complete(client, model):
 
 
 def test_ready_does_not_wait_for_the_check_which_then_names_each_invalid_adapter(made, tmp_path, monkeypatch, caplog):
-    caplog.set_level(logging.INFO, logger="server.api.store_report")
+    caplog.set_level(logging.INFO, logger="server.adapters.store_report")
     store = place_store(tmp_path / "store", made[2])
     slow = SlowChecks(monkeypatch)
     with TestClient(app_for(made, store)) as client:
@@ -145,7 +145,7 @@ def test_ready_does_not_wait_for_the_check_which_then_names_each_invalid_adapter
             one = client.get(f"/admin/adapters/{name}").json()
             assert one["state"] == "invalid" and one["error"] in error["message"]
 
-    lines = [r.getMessage() for r in caplog.records if r.name == "server.api.store_report"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.adapters.store_report"]
     assert lines[0] == f"adapter store {store}: 6 adapters found; checking them in the background"
     for name, says in INVALID.items():
         named = [line for line in lines if line.startswith(f"adapter {name!r} is invalid and not served: ")]

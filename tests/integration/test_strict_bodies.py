@@ -68,7 +68,7 @@ def _idle(client: TestClient, timeout: float = 5.0) -> None:
     sched = engine.scheduler
 
     def snapshot():
-        return sched.has_work, sched.adapters.slots_in_use, sched.blocks.used_blocks
+        return sched.has_work, sched.residency.slots_in_use(sched.busy_slots()), sched.blocks.used_blocks
 
     deadline = time.monotonic() + timeout
     while engine.call(snapshot).result(timeout) != (False, 0, 0):

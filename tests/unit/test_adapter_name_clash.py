@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.api.model_names import adapter_named_by, base_name_clash
+from server.adapters.model_names import adapter_named_by, base_name_clash
 
 BASE = "SmolLM2-135M-Instruct"
 

@@ -6,19 +6,17 @@ from __future__ import annotations
 import itertools
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 import server.metrics as metrics_module
 from adapters_store.backend import StoredAdapter
-from adapters_store.base_model import BaseModelSpec
-from server.engine.adapter_cache import AdapterCache, Residency
-from server.lora.slots import SlotPool
-from server.lora.weights import AdapterWeights
+from server.adapters.residency import Outcome, Residency
 from server.metrics import DEFAULT_TOP_K, OTHER, REBALANCE_EVERY, Metrics, MetricsConfig
+from tests.helpers.residency import residency, weights
 
 PER_ADAPTER = ("loraplex_adapter_requests_total", "loraplex_adapter_time_to_first_token_seconds",
                "loraplex_adapter_e2e_request_latency_seconds")
@@ -196,56 +194,43 @@ def test_a_lookup_counts_every_tier_looked_in_and_a_hit_where_found(found, looku
     assert {t: value(m, "loraplex_adapter_cache_hits_total", tier=t) for t in hits} == hits
 
 
-MODULE = "model.layers.0.self_attn.q_proj"
+def _cache(m: Metrics, slots: int, host_bytes: int) -> Residency:
+    made = residency(slots, host_bytes)
+    made.metrics = m
+    made.loader.broken.add("broken")
+    return made
 
 
-def _cache(m: Metrics, slots: int, host_bytes: int) -> AdapterCache:
-    spec = BaseModelSpec("llama", {MODULE: (8, 8)}, frozenset())
-    pool = SlotPool({MODULE: (8, 8)}, slots, 4, torch.float32, torch.device("cpu"))
-
-    def load(stored: StoredAdapter) -> AdapterWeights:
-        if stored.name == "broken":
-            raise ValueError("broken on purpose")
-        return AdapterWeights(a={MODULE: torch.ones(2, 8)}, bt={MODULE: torch.ones(2, 8)}, scale={MODULE: 1.0})
-
-    return AdapterCache(spec, pool, host_bytes, 4, loader=load, metrics=m)
-
-
-def _ready(cache: AdapterCache, name: str) -> int:
-    stored = StoredAdapter(name, "v1", Path("/store") / name)
-    deadline = time.monotonic() + 10
-    while True:
-        got = cache.acquire(stored)
-        if got.state is not Residency.LOADING:
-            return got.slot if got.state is Residency.READY else -1
-        assert time.monotonic() < deadline, f"{name} never loaded"
-        time.sleep(0.002)
+def _ready(cache: Residency, name: str, busy: Counter[int] | None = None) -> int:
+    got = cache.acquire(StoredAdapter(name, "v1", Path("/store") / name), busy or Counter())
+    assert got.outcome is not Outcome.LOADING, f"{name} never loaded"
+    return got.slot if got.outcome is Outcome.READY else -1
 
 
 def test_cache_reports_loads_and_lru_evictions_in_both_tiers():
     m = Metrics()
-    nbytes = 2 * (2 * 8 * 4)  # one adapter's A and B^T in fp32
+    nbytes = weights(1.0).nbytes  # one adapter's A and B^T in fp32
     cache = _cache(m, slots=2, host_bytes=2 * nbytes)  # two slots, room for two adapters in host memory
     try:
         for name in ("a", "b"):
-            cache.release(_ready(cache, name))
+            _ready(cache, name)
         assert value(m, "loraplex_adapter_loads_total", tier="host", result="ok") == 2
         assert value(m, "loraplex_adapter_loads_total", tier="device", result="ok") == 2
         assert value(m, "loraplex_adapter_load_seconds_count", tier="host") == 2
         assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="lru") == 0
-        cache.release(_ready(cache, "c"))  # a third: the LRU slot (a's) and the LRU host copy (a's) go
+        _ready(cache, "c")  # a third: the LRU slot (a's) and the LRU host copy (a's) go
         assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="lru") == 1
         assert value(m, "loraplex_adapter_evictions_total", tier="host", reason="lru") == 1
         assert _ready(cache, "broken") == -1
         assert value(m, "loraplex_adapter_loads_total", tier="host", result="failed") == 1
         assert value(m, "loraplex_adapter_load_seconds_count", tier="host") == 3  # failures are not timed
-        assert cache.evict("c") == 0  # the default reason: an operator's evict
+        assert cache.evict("c").result(0) is None  # the default reason: an operator's evict
         assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="admin") == 1
         assert value(m, "loraplex_adapter_evictions_total", tier="host", reason="admin") == 1
-        cache.evict("b", reason="delete")
+        cache.evict("b", reason="delete").result(0)
         assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="delete") == 1
         assert value(m, "loraplex_adapter_evictions_total", tier="host", reason="delete") == 1
-        cache.release(_ready(cache, "d"))  # onto the slot the evictions freed: nothing is evicted for it
+        _ready(cache, "d")  # onto the slot the evictions freed: nothing is evicted for it
         assert value(m, "loraplex_adapter_evictions_total", tier="device", reason="lru") == 1
     finally:
         cache.close()
@@ -382,12 +367,11 @@ def test_tokens_are_counted_as_they_are_produced_not_at_the_end():
 
 
 def _telemetry(m: Metrics):
+    from server.engine.block_manager import BlockManager
+    from server.engine.scheduler import Scheduler, SchedulerConfig
     from server.engine.telemetry import Telemetry
 
-    cache = SimpleNamespace(tier=lambda a: "disk", slots_in_use=0, slots=SimpleNamespace(num_slots=2), host_bytes=0,
-                            host_bytes_limit=1)
-    scheduler = SimpleNamespace(waiting=[], running=[], blocks=SimpleNamespace(used_blocks=0, num_blocks=4))
-    return Telemetry(m, scheduler, cache)
+    return Telemetry(m, Scheduler(SchedulerConfig(), BlockManager(4, 16), residency(2)))
 
 
 def test_a_request_that_never_ran_observes_its_whole_life_as_queue_time():
@@ -431,25 +415,24 @@ def test_slot_waits_count_each_time_a_host_resident_adapter_finds_no_free_slot()
     m = Metrics()
     cache = _cache(m, slots=1, host_bytes=1 << 20)
     try:
-        held = _ready(cache, "a")  # the only slot, held by a running request
+        busy = Counter({_ready(cache, "a"): 1})  # the only slot, busy with a running request
         assert value(m, "loraplex_adapter_slot_waits_total") == 0
-        assert _ready(cache, "b") == -1  # b loads from disk (no wait counted for it), then finds no free slot
+        assert _ready(cache, "b", busy) == -1  # b loads from disk (no wait counted for it), then finds no free slot
         assert value(m, "loraplex_adapter_slot_waits_total") == 1
         stored_b = StoredAdapter("b", "v1", Path("/store/b"))
         for i in range(2, 5):  # once per engine step it waits
-            assert cache.acquire(stored_b).state is Residency.NO_SLOT
+            assert cache.acquire(stored_b, busy).outcome is Outcome.NO_SLOT
             assert value(m, "loraplex_adapter_slot_waits_total") == i
-        assert cache.acquire(stored_b, new_slot=False).state is Residency.NO_SLOT  # an older request goes first
+        assert cache.acquire(stored_b, busy, new_slot=False).outcome is Outcome.NO_SLOT  # an older request goes first
         assert value(m, "loraplex_adapter_slot_waits_total") == 5
         # Still loading from disk is not a slot wait.
         stored_c = StoredAdapter("c", "v1", Path("/store/c"))
-        assert cache.acquire(stored_c).state is Residency.LOADING
+        cache.loader.blocked.add("c")
+        assert cache.acquire(stored_c, busy).outcome is Outcome.LOADING
         assert value(m, "loraplex_adapter_slot_waits_total") == 5
-        cache.release(held)
-        got = cache.acquire(stored_b)  # the slot is free now: b takes it, no wait
-        assert got.state is Residency.READY
+        got = cache.acquire(stored_b, Counter())  # the request finished: b takes the slot, no wait
+        assert got.outcome is Outcome.READY
         assert value(m, "loraplex_adapter_slot_waits_total") == 5
-        cache.release(got.slot)
     finally:
         cache.close()
 
@@ -474,10 +457,9 @@ def test_a_failed_slot_write_counts_a_failed_device_load_and_leaves_the_slot_usa
         assert value(m, "loraplex_adapter_loads_total", tier="device", result="failed") == 1
         assert value(m, "loraplex_adapter_loads_total", tier="device", result="ok") == 0
         assert value(m, "loraplex_adapter_load_seconds_count", tier="device") == 0  # failures are not timed
-        got = cache.acquire(stored)  # the slot went back to the free ones: the next try takes it
-        assert got.state is Residency.READY
+        got = cache.acquire(stored, Counter())  # the slot stayed free: the next try takes it
+        assert got.outcome is Outcome.READY
         assert value(m, "loraplex_adapter_loads_total", tier="device", result="ok") == 1
         assert value(m, "loraplex_adapter_loads_total", tier="device", result="failed") == 1
-        cache.release(got.slot)
     finally:
         cache.close()

@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters_store.backend import StoredAdapter
-from server.api.registry import AdapterRegistry
+from server.adapters.catalog import Catalog
+from server.adapters.registry import AdapterRegistry
 
 V1, V2 = (StoredAdapter("x", v * 64, Path("/cache") / v) for v in "12")
 
 
 def registry() -> AdapterRegistry:
-    # Only the bookkeeping is exercised: no store, engine or cache is touched.
-    return AdapterRegistry(None, None, "base", 8, None, None, 1, 1.0)
+    # Only the bookkeeping is exercised: no store or engine is touched.
+    return AdapterRegistry(None, Catalog(None, None, "base", 8), lambda command: None, 1, 1.0)
 
 
 def test_a_lookup_that_finishes_late_does_not_undo_a_newer_one():

@@ -1,80 +1,18 @@
-"""The scheduler with a fake adapter cache: budgets, KV room, slots, loading adapters."""
+"""The scheduler on a residency with a loader the test controls: budgets, KV room, slots, loading adapters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from adapters_store.backend import StoredAdapter
+from server.adapters.residency import Residency
+from server.adapters.selection import Selection, Term
 from server.engine.block_manager import BlockManager
-from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus, SamplingParams, WeightedAdapter
+from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus, SamplingParams
 from server.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
-
-
-@dataclass
-class Got:
-    state: str
-    slot: int = -1
-    error: str | None = None
-    retryable: bool = False
-
-
-class FakeAdapters:
-    def __init__(self, slots: int, loading: set[str] = frozenset(), broken: set[str] = frozenset()):
-        self.free = list(range(slots))
-        self.slot_of: dict[str, int] = {}
-        self.refs: dict[int, int] = {}
-        self.loading, self.broken = set(loading), set(broken)
-        self.store_down: set[str] = set()  # adapters whose load failed for a reason that may pass
-        self.pinned: set[str] = set()  # adapters holding a slot for good (one reference each)
-        self.fetched: list[str] = []  # adapters read ahead for queued requests, in order
-
-    def tier(self, adapter):
-        return "device" if adapter.name in self.slot_of else "disk"
-
-    def fetch(self, adapter):
-        self.fetched.append(adapter.name)
-
-    def capacity(self, adapters):
-        """Slots not pinned by adapters other than ``adapters``."""
-        names = {a.name for a in adapters}
-        return len(self.free) - len(self.pinned - names)
-
-    def pin(self, name: str) -> int:
-        got = self.acquire(adapter(name))
-        assert got.slot >= 0, got
-        self.pinned.add(name)
-        return got.slot
-
-    def held(self) -> dict[int, int]:
-        """References per slot, those of pins left out."""
-        pins = {self.slot_of[name] for name in self.pinned}
-        return {s: n - (s in pins) for s, n in self.refs.items() if n - (s in pins)}
-
-    def acquire(self, adapter, holding=(), new_slot=True):
-        if adapter.name in self.broken:
-            return Got("failed", error="broken adapter")
-        if adapter.name in self.store_down:
-            return Got("failed", error="adapter store s3://b: could not download", retryable=True)
-        if adapter.name in self.loading:
-            return Got("loading")
-        slot = self.slot_of.get(adapter.name)
-        if slot is None:
-            idle = [s for s in self.free if self.refs.get(s, 0) == 0]
-            if not idle or not new_slot:
-                return Got("no_slot")
-            slot = idle[0]
-            self.slot_of = {k: v for k, v in self.slot_of.items() if v != slot}
-            self.slot_of[adapter.name] = slot
-        self.refs[slot] = self.refs.get(slot, 0) + 1
-        return Got("ready", slot)
-
-    def release(self, slot):
-        if slot >= 0:
-            self.refs[slot] -= 1
-            assert self.refs[slot] >= 0
+from tests.helpers.residency import ManualLoader, residency
 
 
 def adapter(name: str) -> StoredAdapter:
@@ -83,18 +21,34 @@ def adapter(name: str) -> StoredAdapter:
 
 def req(i: int, prompt: int = 4, max_tokens: int = 4, name: str | None = None) -> Request:
     return Request(f"r{i}", list(range(1, prompt + 1)), SamplingParams(max_tokens=max_tokens),
-                   adapter=adapter(name) if name else None)
+                   selection=Selection.of(adapter(name) if name else None))
 
 
 def composed(i: int, *terms: tuple[str, float], prompt: int = 4, max_tokens: int = 4) -> Request:
-    composition = tuple(WeightedAdapter(adapter(name), weight) for name, weight in terms)
-    return Request(f"r{i}", list(range(1, prompt + 1)), SamplingParams(max_tokens=max_tokens), composition=composition)
+    selection = Selection(tuple(Term(adapter(name), weight) for name, weight in terms))
+    return Request(f"r{i}", list(range(1, prompt + 1)), SamplingParams(max_tokens=max_tokens), selection=selection)
 
 
 def make(slots=2, blocks=64, block_size=4, clock=None, adapters=None, **kw) -> Scheduler:
     extra = {"clock": clock} if clock else {}
-    slots_ = adapters or FakeAdapters(slots)
-    return Scheduler(SchedulerConfig(**kw), BlockManager(blocks, block_size), slots_, **extra)
+    return Scheduler(SchedulerConfig(**kw), BlockManager(blocks, block_size), adapters or residency(slots), **extra)
+
+
+def loader(s: Scheduler) -> ManualLoader:
+    return s.residency.loader
+
+
+def slot_of(s: Scheduler, name: str) -> int:
+    return s.residency.snapshot({}).records[adapter(name).key].slot
+
+
+def held(s: Scheduler) -> dict[int, int]:
+    """Running requests per slot (pins are not requests)."""
+    return dict(s.busy_slots())
+
+
+def pin(s: Scheduler, name: str) -> None:
+    s.residency.load(adapter(name), True, s.busy_slots()).result(0)
 
 
 def ids(requests) -> list[str]:
@@ -134,15 +88,17 @@ def test_finish_releases_blocks_and_adapter_reference():
     s = make()
     s.add(req(0, name="a"))
     (r, _), = s.schedule().steps
-    assert r.slot == 0 and s.adapters.refs[0] == 1
+    assert r.slots == (0,) and held(s) == {0: 1}
+    assert s.residency.snapshot({}).records[adapter("a").key].refs == 1  # held from add to finish
     s.finish(r, FinishReason.STOP)
-    assert s.adapters.refs[0] == 0 and s.blocks.free_blocks == 64
+    assert held(s) == {} and s.blocks.free_blocks == 64 and r.slots == ()
+    assert s.residency.snapshot({}).records[adapter("a").key].refs == 0
     assert r.status is RequestStatus.FINISHED and not s.running
 
 
 def test_waiting_for_a_loading_adapter_does_not_block_others():
     s = make()
-    s.adapters.loading.add("cold")
+    loader(s).blocked.add("cold")
     s.add(req(0, name="cold"))
     s.add(req(1, name="hot"))
     s.add(req(2))
@@ -164,7 +120,7 @@ def test_all_slots_held_means_wait_not_evict():
 
 def test_failed_adapter_fails_only_its_request():
     s = make()
-    s.adapters.broken.add("bad")
+    loader(s).broken.add("bad")
     s.add(req(0, name="bad"))
     s.add(req(1))
     batch = s.schedule()
@@ -175,8 +131,8 @@ def test_failed_adapter_fails_only_its_request():
 
 def test_a_load_that_failed_for_a_passing_reason_is_unavailable_not_invalid():
     s = make()
-    s.adapters.broken.add("bad")
-    s.adapters.store_down.add("later")
+    loader(s).broken.add("bad")
+    loader(s).store_down.add("later")
     s.add(req(0, name="bad"))
     s.add(req(1, name="later"))
     failed = {r.request_id: r.error_kind for r in s.schedule().failed}
@@ -187,7 +143,7 @@ def test_batch_is_grouped_by_adapter_slot():
     s = make(slots=3)
     for i, name in enumerate(["a", "b", None, "a", "b", None]):
         s.add(req(i, name=name))
-    slots = [r.slot for r, _ in s.schedule().steps]
+    slots = [r.sort_slot for r, _ in s.schedule().steps]
     assert slots == sorted(slots)
 
 
@@ -207,7 +163,7 @@ def test_waiting_for_an_adapter_is_bounded(why):
     s.add(req(0, name="a", max_tokens=50))
     s.schedule()  # r0 holds the only slot for a long time
     if why == "did not finish loading":
-        s.adapters.loading.add("b")
+        loader(s).blocked.add("b")
     s.add(req(1, name="b"))
     s.add(req(2))
     assert sorted(r.request_id for r, _ in s.schedule().steps) == ["r0", "r2"]
@@ -229,18 +185,19 @@ PAIR = (("a", 0.5), ("b", -1.0))
 
 def test_a_composition_takes_all_its_slots_or_none():
     s = make(slots=2)
-    s.adapters.loading.add("b")
+    loader(s).blocked.add("b")
     s.add(composed(0, *PAIR))
     s.add(req(1))
-    assert stepped(s.schedule()) == ["r1"]  # "a" had a slot; "b" still loads: "a"'s is given back
-    assert ids(s.waiting) == ["r0"] and s.adapters.held() == {}
-    s.adapters.loading.discard("b")
+    assert stepped(s.schedule()) == ["r1"]  # "a" had a slot; "b" still loads: "a"'s is not taken
+    assert ids(s.waiting) == ["r0"] and held(s) == {}
+    loader(s).blocked.discard("b")
     (r, _), = [step for step in s.schedule().steps if step[0].request_id == "r0"]
-    assert r.status is RequestStatus.RUNNING and r.slot == -1
-    assert sorted(r.composed_slots) == [0, 1] and s.adapters.held() == {0: 1, 1: 1}
-    assert r.composed_slots == (s.adapters.slot_of["a"], s.adapters.slot_of["b"])  # in the composition's order
+    assert r.status is RequestStatus.RUNNING and r.sort_slot == -1
+    assert sorted(r.slots) == [0, 1] and held(s) == {0: 1, 1: 1}
+    assert r.slots == (slot_of(s, "a"), slot_of(s, "b"))  # in the composition's order
+    assert r.lora_terms == ((slot_of(s, "a"), 0.5), (slot_of(s, "b"), -1.0))
     s.finish(r, FinishReason.STOP)
-    assert s.adapters.held() == {} and r.composed_slots == ()
+    assert held(s) == {} and r.slots == ()
 
 
 def test_a_composition_missing_one_slot_holds_none_meanwhile():
@@ -249,15 +206,15 @@ def test_a_composition_missing_one_slot_holds_none_meanwhile():
     s.schedule()  # r0 holds one of the two slots
     s.add(composed(1, *PAIR))
     assert stepped(s.schedule()) == ["r0"]
-    assert ids(s.waiting) == ["r1"] and s.adapters.held() == {s.running[0].slot: 1}
+    assert ids(s.waiting) == ["r1"] and held(s) == {s.running[0].slots[0]: 1}
     s.finish(s.running[0], FinishReason.STOP)
     batch = s.schedule()
-    assert stepped(batch) == ["r1"] and len(set(batch.steps[0][0].composed_slots)) == 2
+    assert stepped(batch) == ["r1"] and len(set(batch.steps[0][0].slots)) == 2
 
 
 def test_a_composition_larger_than_the_unpinned_slots_fails_at_once():
     s = make(slots=2)
-    s.adapters.pin("p")  # one of the two slots, for good
+    pin(s, "p")  # one of the two slots, for good
     s.add(composed(0, *PAIR))
     s.add(composed(1, ("a", 1.0), ("p", 0.5)))  # the pinned adapter's own slot counts for it
     s.add(req(2))
@@ -266,54 +223,56 @@ def test_a_composition_larger_than_the_unpinned_slots_fails_at_once():
     assert failed.request_id == "r0" and failed.error_kind is ErrorKind.UNAVAILABLE
     assert failed.finish_reason is FinishReason.ERROR and "pinned" in failed.error and "only 1" in failed.error
     assert stepped(batch) == ["r1", "r2"] and not s.waiting  # not left waiting for the adapter wait bound
-    held = s.adapters.held()
-    assert held == {s.adapters.slot_of["a"]: 1, s.adapters.slot_of["p"]: 1}  # r1's two; the pin's ref stays
+    assert held(s) == {slot_of(s, "a"): 1, slot_of(s, "p"): 1}  # r1's two
+    assert s.residency.snapshot(s.busy_slots()).slots_in_use == 2
 
 
 def test_once_an_older_request_waits_for_a_slot_newer_ones_get_no_new_slot():
-    """Slots in arrival order: a newer request may share a slot already resident, not take one a waiter needs."""
+    """Slots in arrival order: a newer request may not take a slot a waiter needs, nor join the one draining
+    for it."""
     s = make(slots=2)
     s.add(req(0, name="m", max_tokens=50))
     s.schedule()  # r0 holds "m"'s slot
-    s.add(composed(1, *PAIR))  # needs both slots: waits (no_slot)
+    s.add(composed(1, *PAIR))  # needs both slots: waits (no_slot); m's slot drains for it
     s.add(req(2, name="c"))  # not resident: the free slot is the composition's
-    s.add(req(3, name="m"))  # already on a slot: shares it
+    s.add(req(3, name="m"))  # on the draining slot: waits too
     s.add(req(4))  # base model only
     batch = s.schedule()
-    assert stepped(batch) == ["r0", "r3", "r4"], "the newer r2 took the slot the older composition waits for"
-    assert ids(s.waiting) == ["r1", "r2"]
-    for r in [r for r in s.running if r.request_id in ("r0", "r3")]:
-        s.finish(r, FinishReason.STOP)
-    assert stepped(s.schedule()) == ["r1", "r4"] and ids(s.waiting) == ["r2"]  # the composition first
+    assert stepped(batch) == ["r0", "r4"], "a newer request took a slot the older composition waits for"
+    assert ids(s.waiting) == ["r1", "r2", "r3"]
+    s.finish(next(r for r in s.running if r.request_id == "r0"), FinishReason.STOP)
+    assert stepped(s.schedule()) == ["r1", "r4"] and ids(s.waiting) == ["r2", "r3"]  # the composition first
     s.finish(next(r for r in s.running if r.request_id == "r1"), FinishReason.STOP)
-    assert stepped(s.schedule()) == ["r2", "r4"] and not s.waiting
+    assert stepped(s.schedule()) == ["r2", "r3", "r4"] and not s.waiting
 
 
 def test_a_request_waiting_for_a_load_reserves_no_slot():
     """Only a wait for a free slot holds newer requests back; a load from disk does not."""
     s = make(slots=2)
-    s.adapters.loading.add("cold")
+    loader(s).blocked.add("cold")
     s.add(req(0, name="cold"))
     s.add(req(1, name="c"))
     assert stepped(s.schedule()) == ["r1"] and ids(s.waiting) == ["r0"]
 
 
-class RaisingAdapters(FakeAdapters):
+class RaisingResidency(Residency):
     """Raises in ``acquire`` for the adapters named in ``boom``."""
 
     def __init__(self, slots: int, boom: set[str]):
-        super().__init__(slots, loading={"cold"})
+        made = residency(slots)
+        super().__init__(made.slots, made.host_bytes_limit, made.loader)
+        self.loader.blocked.add("cold")
         self.boom = boom
 
-    def acquire(self, adapter, holding=(), new_slot=True):
+    def acquire(self, adapter, busy, holding=(), new_slot=True):
         if adapter.name in self.boom:
-            raise RuntimeError("simulated fault in the adapter cache")
-        return super().acquire(adapter, holding, new_slot)
+            raise RuntimeError("simulated fault in the residency")
+        return super().acquire(adapter, busy, holding, new_slot)
 
 
 def _raising_pass(boom_request: Request) -> tuple[Scheduler, ScheduledBatch | None]:
     """r0 (base) is admitted, r1 waits for a load, ``boom_request`` (r2) raises, r3 and r4 are not looked at yet."""
-    s = make(adapters=RaisingAdapters(slots=2, boom={"boom"}))
+    s = make(adapters=RaisingResidency(slots=2, boom={"boom"}))
     for r in (req(0), req(1, name="cold"), boom_request, req(3, name="c"), req(4)):
         s.add(r)
     try:
@@ -328,7 +287,7 @@ def test_an_error_in_acquire_fails_that_request_and_the_pass_goes_on():
     assert ids(batch.failed) == ["r2"] and batch.failed[0].error_kind is ErrorKind.INTERNAL
     assert ids(s.running) == ["r0", "r3", "r4"]  # the requests behind it still run
     assert ids(s.waiting) == ["r1"]  # and the one waiting for its load still waits
-    s.adapters.loading.clear()
+    loader(s).blocked.clear()
     assert "r1" in stepped(s.schedule())
 
 
@@ -342,8 +301,9 @@ def test_the_request_whose_acquire_raised_is_not_lost():
 
 def test_an_error_in_acquire_for_a_composition_leaks_no_slot():
     s, _ = _raising_pass(composed(2, ("a", 1.0), ("boom", 0.5)))  # "a" gets a slot, then "boom" raises
-    held = s.adapters.held()
-    assert held == {s.adapters.slot_of["c"]: 1}, f"slot references left behind by the composition that raised: {held}"
+    assert held(s) == {slot_of(s, "c"): 1}, f"slots left busy by the composition that raised: {held(s)}"
+    refs = {k[0]: r.refs for k, r in s.residency.snapshot({}).records.items()}
+    assert refs == {"cold": 1, "a": 0, "boom": 0, "c": 1}, refs  # the failed request's holds were released
 
 
 def test_adapters_of_requests_queued_behind_a_full_batch_are_read_ahead_at_most_a_batch_of_them():
@@ -352,7 +312,8 @@ def test_adapters_of_requests_queued_behind_a_full_batch_are_read_ahead_at_most_
         s.add(req(i, name=name))
     assert stepped(s.schedule()) == ["r0", "r1"]
     # r2..r5 wait: the adapters of the first two adapter requests among them (max_num_seqs) start loading
-    assert s.adapters.fetched == ["c", "d"]
+    assert loader(s).started == ["a", "b", "c", "d"]
+    assert s.residency.tier(adapter("c")) == "host" and s.residency.tier(adapter("e")) == "disk"
     assert ids(s.waiting) == ["r2", "r3", "r4", "r5"]
 
 
@@ -361,4 +322,4 @@ def test_requests_waiting_for_kv_room_have_their_adapters_read_ahead():
     s.add(req(0))
     s.add(req(1, name="a"))
     assert stepped(s.schedule()) == ["r0"]
-    assert s.adapters.fetched == ["a"] and ids(s.waiting) == ["r1"]
+    assert loader(s).started == ["a"] and ids(s.waiting) == ["r1"]

@@ -8,9 +8,9 @@ import threading
 import pytest
 
 from adapters_store.errors import AdapterNotFound, StoreUnavailable
-from server.api.store_report import StoreReport
+from server.adapters.store_report import StoreReport
 
-LOGGER = "server.api.store_report"
+LOGGER = "server.adapters.store_report"
 
 
 def run(names, verify, strays=()) -> StoreReport:

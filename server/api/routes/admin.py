@@ -19,12 +19,12 @@ from starlette.formparsers import MultiPartException
 from adapters_store.backend import StoredAdapter
 from adapters_store.errors import AdapterError, AdapterNotFound, InvalidAdapterName
 from adapters_store.validation import AdapterSummary
+from server.adapters.residency import AdapterRecord, Snapshot
 from server.api.admin_schemas import AdapterInfo, AdapterList, LoadRequest, StoreCheckInfo, UploadResult
 from server.api.auth import Admin
 from server.api.errors import ApiError
 from server.api.state import AppState, State
 from server.api.upload_log import UploadAttempt
-from server.engine.adapter_cache import Residence
 
 router = APIRouter(prefix="/admin/adapters", tags=["admin"])
 MAX_FORM_PARTS = 16
@@ -54,7 +54,7 @@ async def upload_adapter(
         finally:
             await form.close()
     if dry_run:
-        info = _info(uploaded.adapter, uploaded.summary, None, 0, None)
+        info = _info(uploaded.adapter, uploaded.summary, None, None)
         body = UploadResult(**info.model_dump(), created=False, dry_run=True)
         return JSONResponse(body.model_dump(), status_code=200)
     [info] = await _describe(state, [uploaded.adapter.name])
@@ -67,14 +67,14 @@ async def list_adapters(_: Admin, state: State) -> AdapterList:
     """Every stored adapter with its tier, pin, in-flight requests and load history; invalid ones with why.
     ``store_check``: how far the start-up check of the store has got."""
     names = await asyncio.to_thread(state.serving.store.names)
-    cache = state.serving.adapters
+    snapshot = await state.registry.snapshot()
     report = state.registry.report
     return AdapterList(
-        data=await _describe(state, names, single=False),
-        slots_total=cache.slots.num_slots,
-        slots_in_use=cache.slots_in_use,
-        host_bytes=cache.host_bytes,
-        host_bytes_limit=cache.host_bytes_limit,
+        data=await _describe(state, names, single=False, snapshot=snapshot),
+        slots_total=snapshot.slots_total,
+        slots_in_use=snapshot.slots_in_use,
+        host_bytes=snapshot.host_bytes,
+        host_bytes_limit=snapshot.host_bytes_limit,
         store_check=StoreCheckInfo(**dataclasses.asdict(report.check)) if report else None,
     )
 
@@ -120,10 +120,12 @@ async def delete_adapter(name: str, _: Admin, state: State) -> dict:
     return {"id": adapter.name, "version": adapter.version, "object": "adapter", "deleted": True}
 
 
-async def _describe(state: AppState, names: list[str], single: bool = True) -> list[AdapterInfo]:
+async def _describe(
+    state: AppState, names: list[str], single: bool = True, snapshot: Snapshot | None = None
+) -> list[AdapterInfo]:
     """``single``: one adapter asked for by name (its errors are the answer) rather than a listing."""
-    registry = state.registry
-    residence = await registry.residence()
+    registry, catalog = state.registry, state.registry.catalog
+    snapshot = snapshot or await registry.snapshot()
 
     def gather() -> list[AdapterInfo]:
         rows = []
@@ -143,44 +145,38 @@ async def _describe(state: AppState, names: list[str], single: bool = True) -> l
                 # A shared store's adapters that this replica never used have no local files: listed from
                 # what is known of them, not downloaded for the listing.
                 cached = single or registry.store.cached(adapter)
-                summary = registry.summary(adapter) if cached else registry.known(adapter)
+                summary = catalog.summary(adapter) if cached else catalog.known(adapter)
             except AdapterNotFound:
                 continue  # deleted meanwhile
             except AdapterError as exc:
                 if single:
                     raise
                 summary = str(exc)  # one adapter's problem does not fail the whole list
-            rows.append(
-                _info(adapter, summary, residence.get(adapter.key), registry.in_flight(name), registry.last_used(name))
-            )
+            rows.append(_info(adapter, summary, snapshot.records.get(adapter.key), snapshot))
         return rows
 
     return await asyncio.to_thread(gather)
 
 
 def _info(
-    adapter: StoredAdapter,
-    summary: AdapterSummary | str | None,
-    where: Residence | None,
-    in_flight: int,
-    last_used: float | None,
+    adapter: StoredAdapter, summary: AdapterSummary | str | None, where: AdapterRecord | None, snapshot: Snapshot | None
 ) -> AdapterInfo:
+    """``where``: the version's record; ``snapshot``: what the engine knows of every version of the name."""
     fields = summary.as_dict() if isinstance(summary, AdapterSummary) else {}
-    state = "invalid" if isinstance(summary, str) else where.state if where else "stored"
+    state = "invalid" if isinstance(summary, str) else where.state.value if where else "stored"
     error = summary if isinstance(summary, str) else where.error if where else None
-    stats = where.stats if where else None
     return AdapterInfo(
         name=adapter.name,
         version=adapter.version,
         state=state,
         tier=where.tier if where else "disk",
         pinned=bool(where and where.pinned),
-        in_flight=in_flight,
-        last_used=last_used,
-        load_count=stats.loads if stats else 0,
-        activations=stats.activations if stats else 0,
-        last_load_ms=_ms(stats.last_load_s) if stats else None,
-        last_activation_ms=_ms(stats.last_activation_s) if stats else None,
+        in_flight=snapshot.in_flight(adapter.name) if snapshot else 0,
+        last_used=snapshot.last_used(adapter.name) if snapshot else None,
+        load_count=where.loads if where else 0,
+        activations=where.activations if where else 0,
+        last_load_ms=_ms(where.last_load_s) if where else None,
+        last_activation_ms=_ms(where.last_activation_s) if where else None,
         error=error,
         **fields,
     )

@@ -31,7 +31,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, _: Admin, state: State
     registry = state.registry
     with UploadAttempt("load_lora_adapter", body.lora_name), ExitStack() as stack:
         folder = _allowed_folder(body.lora_path, state.serving.config.admin.allowed_lora_dirs)
-        registry.check_name_free(body.lora_name, "lora_name")
+        registry.catalog.check_name_free(body.lora_name, "lora_name")
         if not body.load_inplace and body.lora_name in await asyncio.to_thread(registry.store.names):
             raise ApiError(
                 400,

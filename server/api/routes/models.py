@@ -8,8 +8,9 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse
 
+from adapters_store.errors import AdapterError
 from server.api.auth import Key
-from server.api.errors import ApiError
+from server.api.errors import ApiError, adapter_error
 from server.api.schemas import ModelCard, ModelList
 from server.api.state import AppState, State
 
@@ -38,13 +39,16 @@ async def retrieve_model(name: str, state: State, key: Key, http: Request) -> Mo
     unknown id; 403 for an adapter outside the API key's, as generation answers."""
     if not name:  # "/v1/models/": the listing, as the trailing slash was redirected before this route
         return RedirectResponse(str(http.url.replace(path="/v1/models")), status_code=307)
-    adapter_name = state.registry.base_alias(name)
+    adapter_name = state.registry.adapter_named_by(name)
     if adapter_name is None:
         return model_card(state, state.serving.model_name)
     if key is not None and not key.allows(adapter_name):
         raise ApiError(403, f"this API key may not use adapter {adapter_name[:200]!r}", "adapter_not_allowed", "model")
-    adapter = await asyncio.to_thread(state.registry.find, adapter_name, "model")  # 404 naming it
-    problem = state.registry.known(adapter)
+    try:
+        adapter = await asyncio.to_thread(state.registry.find, adapter_name)
+    except AdapterError as exc:
+        raise adapter_error(exc, "model") from None  # 404 naming it
+    problem = state.registry.catalog.known(adapter)
     return model_card(state, adapter_name, problem if isinstance(problem, str) else None)
 
 

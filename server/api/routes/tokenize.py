@@ -78,7 +78,7 @@ def _parse(body: dict) -> TokenizePromptRequest | TokenizeChatRequest:
 async def _check_model(state: AppState, key: ApiKey | None, model: str | None) -> None:
     """404 for an unknown adapter, 403 for one outside the key's adapters, as generation answers."""
     target = await resolve_target(state.registry, key, model or "", None, state.max_composed)
-    target.release()
+    target.lease.release()
 
 
 def _token_ids(request: TokenizePromptRequest | TokenizeChatRequest, state: AppState) -> list[int]:
