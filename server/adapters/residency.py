@@ -263,6 +263,10 @@ class Residency:
         self.retry_loads(busy)
         return done
 
+    @property
+    def loads_waiting(self) -> bool:
+        return bool(self._pending)
+
     def retry_loads(self, busy: Mapping[int, int]) -> None:
         still: list[tuple[StoredAdapter, bool, Future[None]]] = []
         for adapter, pin, done in self._pending:

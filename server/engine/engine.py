@@ -193,7 +193,8 @@ class Engine:
         """Schedule, run one forward pass, sample, and emit outputs."""
         telemetry = self.telemetry
         started = time.perf_counter()
-        self.scheduler.residency.retry_loads(self.scheduler.busy_slots())  # operators' loads waiting for a slot
+        if self.scheduler.residency.loads_waiting:  # operators' loads waiting for a slot
+            self.scheduler.residency.retry_loads(self.scheduler.busy_slots())
         batch = self.scheduler.schedule()
         for req in batch.failed:
             if telemetry:

@@ -9,7 +9,6 @@ the bound, and the store keeps exactly the files of the names' current versions.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import threading
@@ -27,6 +26,7 @@ from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.tiny import AdapterSpec, make_adapters, make_model, make_tokenizer
 from tests.helpers.uploads import files_of, version_of
+from tests.helpers.versioned_completion import complete
 
 N_NAMES = 200
 SLOTS = 8
@@ -76,22 +76,7 @@ def world(tmp_path_factory):
 
 
 def _complete(client: TestClient, model: str, stream: bool) -> tuple[int, str | None, str]:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}
-    r = client.post("/v1/completions", json=body)
-    if r.status_code != 200:
-        return r.status_code, None, r.text
-    header = r.headers.get("x-loraplex-adapter")
-    version = header.split("@")[1] if header else None
-    if not stream:
-        return 200, version, r.json()["choices"][0]["text"]
-    text = ""
-    for line in r.text.splitlines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                return 500, version, json.dumps(chunk)
-            text += "".join(c["text"] for c in chunk["choices"])
-    return 200, version, text
+    return complete(client, model, PROMPT, MAX_TOKENS, stream)
 
 
 def test_adapter_lives_under_random_operator_actions_and_traffic(world):

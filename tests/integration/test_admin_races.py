@@ -6,7 +6,6 @@ header; afterwards no slot, lease, host byte or stored file may be left behind.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -20,6 +19,7 @@ from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.tiny import AdapterSpec, make_adapter, make_model, make_tokenizer
 from tests.helpers.uploads import files_of, version_of
+from tests.helpers.versioned_completion import complete
 
 PROMPT = "a b c d e f"
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
@@ -46,20 +46,7 @@ def world(tmp_path_factory):
 
 
 def _complete(client, model, stream):
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "stream": stream}
-    r = client.post("/v1/completions", json=body)
-    if r.status_code != 200:
-        return r.status_code, None, None
-    version = r.headers["x-loraplex-adapter"].split("@")[1]
-    if not stream:
-        return 200, version, r.json()["choices"][0]["text"]
-    text = ""
-    for line in r.text.splitlines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            text += "".join(c["text"] for c in chunk["choices"])
-    return 200, version, text
+    return complete(client, model, PROMPT, 6, stream)
 
 
 def test_admin_actions_racing_with_requests(world):
