@@ -64,11 +64,18 @@ class Retire:
 
 
 @dataclass(frozen=True)
+class Revive:
+    """A retiring version is a name's current one again: it stays."""
+
+    adapter: StoredAdapter
+
+
+@dataclass(frozen=True)
 class TakeSnapshot:
     done: Future[Snapshot] = field(default_factory=Future)
 
 
-AdapterCommand = Hold | Release | Load | Unpin | Evict | Retire | TakeSnapshot
+AdapterCommand = Hold | Release | Load | Unpin | Evict | Retire | Revive | TakeSnapshot
 
 
 def run(command: AdapterCommand, residency: Residency, busy: Callable[[], Mapping[int, int]]) -> None:
@@ -89,6 +96,8 @@ def run(command: AdapterCommand, residency: Residency, busy: Callable[[], Mappin
             residency.evict(name, version, reason, done)
         case Retire(adapter, reason, done):
             residency.retire(adapter, reason, done)
+        case Revive(adapter):
+            residency.revive(adapter)
         case TakeSnapshot(done):
             _answer(done, lambda: residency.snapshot(busy()))
 

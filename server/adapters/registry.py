@@ -25,7 +25,17 @@ from adapters_store.names import check_name
 from adapters_store.upload import place_files
 from adapters_store.validation import AdapterSummary
 from server.adapters.catalog import Catalog
-from server.adapters.commands import AdapterCommand, Evict, Hold, Load, Release, Retire, TakeSnapshot, Unpin
+from server.adapters.commands import (
+    AdapterCommand,
+    Evict,
+    Hold,
+    Load,
+    Release,
+    Retire,
+    Revive,
+    TakeSnapshot,
+    Unpin,
+)
 from server.adapters.errors import AdapterBusy, AdapterInUse, LoadFailed
 from server.adapters.model_names import adapter_named_by, base_name_clash
 from server.adapters.residency import Snapshot, State
@@ -260,6 +270,8 @@ class AdapterRegistry:
         if now is not None and now.version == old.version:
             return  # the name came back to this version meanwhile: nothing to retire
         try:
+            if new is not None:
+                self._send(Revive(new))  # the new version may be one that was retiring (the same content again)
             record = (await self.snapshot()).records.get(old.key)
             if new is not None and record is not None and record.pinned:
                 try:

@@ -11,6 +11,7 @@
         └──────────────────────────────────────────────┴──────────────────────────────────┘
 
       any state ── retire (re-uploaded, deleted) ──▶ RETIRING ── refs reach 0 ──▶ gone
+      RETIRING ── revive (the same content is current again) ──▶ the state its fields say
       any state ── evict ── refs reach 0 ──▶ gone (a later request starts again at STORED)
 
 The state is derived from the record's fields (its slot, host copy, load, error,
@@ -82,6 +83,7 @@ class _Leaving:
     future: Future[None]
     reason: str  # for the metrics: admin | delete | replaced
     remaining: int
+    retire: bool = False  # a retirement (over if the version becomes current again), not an eviction
 
 
 @dataclass(eq=False)
@@ -315,7 +317,20 @@ class Residency:
             _resolve(done)
             return done
         record.retiring, record.pinned = True, False
-        return self._leave([record], reason, done)
+        return self._leave([record], reason, done, retire=True)
+
+    def revive(self, adapter: StoredAdapter) -> None:
+        """``adapter``'s version is a name's current one again (the same content re-uploaded while it retired):
+        it stays, and the retirement's wait is over."""
+        record = self._records.get(adapter.key)
+        if record is None or not record.retiring:
+            return
+        record.retiring = False
+        for w in [w for w in record.leaving if w.retire]:
+            record.leaving.remove(w)
+            w.remaining -= 1
+            if w.remaining == 0:
+                _resolve(w.future)
 
     def snapshot(self, busy: Mapping[int, int]) -> Snapshot:
         """Every record as it is now (it changes nothing; other threads get one through ``TakeSnapshot``)."""
@@ -430,8 +445,10 @@ class Residency:
             record.weights = None
             self._host.pop(record.key, None)
 
-    def _leave(self, records: list[AdapterRecord], reason: str, done: Future[None]) -> Future[None]:
-        leaving = _Leaving(done, reason, len(records))
+    def _leave(
+        self, records: list[AdapterRecord], reason: str, done: Future[None], retire: bool = False
+    ) -> Future[None]:
+        leaving = _Leaving(done, reason, len(records), retire)
         for record in records:
             record.leaving.append(leaving)
         for record in records:

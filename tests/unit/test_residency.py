@@ -187,6 +187,19 @@ def test_a_retired_version_serves_its_requests_then_leaves():
     assert snapshot.host_bytes == weights(1.0).nbytes and not snapshot.held_versions()
 
 
+def test_a_retiring_version_that_is_current_again_stays_and_keeps_a_new_pin():
+    r = residency()
+    v1 = adapter("a", "v1")
+    ready(r, "a")
+    r.hold(v1)  # an old request still runs on it
+    done = r.retire(v1, "replaced")  # re-uploaded with other content ...
+    r.revive(v1)  # ... then with this content again
+    assert done.result(0) is None and state(r, "a") is State.DEVICE  # the retirement's wait is over
+    r.load(v1, True, NOBODY).result(0)
+    r.release(v1)
+    assert state(r, "a") is State.DEVICE and pinned(r, "a")  # not dropped when its old request ended
+
+
 def test_a_waiter_gets_the_slot_closest_to_free():
     r = residency(slots=2)
     sa, sb = ready(r, "a"), ready(r, "bb")
