@@ -60,6 +60,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512M or 2G)") from None
 
 
+def _switch(text: str) -> bool:
+    """A yes/no environment value: on/off, true/false, yes/no, 1/0."""
+    value = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
+    try:
+        return value[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"not on/off: {text!r}") from None
+
+
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-adapter LoRA inference server.")
     version = f"loraplex {package_version()}"
@@ -161,9 +170,26 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     opt("--kv-cache-tokens", "KV-cache capacity in tokens", 32768, type=int)
     opt("--block-size", "tokens per KV-cache block", 16, type=int)
+    caching = "LORAPLEX_ENABLE_PREFIX_CACHING"
+    try:
+        caching_default = _switch(env[caching]) if caching in env else True
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{caching}: {exc}")
+    serve.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=caching_default,
+        help="reuse the KV blocks of prompt prefixes computed before, keyed by their tokens and the exact adapter "
+        f"versions and weights that computed them (default: on) [env {caching}]",
+    )
     opt("--max-num-seqs", "running sequences per step", 64, type=int)
     opt("--max-num-batched-tokens", "tokens per step (prefill chunks + decodes)", 512, type=int)
-    opt("--max-model-len", "context limit per request (default: the model's, capped by the KV cache)", 0, type=int)
+    opt(
+        "--max-model-len",
+        "context limit per request (default: the model's; the KV cache must hold one request of it)",
+        0,
+        type=int,
+    )
     opt("--cache-dir", "model conversion and kernel cache", str(Path.home() / ".cache" / "loraplex"), type=Path)
     opt(
         "--adapter-wait-timeout",
@@ -262,7 +288,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
             dtype=args.lora_dtype,
             modules=_lora_modules(args.lora_modules),
         ),
-        cache=CacheConfig(kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size),
+        cache=CacheConfig(
+            kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size, prefix_caching=args.enable_prefix_caching
+        ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,

@@ -154,6 +154,7 @@ class LoraConfig:
 class CacheConfig:
     kv_cache_tokens: int = 32768  # KV-cache capacity in tokens, shared by all running requests
     block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # full blocks are shared by content (tokens and the weights that computed them)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -24,6 +24,7 @@ FLAGS: dict[tuple[str, str], tuple[str, ...]] = {
     ("LoraConfig", "backend"): ("--lora-backend",),
     ("LoraConfig", "dtype"): ("--lora-dtype",),
     ("LoraConfig", "modules"): ("--lora-modules",),
+    ("CacheConfig", "prefix_caching"): ("--enable-prefix-caching", "--no-enable-prefix-caching"),
     ("HttpConfig", "max_request_bytes"): ("--max-request-size",),
     ("AdminConfig", "token"): ("--admin-token",),
     ("AdminConfig", "max_upload_bytes"): ("--max-upload-size",),

@@ -170,7 +170,15 @@ class Metrics:
         self.host_limit = Gauge("loraplex_adapter_host_cache_limit_bytes", "Host-memory adapter cache bound.",
                                 registry=r)
         self.stored = Gauge("loraplex_adapters_stored", "Adapters in the store.", registry=r)
-        self.kv_usage = Gauge("loraplex_kv_cache_usage_ratio", "Share of KV-cache blocks in use (0..1).", registry=r)
+        self.kv_usage = Gauge("loraplex_kv_cache_usage_ratio",
+                              "Share of KV-cache blocks held by running requests (0..1; cached free blocks are "
+                              "not counted).", registry=r)
+        self.prefix_queries = Counter("loraplex_prefix_cache_queries_tokens_total",
+                                      "Prompt tokens looked up in the prefix cache (once per request).", registry=r)
+        self.prefix_hits = Counter("loraplex_prefix_cache_hits_tokens_total",
+                                   "Prompt tokens whose K/V the prefix cache held.", registry=r)
+        self.preemptions = Counter("loraplex_preemptions_total",
+                                   "Running requests sent back to the queue to free KV blocks.", registry=r)
         self._labels: AdapterLabels | None = None
         if self.config.adapter_label:
             self._labels = AdapterLabels(self.config.adapter_allowlist, self.config.top_k)
@@ -190,6 +198,12 @@ class Metrics:
                                       ["model_name"], registry=r)
             self.vllm_kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage, 1 = full (vLLM's name).",
                                        ["model_name"], registry=r)
+            self.vllm_prefix_queries = Counter("vllm:prefix_cache_queries", "Prefix-cache queries in tokens "
+                                               "(vLLM's name).", ["model_name"], registry=r)
+            self.vllm_prefix_hits = Counter("vllm:prefix_cache_hits", "Prefix-cache hits in tokens (vLLM's name).",
+                                            ["model_name"], registry=r)
+            self.vllm_preemptions = Counter("vllm:num_preemptions", "Preemptions (vLLM's name).", ["model_name"],
+                                            registry=r)
             self.vllm_lora = Gauge("vllm:lora_requests_info", "Running stats on LoRA requests (vLLM's semantics).",
                                    ["running_lora_adapters", "waiting_lora_adapters", "max_lora"], registry=r)
         self._last_lora_info = -1.0
@@ -253,6 +267,19 @@ class Metrics:
         self.requests.labels(kind, "rejected").inc()
 
     # -- engine steps and state ---------------------------------------------------
+
+    def prefix_cache(self, queried: int, hit: int) -> None:
+        """A request's first admission: its prompt tokens, and how many of them were cached."""
+        self.prefix_queries.inc(queried)
+        self.prefix_hits.inc(hit)
+        if self.config.vllm_compatible:
+            self.vllm_prefix_queries.labels(self.model_name).inc(queried)
+            self.vllm_prefix_hits.labels(self.model_name).inc(hit)
+
+    def preempted(self, n: int) -> None:
+        self.preemptions.inc(n)
+        if self.config.vllm_compatible:
+            self.vllm_preemptions.labels(self.model_name).inc(n)
 
     def step(self, seqs: int, tokens: int, adapters: int, phases: dict[str, float]) -> None:
         self.batch_seqs.observe(seqs)

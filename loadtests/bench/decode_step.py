@@ -22,6 +22,7 @@ import torch
 from loadtests.machine import machine
 from server.config import CacheConfig, Config, LoraConfig, ModelConfig
 from server.engine.builder import build_serving
+from server.engine.scheduler import SchedulerConfig
 from server.lora import cpu_kernel
 from server.lora.weights import AdapterWeights
 from server.model.loading import load_model
@@ -84,6 +85,7 @@ def main() -> None:
             lora=LoraConfig(adapters_dir=Path("/nonexistent"), max_lora_rank=args.rank,
                             max_loras=n_adapters, backend=backend, dtype=args.lora_dtype),
             cache=CacheConfig(kv_cache_tokens=args.batch * (args.context + 32)),
+            scheduler=SchedulerConfig(max_model_len=args.context + 32),
         )
         runner = build_serving(config, load_model(None, CACHE)).engine.runner
         fill_slots(runner, n_adapters, args.rank)

@@ -31,6 +31,7 @@ from loadtests.bench.common import CACHE_DIR, OtherLoad, TimedSink, cpu_check, m
 from server.config import CacheConfig, Config, LoraConfig, ModelConfig
 from server.engine.builder import Serving, build_serving
 from server.engine.request import FinishReason, Request, SamplingParams
+from server.engine.scheduler import SchedulerConfig
 from server.metrics import MetricsConfig
 from server.model.loading import load_model
 
@@ -73,6 +74,7 @@ def build(adapters_dir: Path, args: argparse.Namespace, metrics: MetricsConfig) 
         model=ModelConfig(cache_dir=CACHE_DIR),
         lora=LoraConfig(adapters_dir=adapters_dir, max_lora_rank=args.rank, max_loras=max(16, args.adapters)),
         cache=CacheConfig(kv_cache_tokens=max(4096, args.requests * per_request)),
+        scheduler=SchedulerConfig(max_model_len=per_request),
         metrics=metrics,
     )
     serving = build_serving(config, load_model(None, CACHE_DIR))

@@ -32,6 +32,7 @@ from adapters_store.validation import inspect
 from loadtests.bench.common import CACHE_DIR, setup_torch, write_json
 from server.config import CacheConfig, Config, LoraConfig, ModelConfig
 from server.engine.builder import Serving, build_serving
+from server.engine.scheduler import SchedulerConfig
 from server.lora.weights import load_weights
 from server.model.loading import LoadedModel, load_model
 from server.model.runner import ModelRunner, SeqStep, one_adapter
@@ -70,6 +71,7 @@ def runner_for(
         model=ModelConfig(dtype=dtype, quantization=quantization, activations=activations, cache_dir=CACHE_DIR),
         lora=LoraConfig(adapters_dir=store, max_lora_rank=16, max_loras=2),
         cache=CacheConfig(kv_cache_tokens=4096),
+        scheduler=SchedulerConfig(max_model_len=4096),
     )
     serving = build_serving(config, loaded)
     return serving.engine.runner, serving

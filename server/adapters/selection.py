@@ -57,6 +57,12 @@ class Selection:
         return None
 
     @property
+    def kv_salt(self) -> bytes:
+        """What computes this selection's K/V, for the prefix cache's keys: each term's version digest and exact
+        weight, in order; empty for the base model. Never a name: a name's next version is other weights."""
+        return ";".join(f"{t.adapter.version}*{float(t.weight).hex()}" for t in self.terms).encode()
+
+    @property
     def refs(self) -> str:
         """``name@version`` of each term, comma-separated (the ``x-loraplex-adapter`` header)."""
         return ",".join(a.ref for a in self.adapters)

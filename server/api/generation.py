@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
 from server.api.errors import ApiError, error_body, unavailable
-from server.api.schemas import GenerationFields, Usage
+from server.api.schemas import GenerationFields, PromptTokensDetails, Usage
 from server.api.state import AppState
 from server.api.targets import Target
 from server.engine.client import Outputs
@@ -218,7 +218,13 @@ class Generation:
     def usage(self) -> Usage:
         prompt = sum(c.last.prompt_tokens for c in self.choices if c.last)
         completion = sum(c.last.completion_tokens for c in self.choices if c.last)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        cached = sum(c.last.cached_tokens for c in self.choices if c.last)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
     async def close(self) -> None:
         """Abort whatever has not finished; stop watching the connection."""

@@ -93,6 +93,23 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> Lora
     return backend
 
 
+def context_limit(config: Config, model_positions: int) -> int:
+    """The tokens one request may hold: ``--max-model-len``, else the model's context. The KV cache must hold
+    one such request, since blocks are shared by all requests and one may grow to the limit alone."""
+    cache_tokens = config.cache.num_blocks * config.cache.block_size
+    asked = config.scheduler.max_model_len
+    if asked > model_positions:
+        raise ValueError(f"--max-model-len {asked} exceeds the model's context ({model_positions} tokens)")
+    limit = asked or model_positions
+    if limit > cache_tokens:
+        what = "--max-model-len" if asked else "the model's context"
+        raise ValueError(
+            f"--kv-cache-tokens {config.cache.kv_cache_tokens} is too small for one request of {what} "
+            f"({limit} tokens): raise --kv-cache-tokens to at least {limit}, or set a lower --max-model-len"
+        )
+    return limit
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -180,14 +197,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
             "is only supported as bfloat16 adapters under float32 serving with --lora-backend cpu"
         )
     cache = config.cache
-    max_len = min(shape.max_positions, cache.num_blocks * cache.block_size)
-    if config.scheduler.max_model_len:
-        if config.scheduler.max_model_len > max_len:
-            raise ValueError(
-                f"--max-model-len {config.scheduler.max_model_len} exceeds what the model "
-                f"and KV cache allow ({max_len})"
-            )
-        max_len = config.scheduler.max_model_len
+    max_len = context_limit(config, shape.max_positions)
     sched_config = dataclasses.replace(config.scheduler, max_model_len=max_len)
     decode_kernel = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_attention.available()
     runner = ModelRunner(
@@ -207,16 +217,18 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         on_done=lambda: engine_box[0].wake() if engine_box else None,
     )
     residency = Residency(runner.slots, config.lora.host_cache_bytes, loader, metrics)
-    scheduler = Scheduler(sched_config, BlockManager(cache.num_blocks, cache.block_size), residency,
-                          recompute_at=shape.long_rope_after)
+    blocks = BlockManager(cache.num_blocks, cache.block_size, caching=cache.prefix_caching)
+    scheduler = Scheduler(sched_config, blocks, residency, recompute_at=shape.long_rope_after)
     telemetry = Telemetry(metrics, scheduler) if metrics is not None else None
     engine = Engine(runner, scheduler, loaded.tokenizer, eos_ids(loaded), telemetry)
     engine_box.append(engine)
     runner.warmup()
     log.info(
-        "engine ready in %.1f s: %s on %s/%s, LoRA backend %s, %d slots x rank %d, KV cache %d tokens, context %d",
+        "engine ready in %.1f s: %s on %s/%s, LoRA backend %s, %d slots x rank %d, KV cache %d tokens "
+        "(prefix caching %s), context %d",
         time.monotonic() - started, loaded.name, device, str(dtype).removeprefix("torch."), backend.value,
-        config.lora.max_loras, config.lora.max_lora_rank, cache.kv_cache_tokens, max_len,
+        config.lora.max_loras, config.lora.max_lora_rank, cache.kv_cache_tokens,
+        "on" if cache.prefix_caching else "off", max_len,
     )
     return Serving(
         config=config,

@@ -196,6 +196,8 @@ class Engine:
         if self.scheduler.residency.loads_waiting:  # operators' loads waiting for a slot
             self.scheduler.residency.retry_loads(self.scheduler.busy_slots())
         batch = self.scheduler.schedule()
+        if telemetry and batch.preempted:
+            telemetry.preempted(len(batch.preempted))
         for req in batch.failed:
             if telemetry:
                 telemetry.finished(req, FinishReason.ERROR)
@@ -221,8 +223,7 @@ class Engine:
                 sampled.append(req)
         logits = self.runner.execute(seqs)
         forwarded = time.perf_counter()
-        for req, n in batch.steps:
-            req.num_computed += n
+        self.scheduler.computed(batch.steps)
         tokens = self.sampler.sample(logits, [(r.request_id, r.params) for r in sampled])
         sampled_at = time.perf_counter()
         now = time.monotonic()
@@ -294,6 +295,7 @@ class Engine:
             finish_reason=req.finish_reason if finished else None,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens or 0,
             adapter_tiers=req.tiers if len(req.output_ids) <= 1 else (),  # the first output's
             error=error,
             error_kind=kind,

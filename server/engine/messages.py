@@ -22,6 +22,7 @@ class RequestOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     adapter_tiers: tuple[str, ...] = ()  # on a request's first output: where each adapter was found on arrival
     error: str | None = None
     error_kind: ErrorKind | None = None

@@ -83,7 +83,12 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
-    blocks: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)  # while running: its KV block table (shared prefix first)
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks
+    kv_salt: bytes = b""  # what computed its K/V (the keys' salt): its selection, and the rope table with longrope
+    registered: int = 0  # its first blocks that are computed and offered to the prefix cache
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first admitted
+    preemptions: int = 0
     slots: tuple[int, ...] = ()  # while running: each term's device slot, in the selection's order
     tiers: tuple[str, ...] = ()  # where each term's adapter was found when the request arrived
     finish_reason: FinishReason | None = None
@@ -137,6 +142,6 @@ class Request:
             return ids
         return [self.output_ids[-1]]
 
-    def recompute(self) -> None:
-        """Compute every token's K/V again (into the same blocks) before the next sample."""
-        self.num_computed = 0
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from server.adapters.residency import Acquired, Outcome, Residency
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockManager, extend_keys
 from server.engine.request import ErrorKind, FinishReason, Request, RequestStatus
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ class SchedulerConfig:
 class ScheduledBatch:
     steps: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens this step)
     failed: list[Request] = field(default_factory=list)  # finished with an error while scheduling
+    preempted: list[Request] = field(default_factory=list)  # sent back to the queue to free KV blocks
 
     @property
     def empty(self) -> bool:
@@ -42,12 +43,15 @@ class ScheduledBatch:
 class Scheduler:
     """FIFO admission under a token budget, a sequence limit, KV room and free adapter slots.
 
-    KV blocks for a request's whole budget (prompt + max_tokens) are taken at
-    admission, so a running request never runs out of cache and nothing is
-    preempted. A request whose adapter is still loading, or finds every slot
-    busy, waits without blocking the requests behind it. A request holds its
-    adapters' versions from :meth:`add` to :meth:`finish`, the one place that
-    frees what a request held.
+    KV blocks are taken as a sequence grows, a step's worth at a time. When a
+    running request finds none free, the most recently admitted request is
+    preempted: its blocks are released, it goes back to the front of the queue
+    and computes its tokens again when readmitted (its client only sees the
+    delay). With prefix caching, an admitted request starts from the longest
+    run of cached blocks with its tokens and its ``kv_salt``. A request whose
+    adapter is still loading, or finds every slot busy, waits without blocking
+    the requests behind it. A request holds its adapters' versions from
+    :meth:`add` to :meth:`finish`, the one place that frees what a request held.
     """
 
     def __init__(
@@ -67,7 +71,9 @@ class Scheduler:
         self.blocks = blocks
         self.residency = residency
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: list[Request] = []  # in admission order
+        # blocks kept free when admitting while others run, so a running request's next block rarely preempts
+        self.watermark = max(1, blocks.num_blocks // 100)
 
     @property
     def has_work(self) -> bool:
@@ -86,24 +92,66 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.config.max_num_batched_tokens
         at = self.recompute_at
-        if at is not None:
-            for req in self.running:
-                if req.num_computed == at and req.num_tokens == at + 1 and len(req.prompt_ids) <= at:
-                    req.recompute()
-        for req in self.running:  # decodes first: one token each
-            if not req.in_prefill and budget > 0:
-                batch.steps.append((req, 1))
-                budget -= 1
-        for req in self.running:  # then prompt chunks already under way
-            if req.in_prefill and budget > 0:
-                n = len(req.next_tokens(budget))
+        if at is not None:  # past the short rope table: its K/V are computed again, from the queue's front
+            for req in [r for r in self.running if r.num_computed == at and r.num_tokens == at + 1]:
+                if len(req.prompt_ids) <= at:
+                    self._requeue(req, batch)
+        budget = self.config.max_num_batched_tokens
+        decoding = [r for r in self.running if not r.in_prefill]
+        for req in decoding + [r for r in self.running if r.in_prefill]:  # decodes first, then prompt chunks
+            if budget <= 0 or req.status is not RequestStatus.RUNNING:
+                continue
+            n = len(req.next_tokens(budget))
+            if self._grow(req, req.num_computed + n, batch):
                 batch.steps.append((req, n))
-                budget -= n
+            budget = self.config.max_num_batched_tokens - sum(k for _, k in batch.steps)
         self._admit(batch, budget)
         batch.steps.sort(key=lambda step: step[0].sort_slot)  # runs of equal adapter for the LoRA op
         return batch
+
+    def computed(self, steps: list[tuple[Request, int]]) -> None:
+        """After the forward pass: each step's tokens have their K/V; full blocks join the prefix cache."""
+        size = self.blocks.block_size
+        for req, n in steps:
+            req.num_computed += n
+            full = req.num_computed // size
+            if full > req.registered and self.blocks.caching:
+                extend_keys(req.block_keys, req.tokens, size, req.kv_salt, full * size)
+                for i in range(req.registered, full):
+                    self.blocks.register(req.blocks[i], req.block_keys[i])
+            req.registered = max(req.registered, full)
+
+    def _grow(self, req: Request, tokens: int, batch: ScheduledBatch) -> bool:
+        """Blocks for ``req``'s first ``tokens`` positions, preempting the most recently admitted requests until
+        they fit; False when ``req`` itself was the one preempted."""
+        need = self.blocks.blocks_for(tokens) - len(req.blocks)
+        while need > 0:
+            fresh = self.blocks.allocate(need)
+            if fresh is not None:
+                req.blocks.extend(fresh)
+                return True
+            victim = self.running[-1]
+            self._requeue(victim, batch, preempted=True)
+            if victim is req:
+                return False
+        return True
+
+    def _requeue(self, req: Request, batch: ScheduledBatch, preempted: bool = False) -> None:
+        """Back to the front of the queue, its blocks (and slots) released: readmitted, it computes its tokens
+        again, from the prefix cache where it can."""
+        self.running.remove(req)
+        self.blocks.release(req.blocks)
+        req.blocks, req.num_computed, req.registered, req.slots = [], 0, 0, ()
+        req.adapter_wait_since = None  # a wait for its adapters starts afresh
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        if any(r is req for r, _ in batch.steps):
+            batch.steps = [(r, n) for r, n in batch.steps if r is not req]
+        if preempted:
+            req.preemptions += 1
+            batch.preempted.append(req)
+            log.debug("preempted request %s to free KV blocks", req.request_id)
 
     def busy_slots(self) -> Counter[int]:
         """Running requests per adapter slot: those slots are never given to another adapter."""
@@ -114,6 +162,8 @@ class Scheduler:
         # Once an older request waits for a free slot, newer ones may only use adapters already on a slot:
         # slots are handed out in arrival order, so a composition needing several is not starved.
         slots_reserved = False
+        # Once an older request waits for KV blocks, newer ones wait too: a preempted request is not starved.
+        kv_full = False
         # Queued requests that cannot start this step have their adapters read into host memory meanwhile
         # (at most a batch's worth of them), so a load never waits for a free sequence slot to begin.
         look_ahead = self.config.max_num_seqs
@@ -121,8 +171,17 @@ class Scheduler:
         try:
             while self.waiting:
                 req = self.waiting.popleft()
-                full = budget <= 0 or len(self.running) >= self.config.max_num_seqs
-                if full or not self.blocks.can_allocate(req.max_total_tokens):
+                if any(r is req for r in batch.preempted):  # it waits a step, and every newer request with it
+                    kv_full = True
+                full = kv_full or budget <= 0 or len(self.running) >= self.config.max_num_seqs
+                cached: list[int] = []
+                if not full:  # room for its first chunk past the cached prefix
+                    cached = self._cached_prefix(req)
+                    start = len(cached) * self.blocks.block_size
+                    need = self.blocks.blocks_for(min(req.num_tokens, start + budget)) - len(cached)
+                    keep = self.watermark if self.running else 0
+                    kv_full = full = self.blocks.free_blocks - self.blocks.idle_among(cached) - need < keep
+                if full:
                     still_waiting.append(req)
                     if req.adapters and look_ahead > 0:
                         look_ahead -= 1
@@ -137,15 +196,42 @@ class Scheduler:
                             slots_reserved = slots_reserved or waiting_for is Outcome.NO_SLOT
                         continue
                     busy.update(req.slots)
-                req.blocks = self.blocks.allocate(req.max_total_tokens)
+                self.blocks.take(cached)
+                req.blocks, req.registered = cached, len(cached)
+                req.num_computed = len(cached) * self.blocks.block_size
+                n = len(req.next_tokens(budget))
+                fresh = self.blocks.allocate(need)
+                if fresh is None:
+                    raise RuntimeError("KV blocks counted free at admission are gone")
+                req.blocks += fresh
+                if req.cached_tokens is None:
+                    req.cached_tokens = min(req.num_computed, len(req.prompt_ids))
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                n = len(req.next_tokens(budget))
                 batch.steps.append((req, n))
                 budget -= n
         finally:  # whatever happens, no waiting request is lost
             still_waiting.extend(self.waiting)
             self.waiting = still_waiting
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """The cached blocks ``req`` may start from: the longest registered run of its full blocks, short of its
+        last token (whose logits the next sample needs), under its current ``kv_salt``."""
+        salt = self.salt(req)
+        if salt != req.kv_salt:
+            req.kv_salt, req.block_keys = salt, []
+        if not self.blocks.caching:
+            return []
+        upto = req.num_tokens - 1
+        extend_keys(req.block_keys, req.tokens, self.blocks.block_size, salt, upto)
+        return self.blocks.match(req.block_keys[: upto // self.blocks.block_size])
+
+    def salt(self, req: Request) -> bytes:
+        """``req``'s K/V salt: its selection's, and with longrope, the rope table its length picks."""
+        salt = req.selection.kv_salt
+        if self.recompute_at is not None and req.num_tokens > self.recompute_at:
+            salt += b"|long-rope"
+        return salt
 
     def _acquire_adapters(
         self, req: Request, batch: ScheduledBatch, busy: Counter[int], new_slots: bool

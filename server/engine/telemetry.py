@@ -50,11 +50,18 @@ class Telemetry:
     @_guarded
     def scheduled(self, batch: ScheduledBatch, now: float) -> None:
         """After admission: queue times, and the engine's gauges at their fullest point of the step."""
+        caching = self.scheduler.blocks.caching
         for req, _ in batch.steps:
             if req.admitted_at is None:
                 req.admitted_at = now
                 self.metrics.admitted(req.selection.kind, now - req.arrival)
+                if caching:
+                    self.metrics.prefix_cache(len(req.prompt_ids), req.cached_tokens or 0)
         self._state()
+
+    @_guarded
+    def preempted(self, n: int) -> None:
+        self.metrics.preempted(n)
 
     @_guarded
     def token(self, req: Request, now: float) -> None:

@@ -22,6 +22,7 @@ from adapters_store.validation import inspect
 from server.config import CacheConfig, Config, LoraConfig, ModelConfig
 from server.engine.builder import build_serving, build_serving_in_fresh_thread
 from server.engine.request import SamplingParams
+from server.engine.scheduler import SchedulerConfig
 from server.lora.weights import load_weights
 from server.model.default_model import default_gguf_path
 from server.model.loading import LoadedModel
@@ -53,6 +54,7 @@ def _serving(default_model, default_model_dir, store, cache, **model_flags):
         model=ModelConfig(cache_dir=cache, **model_flags),
         lora=LoraConfig(adapters_dir=store, max_lora_rank=16, max_loras=2),
         cache=CacheConfig(kv_cache_tokens=2048),
+        scheduler=SchedulerConfig(max_model_len=2048),
     )
     return build_serving_in_fresh_thread(config, loaded)
 
@@ -97,6 +99,7 @@ def test_gguf_codes_give_the_dequantized_models_logits(default_model, default_mo
             model=ModelConfig(cache_dir=tmp_path, quantization=quantization, activations=activations),
             lora=LoraConfig(adapters_dir=store, max_lora_rank=16, max_loras=2),
             cache=CacheConfig(kv_cache_tokens=2048),
+            scheduler=SchedulerConfig(max_model_len=2048),
         )
         loaded = LoadedModel(default_model[0], tokenizer, "m", default_model_dir, gguf=default_gguf_path())
         serving = build_serving(config, loaded)

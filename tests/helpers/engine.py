@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from server.adapters.selection import Selection
+from server.adapters.selection import Selection, Term
 from server.config import (
     AdminConfig,
     AuthConfig,
@@ -37,6 +37,9 @@ def build(
     max_loras: int = 8,
     max_rank: int = 16,
     kv_tokens: int = 4096,
+    block_size: int = 16,
+    prefix_caching: bool = True,
+    max_model_len: int = 0,
     max_num_batched_tokens: int = 512,
     max_num_seqs: int = 64,
     host_cache_bytes: int = 1 << 30,
@@ -60,8 +63,9 @@ def build(
             store_url=store_url,
             s3_endpoint_url=s3_endpoint_url,
         ),
-        cache=CacheConfig(kv_cache_tokens=kv_tokens),
+        cache=CacheConfig(kv_cache_tokens=kv_tokens, block_size=block_size, prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(
+            max_model_len=max_model_len,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             adapter_wait_timeout=adapter_wait_timeout,
@@ -108,7 +112,18 @@ class Collected:
 
 
 def submit(serving: Serving, request_id: str, prompt_ids: list[int], adapter: str | None, params: SamplingParams):
-    stored = serving.store.get(adapter) if adapter else None
+    return submit_selection(serving, request_id, prompt_ids, ((adapter, 1.0),) if adapter else (), params)
+
+
+def submit_selection(
+    serving: Serving,
+    request_id: str,
+    prompt_ids: list[int],
+    terms: tuple[tuple[str, float], ...],
+    params: SamplingParams,
+) -> Collected:
+    """Submit a request of the weighted sum of stored adapters ``terms`` ((name, weight) pairs; () = base)."""
+    selection = Selection(tuple(Term(serving.store.get(name), weight) for name, weight in terms))
     sink = Collected()
-    serving.engine.submit(Request(request_id, prompt_ids, params, selection=Selection.of(stored)), sink)
+    serving.engine.submit(Request(request_id, prompt_ids, params, selection=selection), sink)
     return sink

@@ -203,7 +203,7 @@ def test_unsupported_options_at_their_neutral_values_are_accepted(world, route):
 
 # --------------------------------------------------------------------------- API keys and malformed bodies
 
-CONTEXT = 128  # kv_tokens of the servers below: the context is capped by the KV cache
+CONTEXT = 128  # --max-model-len (and KV cache) of the servers below
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,8 @@ def keyed(tmp_path_factory):
     make_adapter(base, AdapterSpec("good", 4, 8, ("q_proj",)), store, seed=1)
     cache = tmp_path_factory.mktemp("keyed-cache")
     auth, limits = AuthConfig(api_keys={KEY: ()}), LimitsConfig(default_max_tokens=5)
-    app = create_app(lambda: eng.build(base, tok, store, cache, kv_tokens=CONTEXT, auth=auth, limits=limits))
+    app = create_app(lambda: eng.build(base, tok, store, cache, kv_tokens=CONTEXT, max_model_len=CONTEXT, auth=auth,
+                                       limits=limits))
     with TestClient(app) as client:
         assert client.app.state.loraplex.serving.max_model_len == CONTEXT
         yield client, tok
@@ -299,7 +300,7 @@ def test_chat_default_max_tokens_0_means_the_rest_of_the_context(tmp_path):
     base = make_model("llama", len(tok), seed=5)
     limits = LimitsConfig(default_max_tokens=0)
     app = create_app(lambda: eng.build(base, tok, tmp_path / "store", tmp_path / "cache", kv_tokens=CONTEXT,
-                                       limits=limits))
+                                       max_model_len=CONTEXT, limits=limits))
     with TestClient(app) as client:
         r = client.post("/v1/chat/completions", json={**CHAT, "ignore_eos": True})
         assert r.status_code == 200, r.text

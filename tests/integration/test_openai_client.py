@@ -173,6 +173,18 @@ def test_chat_renders_the_chat_template(world, client, adapter):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), N)
 
 
+def test_a_repeated_conversation_reports_its_cached_prompt_tokens(world, client):
+    system = "you answer in one word. " * 6 + "this conversation is only in this test."
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "hello world"}]
+    ids = world.chat_ids(messages)
+    cached = []
+    for _ in range(2):
+        r = client.chat.completions.create(model="a", messages=messages, max_tokens=N, temperature=0)
+        assert r.choices[0].message.content == world.expected("a", ids)
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    assert cached == [0, (len(ids) - 1) // 16 * 16] and cached[1] >= 32
+
+
 # --- streaming -----------------------------------------------------------------------------------------------------
 
 

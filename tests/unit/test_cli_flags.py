@@ -202,6 +202,9 @@ def test_help_documents_every_option_with_its_variable_and_hides_secrets(tmp_pat
              if s.startswith("--") and s not in ("--help", "--version")]
     assert len(flags) >= 30
     for flag in flags:
+        if flag.startswith("--no-") and "--" + flag[5:] in flags:  # an on/off pair shares one entry
+            assert flag in blocks["--" + flag[5:]]
+            continue
         var = "LORAPLEX_" + flag[2:].upper().replace("-", "_")
         assert flag in blocks, f"{flag} missing from --help"
         assert f"[env {var}]" in blocks[flag], blocks[flag]
@@ -244,3 +247,12 @@ def test_a_model_folder_of_an_unsupported_family_is_refused_before_it_loads(tmp_
     stderr = _refused(tmp_path, "--model", str(folder))
     supported = "llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text, olmo2, granite, smollm3"
     assert f"--model {folder}: model type 'olmo' is not supported; supported: {supported}" in stderr
+
+
+def test_prefix_caching_is_on_by_default_and_turned_off_by_flag_or_variable():
+    assert _config([], {}).cache.prefix_caching is True
+    assert _config(["--no-enable-prefix-caching"], {}).cache.prefix_caching is False
+    assert _config([], {"LORAPLEX_ENABLE_PREFIX_CACHING": "off"}).cache.prefix_caching is False
+    assert _config(["--enable-prefix-caching"], {"LORAPLEX_ENABLE_PREFIX_CACHING": "off"}).cache.prefix_caching
+    with pytest.raises(SystemExit):
+        _config([], {"LORAPLEX_ENABLE_PREFIX_CACHING": "maybe"})

@@ -43,6 +43,8 @@ def _exported() -> dict[str, tuple[str, set[str]]]:
     m.engine_state(running=1, waiting=1, adapters_waiting=0, slots_used=1, slots_total=4, host_bytes=1,
                    host_limit=2, kv_usage=0.5)
     m.lora_requests({"some-adapter"}, set(), 4)
+    m.prefix_cache(10, 4)
+    m.preempted(1)
     out = {}
     for fam in m.registry.collect():
         name = fam.name + ("_total" if fam.type == "counter" else "")

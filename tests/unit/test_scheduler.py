@@ -76,12 +76,157 @@ def test_sequence_limit_and_kv_room_bound_admission():
         s.add(req(i))
     assert len(s.schedule().steps) == 2
     assert [r.request_id for r in s.waiting] == ["r2"]
-    # KV: 8 blocks of 4 tokens; each request needs 2 blocks (4 + 4 tokens).
-    s = make(blocks=5, max_num_seqs=10)
+    # KV on demand: a request takes the blocks of its first chunk only (8 prompt tokens: 2 blocks of 4), and
+    # newer ones are admitted while a block stays free (the watermark) for the running ones to grow into.
+    s = make(blocks=7, max_num_seqs=10)
     for i in range(4):
-        s.add(req(i))
-    assert len(s.schedule().steps) == 2
-    assert s.blocks.free_blocks == 1
+        s.add(req(i, prompt=8, max_tokens=16))
+    assert stepped(s.schedule()) == ["r0", "r1", "r2"]
+    assert s.blocks.free_blocks == 1 and ids(s.waiting) == ["r3"]
+
+
+def step(s: Scheduler, token: int = 7) -> ScheduledBatch:
+    """One engine step without a model: schedule, compute, sample ``token`` where a sample is due."""
+    batch = s.schedule()
+    due = [r for r, n in batch.steps if r.num_computed + n >= r.num_tokens]
+    s.computed(batch.steps)
+    for r in due:
+        r.output_ids.append(token)
+        if len(r.output_ids) >= r.params.max_tokens:
+            s.finish(r, FinishReason.LENGTH)
+    return batch
+
+
+def test_blocks_are_taken_as_sequences_grow_and_the_newest_is_preempted_when_none_is_free():
+    s = make(blocks=4, max_num_seqs=10)  # 16 tokens of KV
+    a, b = req(0, prompt=4, max_tokens=9), req(1, prompt=4, max_tokens=9)
+    s.add(a)
+    s.add(b)
+    assert stepped(step(s)) == ["r0", "r1"] and (len(a.blocks), len(b.blocks)) == (1, 1)
+    step(s)  # each decodes at position 4: a second block each
+    assert (len(a.blocks), len(b.blocks)) == (2, 2) and s.blocks.free_blocks == 0
+    for _ in range(3):
+        step(s)
+    assert a.num_computed == b.num_computed == 8
+    batch = step(s)  # both need a third block and none is free: b, admitted last, gives its blocks up
+    assert ids(batch.preempted) == ["r1"] and stepped(batch) == ["r0"]
+    assert b.status is RequestStatus.WAITING and b.blocks == [] and b.num_computed == 0 and ids(s.waiting) == ["r1"]
+    assert b.preemptions == 1 and len(b.output_ids) == 5  # what it generated is kept
+    while a.status is not RequestStatus.FINISHED:
+        step(s)
+    # b comes back, computes its prompt and outputs again (its blocks were reused by a meanwhile), then goes on
+    while b.status is not RequestStatus.FINISHED:
+        step(s)
+    assert len(b.output_ids) == 9 and s.blocks.used_blocks == 0 and not s.has_work
+
+
+def test_a_preempted_request_goes_back_to_the_front_and_newer_ones_wait_behind_it():
+    s = make(blocks=4, max_num_seqs=10)
+    a, b = req(0, prompt=4, max_tokens=12), req(1, prompt=4, max_tokens=12)
+    s.add(a)
+    s.add(b)
+    while not b.preemptions:
+        step(s)
+    s.add(req(2, prompt=4, max_tokens=2))  # would fit in a block, but b is first in line
+    step(s)
+    assert ids(s.waiting) == ["r1", "r2"]
+
+
+def test_a_request_alone_always_fits_however_it_grows():
+    s = make(blocks=4, max_num_seqs=10)
+    s.add(req(0, prompt=5, max_tokens=11))  # exactly the whole cache
+    for _ in range(12):
+        assert not step(s).preempted
+    assert not s.has_work and s.blocks.used_blocks == 0
+
+
+def test_a_shared_prefix_is_computed_once_and_the_last_token_always_again():
+    s = make(blocks=16)
+    first = req(0, prompt=10, max_tokens=1)
+    s.add(first)
+    step(s)
+    assert not s.has_work and s.blocks.cached_blocks == 2  # positions 0..7 in two full blocks; 8..9 not full
+    again = req(1, prompt=10, max_tokens=1)
+    s.add(again)
+    (r, n), = s.schedule().steps
+    assert r is again and r.num_computed == 8 and n == 2 and again.cached_tokens == 8
+    s.finish(again, FinishReason.ABORT)
+    longer = req(2, prompt=12, max_tokens=1)  # 12 tokens: blocks 0..1 cached; block 2 (8..11) holds the last
+    s.add(longer)
+    (r, n), = s.schedule().steps
+    assert r.num_computed == 8 and n == 4
+    s.finish(longer, FinishReason.ABORT)
+    exact = req(3, prompt=8, max_tokens=1)  # the whole prompt is cached: its last block is computed again
+    s.add(exact)
+    (r, n), = s.schedule().steps
+    assert r.num_computed == 4 and n == 4 and r.cached_tokens == 4
+
+
+def test_cached_blocks_are_shared_read_only_and_kept_after_their_requests_end():
+    s = make(blocks=16)
+    a, b = req(0, prompt=9, max_tokens=3), req(1, prompt=9, max_tokens=3)
+    s.add(a)
+    step(s)
+    s.add(b)
+    step(s)
+    assert b.blocks[:2] == a.blocks[:2] and b.blocks[2] != a.blocks[2]
+    assert [s.blocks.refs(x) for x in a.blocks[:2]] == [2, 2]
+    while s.has_work:
+        step(s)
+    assert s.blocks.used_blocks == 0 and s.blocks.cached_blocks >= 2
+
+
+@pytest.mark.parametrize("other", [
+    lambda: req(1, prompt=9, max_tokens=1, name="b"),  # another adapter
+    lambda: Request("r1", list(range(1, 10)), SamplingParams(max_tokens=1),
+                    selection=Selection.of(StoredAdapter("a", "v-reuploaded", Path("/nonexistent/a")))),
+    lambda: req(1, prompt=9, max_tokens=1),  # the base model
+    lambda: composed(1, ("a", 1.0), ("b", 0.5), prompt=9, max_tokens=1),
+    lambda: composed(1, ("a", 0.5), prompt=9, max_tokens=1),  # the same adapter at another weight
+], ids=["other-adapter", "same-name-new-version", "base", "composition", "other-weight"])
+def test_blocks_computed_by_one_adapter_version_are_never_found_by_other_weights(other):
+    s = make(slots=4, blocks=16)
+    s.add(req(0, prompt=9, max_tokens=1, name="a"))
+    step(s)
+    assert s.blocks.cached_blocks == 2
+    r = other()
+    s.add(r)
+    s.schedule()
+    assert r.num_computed == 0 and r.cached_tokens == 0
+
+
+def test_the_same_adapter_version_under_another_name_shares_its_blocks():
+    s = make(slots=4, blocks=16)
+    s.add(req(0, prompt=9, max_tokens=1, name="a"))
+    step(s)
+    twin = Request("r1", list(range(1, 10)), SamplingParams(max_tokens=1),
+                   selection=Selection.of(StoredAdapter("twin", "va", Path("/nonexistent/twin"))))
+    s.add(twin)
+    s.schedule()
+    assert twin.cached_tokens == 8  # the key is the content's digest, not the name
+
+
+def test_without_prefix_caching_nothing_is_shared():
+    s = Scheduler(SchedulerConfig(), BlockManager(16, 4, caching=False), residency(2))
+    for i in range(2):
+        s.add(req(i, prompt=9, max_tokens=1))
+        step(s)
+    assert s.blocks.cached_blocks == 0 and all(r == 0 for r in s.blocks._refs)
+
+
+def test_cached_blocks_are_dropped_least_recently_released_first_when_fresh_ones_are_needed():
+    s = make(blocks=6)
+    for i, start in enumerate((100, 200)):
+        r = Request(f"r{i}", list(range(start, start + 9)), SamplingParams(max_tokens=1))
+        s.add(r)
+        step(s)
+    assert s.blocks.cached_blocks == 4 and s.blocks.free_blocks == 6
+    s.add(Request("r2", list(range(300, 309)), SamplingParams(max_tokens=1)))  # 3 fresh blocks: 2 empty, 1 cached
+    step(s)
+    again = Request("r3", list(range(200, 209)), SamplingParams(max_tokens=1))
+    s.add(again)
+    s.schedule()
+    assert again.cached_tokens == 8  # r1's prefix, released last, survived
 
 
 def test_finish_releases_blocks_and_adapter_reference():
@@ -318,8 +463,8 @@ def test_adapters_of_requests_queued_behind_a_full_batch_are_read_ahead_at_most_
 
 
 def test_requests_waiting_for_kv_room_have_their_adapters_read_ahead():
-    s = make(slots=4, blocks=2, block_size=4)  # room for one request of 4 + 4 tokens
-    s.add(req(0))
-    s.add(req(1, name="a"))
+    s = make(slots=4, blocks=3, block_size=4)  # room for one prompt of 8 tokens, and a block to grow into
+    s.add(req(0, prompt=8))
+    s.add(req(1, prompt=8, name="a"))
     assert stepped(s.schedule()) == ["r0"]
     assert loader(s).started == ["a"] and ids(s.waiting) == ["r1"]
