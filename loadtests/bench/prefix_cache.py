@@ -12,10 +12,11 @@ throughput, with the cache on against off.
 Part 2, long ``max_tokens``. ``--long-requests`` chat requests ask for up to
 ``--long-max-tokens`` tokens (the chat API's default is 1024) and stop at the
 model's end of turn, all submitted at once to an engine with a
-``--long-kv-tokens`` cache. Reserving prompt + max_tokens at admission, as the
-engine did before KV on demand, admits at most cache blocks // blocks per
-request at once (the bound printed); the engine now takes blocks as sequences
-grow. The requests running at once are sampled from the engine's gauge.
+``--long-kv-tokens`` cache and a sequence limit of 128 (so that it does not
+bind first). Reserving prompt + max_tokens at admission, as the engine did
+before KV on demand, admits at most cache blocks // blocks per request at once
+(the bound printed); the engine now takes blocks as sequences grow. The
+requests running at once are sampled from the engine's gauge.
 
 Run: ``python -m loadtests.bench.prefix_cache [--requests 200] [--rounds 2]``
 """
@@ -70,7 +71,8 @@ def system_prompt(tokenizer, tokens: int) -> str:
 
 def chat_ids(tokenizer, system: str, question: str) -> list[int]:
     messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def closed_loop(serving: Serving, prompts: list[list[int]], adapters: list[str | None], clients: int,
@@ -170,7 +172,7 @@ def long_outputs(loaded, store: Path, names: list[str], args) -> dict:
     adapters = [choices[i % len(choices)] for i in range(args.long_requests)]
     params = SamplingParams(max_tokens=args.long_max_tokens, temperature=0.0)
     serving = eng.build(loaded.hf_model, tok, store, CACHE_DIR, max_rank=16, kv_tokens=args.long_kv_tokens,
-                        max_num_seqs=256)
+                        max_num_seqs=128)
     blocks = serving.engine.scheduler.blocks
     per_request = max(blocks.blocks_for(len(p) + args.long_max_tokens) for p in prompts)
     reserved_bound = blocks.num_blocks // per_request

@@ -1,4 +1,4 @@
-"""30 s of mixed traffic over 200 adapters and 8 device slots while an operator thread uploads, re-uploads, pins,
+"""20 s of mixed traffic over 200 adapters and 8 device slots while an operator thread uploads, re-uploads, pins,
 unpins, loads, evicts and deletes at random.
 
 Every answer must equal transformers + PEFT for the version its header names. Afterwards every slot, hold, host
@@ -30,7 +30,7 @@ from tests.helpers.versioned_completion import complete
 
 N_NAMES = 200
 SLOTS = 8
-SECONDS = 30.0
+SECONDS = 20.0
 PROMPT = "the quick brown fox"
 MAX_TOKENS = 5
 SHAPES = [  # PEFT adapters of three shapes: ranks 4, 8 and 16 over different modules, one with rsLoRA

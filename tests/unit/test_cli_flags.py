@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser, config_from_args
+from server import cli
+from server.cli import build_parser, config_from_args, main
 from tests.helpers.server_process import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,7 +108,16 @@ BAD_VALUES = [
     BAD_VALUES,
     ids=[" ".join(args) or " ".join(f"{k}={v}" for k, v in env.items()) for args, env, _ in BAD_VALUES],
 )
-def test_bad_value_is_refused_at_once_naming_the_problem(tmp_path, args, env, fragments):
+def test_bad_value_is_refused_at_once_naming_the_problem(tmp_path, capsys, monkeypatch, args, env, fragments):
+    stderr = _refused_in_process(capsys, monkeypatch, tmp_path, *args, env=env)
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
+@pytest.mark.parametrize("case", [0, 14, len(BAD_VALUES) - 2], ids=["variable", "flag", "model-folder"])
+def test_the_command_itself_refuses_quickly_with_exit_2(tmp_path, case):
+    """A few of the cases above as the real process: exit status 2, usage, no model load."""
+    args, env, fragments = BAD_VALUES[case]
     stderr = _refused(tmp_path, *args, env=env)
     for fragment in fragments:
         assert fragment in stderr, stderr
@@ -131,8 +141,8 @@ def test_bad_value_is_refused_at_once_naming_the_problem(tmp_path, args, env, fr
     ids=["short-admin-token-flag", "short-admin-token-env", "short-key-flag", "short-key-env", "key-with-space",
          "admin-token-is-an-api-key"],
 )
-def test_bad_secret_is_refused_without_echoing_it(tmp_path, args, env, secret, fragment):
-    stderr = _refused(tmp_path, *args, env=env)
+def test_bad_secret_is_refused_without_echoing_it(tmp_path, capsys, monkeypatch, args, env, secret, fragment):
+    stderr = _refused_in_process(capsys, monkeypatch, tmp_path, *args, env=env)
     assert fragment in stderr, stderr
     assert secret not in stderr
     assert KEY_SECRET not in stderr
@@ -149,15 +159,34 @@ def test_bad_secret_is_refused_without_echoing_it(tmp_path, args, env, secret, f
     ],
     ids=["missing", "empty", "comments-only", "duplicate", "short-key"],
 )
-def test_bad_api_keys_file_is_refused_naming_file_and_line(tmp_path, content, fragment):
+def test_bad_api_keys_file_is_refused_naming_file_and_line(tmp_path, capsys, monkeypatch, content, fragment):
     path = tmp_path / "keys.txt"
     if content is not None:
         path.write_text(content)
     for given in (("--api-keys-file", str(path)), ()):  # as a flag, then as LORAPLEX_API_KEYS_FILE
         env = {} if given else {"LORAPLEX_API_KEYS_FILE": str(path)}
-        stderr = _refused(tmp_path, *given, env=env)
+        stderr = _refused_in_process(capsys, monkeypatch, tmp_path, *given, env=env)
         assert fragment.format(path=path) in stderr, stderr
         assert KEY_SECRET not in stderr and "sk-1234" not in stderr
+
+
+def _refused_in_process(capsys, monkeypatch, tmp_path: Path, *args: str, env: dict[str, str]) -> str:
+    """:func:`_refused` through ``main`` in this process (the process's own exit: the test above): stderr."""
+    for name in [n for n in os.environ if n.startswith("LORAPLEX_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def serve(*_args):
+        raise AssertionError("not refused: the server would start")
+
+    monkeypatch.setattr(cli, "serve", serve)
+    with pytest.raises(SystemExit) as stop:
+        main(["serve", "--adapters-dir", str(tmp_path / "store"), "--cache-dir", str(tmp_path / "cache"), *args])
+    assert stop.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "usage: loraplex" in stderr
+    return stderr
 
 
 def test_port_in_use_is_refused_before_the_model_loads(tmp_path):
