@@ -37,6 +37,11 @@ FLAGS: dict[tuple[str, str], tuple[str, ...]] = {
 }
 
 
+class RefusedAtStartup(ValueError):
+    """Flags the loaded model cannot be served with (known only once its config is read), worded with the flags:
+    the server stops with this message alone, not a traceback."""
+
+
 def flags_of(section: type, field: str) -> tuple[str, ...]:
     """The flags that set ``section.field``."""
     return FLAGS.get((section.__name__, field), ("--" + field.replace("_", "-"),))

@@ -23,6 +23,7 @@ from server.api.state import AppState
 from server.config import AdminConfig, HttpConfig
 from server.engine.builder import Serving
 from server.engine.client import EngineClient
+from server.flag_errors import RefusedAtStartup
 from server.native import cpu_isa
 from server.version import package_version
 
@@ -82,7 +83,7 @@ def create_app(
     def loaded(task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None and on_startup_failure is not None:
             exc = task.exception()
-            if isinstance(exc, LoraModuleError):
+            if isinstance(exc, LoraModuleError | RefusedAtStartup):
                 log.error("start-up failed: %s", exc)
             else:
                 log.error("the model could not be loaded", exc_info=exc)

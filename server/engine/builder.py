@@ -24,6 +24,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine
 from server.engine.scheduler import Scheduler
 from server.engine.telemetry import Telemetry
+from server.flag_errors import RefusedAtStartup
 from server.lora import cpu_kernel
 from server.lora.metadata import LoraBackend
 from server.metrics import Metrics
@@ -99,11 +100,11 @@ def context_limit(config: Config, model_positions: int) -> int:
     cache_tokens = config.cache.num_blocks * config.cache.block_size
     asked = config.scheduler.max_model_len
     if asked > model_positions:
-        raise ValueError(f"--max-model-len {asked} exceeds the model's context ({model_positions} tokens)")
+        raise RefusedAtStartup(f"--max-model-len {asked} exceeds the model's context ({model_positions} tokens)")
     limit = asked or model_positions
     if limit > cache_tokens:
         what = "--max-model-len" if asked else "the model's context"
-        raise ValueError(
+        raise RefusedAtStartup(
             f"--kv-cache-tokens {config.cache.kv_cache_tokens} is too small for one request of {what} "
             f"({limit} tokens): raise --kv-cache-tokens to at least {limit}, or set a lower --max-model-len"
         )
@@ -179,6 +180,7 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
     # before the model's load, which takes seconds
     check_supported(config.model.quantization, device, dtype, config.model.activations)
     loaded = loaded or load_model(config.model.model, config.model.cache_dir, lean=True)
+    max_len = context_limit(config, ModelShape.from_config(loaded.model_config).max_positions)  # before the weights
     tensors = loaded.tensors()
     quantized = quantized_weights(
         loaded.model_config, tensors, loaded.gguf, config.model.quantization, device, dtype,
@@ -197,7 +199,6 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
             "is only supported as bfloat16 adapters under float32 serving with --lora-backend cpu"
         )
     cache = config.cache
-    max_len = context_limit(config, shape.max_positions)
     sched_config = dataclasses.replace(config.scheduler, max_model_len=max_len)
     decode_kernel = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_attention.available()
     runner = ModelRunner(
