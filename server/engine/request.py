@@ -86,7 +86,6 @@ class Request:
     blocks: list[int] = field(default_factory=list)  # while running: its KV block table (shared prefix first)
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks
     kv_salt: bytes = b""  # what computed its K/V (the keys' salt): its selection, and the rope table with longrope
-    registered: int = 0  # its first blocks that are computed and offered to the prefix cache
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache when it was first admitted
     preemptions: int = 0
     slots: tuple[int, ...] = ()  # while running: each term's device slot, in the selection's order

@@ -103,9 +103,12 @@ class Scheduler:
             if budget <= 0 or req.status is not RequestStatus.RUNNING:
                 continue
             n = len(req.next_tokens(budget))
+            preempted = len(batch.preempted)
             if self._grow(req, req.num_computed + n, batch):
                 batch.steps.append((req, n))
-            budget = self.config.max_num_batched_tokens - sum(k for _, k in batch.steps)
+                budget -= n
+            if len(batch.preempted) != preempted:  # a preempted request's step may have left the batch
+                budget = self.config.max_num_batched_tokens - sum(k for _, k in batch.steps)
         self._admit(batch, budget)
         batch.steps.sort(key=lambda step: step[0].sort_slot)  # runs of equal adapter for the LoRA op
         return batch
@@ -114,13 +117,13 @@ class Scheduler:
         """After the forward pass: each step's tokens have their K/V; full blocks join the prefix cache."""
         size = self.blocks.block_size
         for req, n in steps:
+            first = req.num_computed // size  # the blocks before it were full already (registered, or cache hits)
             req.num_computed += n
             full = req.num_computed // size
-            if full > req.registered and self.blocks.caching:
+            if full > first and self.blocks.caching:
                 extend_keys(req.block_keys, req.tokens, size, req.kv_salt, full * size)
-                for i in range(req.registered, full):
+                for i in range(first, full):
                     self.blocks.register(req.blocks[i], req.block_keys[i])
-            req.registered = max(req.registered, full)
 
     def _grow(self, req: Request, tokens: int, batch: ScheduledBatch) -> bool:
         """Blocks for ``req``'s first ``tokens`` positions, preempting the most recently admitted requests until
@@ -142,7 +145,7 @@ class Scheduler:
         again, from the prefix cache where it can."""
         self.running.remove(req)
         self.blocks.release(req.blocks)
-        req.blocks, req.num_computed, req.registered, req.slots = [], 0, 0, ()
+        req.blocks, req.num_computed, req.slots = [], 0, ()
         req.adapter_wait_since = None  # a wait for its adapters starts afresh
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
@@ -197,7 +200,7 @@ class Scheduler:
                         continue
                     busy.update(req.slots)
                 self.blocks.take(cached)
-                req.blocks, req.registered = cached, len(cached)
+                req.blocks = cached
                 req.num_computed = len(cached) * self.blocks.block_size
                 n = len(req.next_tokens(budget))
                 fresh = self.blocks.allocate(need)
