@@ -9,12 +9,14 @@ when the request's timeout passes, or when anything else ends the response early
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import xgrammar as xgr
 from fastapi import Request as HttpRequest
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -25,8 +27,10 @@ from server.api.schemas import GenerationFields, PromptTokensDetails, Usage
 from server.api.state import AppState
 from server.api.targets import Target
 from server.engine.client import Outputs
+from server.engine.grammar import Grammars
+from server.engine.logprobs import TokenLogprob
 from server.engine.messages import RequestOutput
-from server.engine.request import ErrorKind, Request, SamplingParams
+from server.engine.request import MAX_SEED, ErrorKind, Request, SamplingParams
 
 TIMEOUT_STATUS = 504
 
@@ -37,6 +41,8 @@ class Choice:
 
     text: str = ""
     last: RequestOutput | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def finish_reason(self) -> str | None:
@@ -45,9 +51,16 @@ class Choice:
 
 
 def sampling_params(
-    body: GenerationFields, prompt_len: int, max_tokens: int | None, max_model_len: int
+    body: GenerationFields,
+    prompt_len: int,
+    max_tokens: int | None,
+    max_model_len: int,
+    vocab_size: int,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """``max_tokens`` None means the rest of the context. 400 naming the limit when it does not fit."""
+    """``max_tokens`` None means the rest of the context. 400 naming the limit when it does not fit, or the
+    field whose token ids the model does not have."""
     if prompt_len >= max_model_len:
         raise ApiError(
             400,
@@ -66,6 +79,13 @@ def sampling_params(
             "max_tokens",
         )
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if body.min_tokens and body.min_tokens > max_tokens:
+        raise ApiError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
+                       "invalid_sampling_parameters", "min_tokens")
+    stop_ids = tuple(body.stop_token_ids or ())
+    if any(not 0 <= t < vocab_size for t in stop_ids):
+        raise ApiError(400, f"stop_token_ids must be token ids in [0, {vocab_size})", "invalid_sampling_parameters",
+                       "stop_token_ids")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -75,9 +95,37 @@ def sampling_params(
             seed=body.seed,
             stop=stop,
             ignore_eos=body.ignore_eos,
+            min_p=body.min_p or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            min_tokens=body.min_tokens or 0,
+            logit_bias=_logit_bias(body.logit_bias, vocab_size),
+            stop_token_ids=stop_ids,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_sampling_parameters") from None
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"token id": bias}``; 400 naming the entry that is not a token id of the model or not in
+    [-100, 100]."""
+    out = []
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < vocab_size:
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})",
+                           "invalid_logit_bias", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise ApiError(400, f"logit_bias: the bias of token {token} must be in [-100, 100]",
+                           "invalid_logit_bias", "logit_bias")
+        out.append((token, value))
+    return tuple(out)
 
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, text: str, param: str, **kwargs) -> list[int]:
@@ -117,24 +165,38 @@ class Generation:
         id_prefix: str,
         http: HttpRequest,
         timeout: float | None,
+        copies: int = 1,
+        grammar: xgr.CompiledGrammar | None = None,
+        rank_by_logprob: bool = False,
     ) -> None:
+        """``copies`` engine requests per prompt (``n``, or ``best_of``), the later ones started from the first's
+        cached prompt blocks; a seeded prompt's copy ``j`` draws with ``seed + j``. ``grammar``: every copy's
+        output follows it. ``rank_by_logprob``: each sums its tokens' log-probs (best_of)."""
         self.id = f"{id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.target = target
-        self.choices = [Choice() for _ in prompts]
+        self._copies = copies
         self._http = http
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._timeout = timeout
         self._pending: list[tuple[int, RequestOutput]] = []  # outputs read before the response started
-        requests = [
-            Request(
-                request_id=f"{self.id}-{i}",
-                prompt_ids=ids,
-                params=p,
-                selection=target.selection,
-            )
-            for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
-        ]
+        requests: list[Request] = []
+        for ids, p in zip(prompts, params, strict=True):
+            lead: Request | None = None
+            for j in range(copies):
+                seeded = p if j == 0 or p.seed is None else dataclasses.replace(p, seed=(p.seed + j) % (MAX_SEED + 1))
+                req = Request(
+                    request_id=f"{self.id}-{len(requests)}",
+                    prompt_ids=ids,
+                    params=seeded,
+                    selection=target.selection,
+                    grammar=None if grammar is None else Grammars.matcher(grammar),
+                    follows=lead,
+                    track_logprob=rank_by_logprob,
+                )
+                lead = lead or req
+                requests.append(req)
+        self.choices = [Choice() for _ in requests]
         try:
             state.admission.enter(len(requests))  # 429 past the queue bound: nothing submitted, nothing held
         except ApiError as exc:
@@ -216,9 +278,12 @@ class Generation:
         return _ClosingStream(body(), self.close, media_type="text/event-stream", headers=headers)
 
     def usage(self) -> Usage:
-        prompt = sum(c.last.prompt_tokens for c in self.choices if c.last)
+        """Each prompt counted once, however many copies ran it (as OpenAI and vLLM count ``n``); its cached
+        tokens are the most any copy found. Every copy's output tokens count (``best_of`` included)."""
+        groups = [self.choices[i : i + self._copies] for i in range(0, len(self.choices), self._copies)]
+        prompt = sum(max((c.last.prompt_tokens for c in g if c.last), default=0) for g in groups)
+        cached = sum(max((c.last.cached_tokens for c in g if c.last), default=0) for g in groups)
         completion = sum(c.last.completion_tokens for c in self.choices if c.last)
-        cached = sum(c.last.cached_tokens for c in self.choices if c.last)
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
@@ -235,6 +300,9 @@ class Generation:
         choice = self.choices[index]
         choice.text += out.text
         choice.last = out
+        choice.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            choice.prompt_logprobs = out.prompt_logprobs
 
     async def _next(self) -> tuple[int, RequestOutput]:
         """The next output; ApiError when the client went away (499) or the timeout passed (504) first."""

@@ -9,11 +9,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from pydantic_core import PydanticCustomError
 
 from server.api import unsupported
+from server.api.structured_schemas import ResponseFormat, StructuredOutputs, Tool, ToolCall, ToolChoice
+from server.engine.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_COMPOSED = 8  # adapters composed in one request (also at most the number of device slots)
 MAX_WEIGHT = 100.0
 MAX_MESSAGES = 512
+MAX_N = 16  # choices per prompt (n, best_of)
 
 
 def _encodable(text: str) -> str:
@@ -82,6 +85,23 @@ class GenerationFields(StrictBody):
         le=86400,
         description="seconds; past it the request is aborted (504, or an error event when streaming)",
     )
+    n: int | None = Field(None, ge=1, le=MAX_N, description="choices per prompt")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    min_tokens: int | None = Field(None, ge=0, description="EOS and stop strings do not end the output before it")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="token id -> bias in [-100, 100] added to its logit"
+    )
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's: log-probs of the prompt")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, max_length=16 * 1024)
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
+    guided_grammar: str | None = Field(None, max_length=16 * 1024)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> GenerationFields:
@@ -90,6 +110,10 @@ class GenerationFields(StrictBody):
                                       {"param": "stream_options"})
         return self
 
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
 
 class CompletionRequest(GenerationFields):
     """``POST /v1/completions``."""
@@ -97,8 +121,20 @@ class CompletionRequest(GenerationFields):
     UNSUPPORTED = unsupported.COMPLETIONS
 
     prompt: Text | list[Text] | list[int] | list[list[int]] = Field(
-        ..., description=f"text, token ids, or a list of up to {MAX_PROMPTS} of either (one choice each)"
+        ..., description=f"text, token ids, or a list of up to {MAX_PROMPTS} of either (n choices each)"
     )
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probs of this many top tokens too")
+    echo: bool = Field(False, description="the prompt's text before each choice's (and its log-probs)")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="candidates per prompt; the n likeliest return")
+
+    @model_validator(mode="after")
+    def _best_of_covers_n(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.choices_per_prompt:
+            raise PydanticCustomError("invalid_combination", "must be at least n", {"param": "best_of"})
+        if self.best_of is not None and self.best_of > self.choices_per_prompt and self.stream:
+            raise PydanticCustomError("invalid_combination", "greater than n cannot stream",
+                                      {"param": "best_of"})
+        return self
 
 
 class TextPart(StrictBody):
@@ -122,9 +158,11 @@ class TextPart(StrictBody):
 class ChatMessage(StrictBody):
     UNSUPPORTED = unsupported.MESSAGE
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64, description="an assistant's calls, replayed")
+    tool_call_id: str | None = Field(None, max_length=256, description="a tool message's answer to this call")
 
     def text(self) -> str:
         if self.content is None:
@@ -143,13 +181,34 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
     add_generation_prompt: bool = Field(True, description="end the prompt with the assistant turn's opening")
     continue_final_message: bool = Field(False, description="continue the last (assistant) message instead")
+    logprobs: bool | None = Field(None, description="each output token's log-prob")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="and this many alternatives")
+    tools: list[Tool] | None = Field(None, max_length=64)
+    tool_choice: ToolChoice | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("invalid_combination", "needs logprobs: true",
+                                      {"param": "top_logprobs"})
+        return self
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists over the choice's tokens."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
 
 
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, when asked for
 
 
 class PromptTokensDetails(BaseModel):
@@ -174,14 +233,30 @@ class CompletionResponse(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, when asked for
 
 
 class ChatCompletionResponse(BaseModel):

@@ -24,32 +24,14 @@ Table = Mapping[str, tuple]
 
 # Both /v1/completions and /v1/chat/completions.
 GENERATION: Table = {
-    "n": (None, 1),
-    "echo": (None, False),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "repetition_penalty": (None, 1),
-    "logit_bias": (None, {}),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "prompt_logprobs": (None,),
-    "min_tokens": (None, 0),
-    "min_p": (None, 0),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
-    "stop_token_ids": (None, []),
     "bad_words": (None, []),
     "allowed_token_ids": (None,),
     "include_stop_str_in_output": (None, False),
     "skip_special_tokens": (None, True),  # the detokenizer always skips them
     "truncate_prompt_tokens": (None,),
-    "response_format": (None, {"type": "text"}),
-    "structured_outputs": (None,),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
+    "guided_decoding_backend": (None, "xgrammar", "auto"),  # xgrammar is the one engine
     "guided_whitespace_pattern": (None,),
     "logits_processors": (None,),
     "return_tokens_as_token_ids": (None, False),
@@ -60,14 +42,11 @@ GENERATION: Table = {
 
 COMPLETIONS: Table = {
     **GENERATION,
-    "best_of": (None, 1),
     "suffix": (None, ""),
 }
 
 CHAT: Table = {
     **GENERATION,
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),  # says nothing without tools
     "functions": (None, []),
     "function_call": (None, "none"),
@@ -84,8 +63,6 @@ CHAT: Table = {
 
 # One entry of ``messages``: what an assistant's message carries back when a client replays a conversation.
 MESSAGE: Table = {
-    "tool_calls": (None, []),
-    "tool_call_id": (None,),
     "function_call": (None,),
     "refusal": (None,),
     "audio": (None,),

@@ -22,6 +22,7 @@ from server.adapters.residency import Residency
 from server.config import Config, LoraConfig
 from server.engine.block_manager import BlockManager
 from server.engine.engine import Engine
+from server.engine.grammar import Grammars
 from server.engine.scheduler import Scheduler
 from server.engine.telemetry import Telemetry
 from server.flag_errors import RefusedAtStartup
@@ -54,6 +55,12 @@ class Serving:
     max_lora_rank: int
     created: int
     metrics: Metrics | None
+    grammars: Grammars  # structured outputs' compiler for this tokenizer and vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model scores (its logits' width; may exceed the tokenizer's)."""
+        return self.grammars.vocab_size
 
     def stop(self) -> None:
         """Stop the engine (aborting what still runs), then the adapter loader thread."""
@@ -243,4 +250,5 @@ def build_serving(config: Config, loaded: LoadedModel | None = None) -> Serving:
         max_lora_rank=config.lora.max_lora_rank,
         created=int(time.time()),
         metrics=metrics,
+        grammars=Grammars(loaded.tokenizer, shape.vocab, eos_ids(loaded)),
     )

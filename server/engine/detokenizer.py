@@ -25,12 +25,13 @@ class Detokenizer:
         self._emitted = 0
         self.stopped = False
 
-    def push(self, token_id: int) -> None:
-        """Add one sampled token; sets ``stopped`` when a stop string appears."""
+    def push(self, token_id: int, check_stop: bool = True) -> None:
+        """Add one sampled token; sets ``stopped`` when a stop string appears in the text it adds (not looked for
+        when ``check_stop`` is false: before ``min_tokens``)."""
         self._ids.append(token_id)
-        self._decode(final=False)
+        self._decode(final=False, check_stop=check_stop)
 
-    def _decode(self, final: bool) -> None:
+    def _decode(self, final: bool, check_stop: bool = True) -> None:
         if self._read_offset >= len(self._ids):
             return
         prefix = self._tok.decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
@@ -40,7 +41,7 @@ class Detokenizer:
         before = len(self.text)
         self.text += full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        if self._stop:
+        if self._stop and check_stop:
             window = max(0, before - self._longest_stop + 1)
             hits = [i for i in (self.text.find(s, window) for s in self._stop) if i >= 0]
             if hits:

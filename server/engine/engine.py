@@ -10,11 +10,13 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from server.adapters import commands
 from server.adapters.commands import AdapterCommand
 from server.engine.detokenizer import Detokenizer
+from server.engine.logprobs import TokenLogprob, prompt_logprobs
 from server.engine.messages import Abort, Call, Message, OutputSink, RequestOutput, Stop, Submit, Wake
 from server.engine.request import ErrorKind, FinishReason, Request
 from server.engine.sampler import Sampler
@@ -60,7 +62,7 @@ class Engine:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
-        self.sampler = Sampler(runner.device)
+        self.sampler = Sampler(runner.device, eos_token_ids)
         self.telemetry = telemetry  # None: no metrics (their cost is measured against this)
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._sinks: dict[str, OutputSink] = {}
@@ -214,23 +216,34 @@ class Engine:
         scheduled = time.perf_counter()
         seqs: list[SeqStep] = []
         sampled: list[Request] = []
+        sample_rows: list[int] = []  # each sampled request's row of the logits
+        prompt_rows: list[tuple[Request, int, int, int]] = []  # (request, first row, start, tokens): prompt log-probs
+        rows = 0
         for req, n in batch.steps:
             start = req.num_computed
-            tokens = req.next_tokens(n)
             done_prompt = start + n >= req.num_tokens
-            seqs.append(SeqStep(tokens, start, req.blocks, req.lora_terms, done_prompt, req.num_tokens))
+            seq = SeqStep(req.next_tokens(n), start, req.blocks, req.lora_terms, done_prompt, req.num_tokens,
+                          all_logits=req.wants_prompt_logprobs)
+            seqs.append(seq)
+            if seq.all_logits:
+                prompt_rows.append((req, rows, start, n))
+            rows += seq.logit_rows
             if done_prompt:
                 sampled.append(req)
+                sample_rows.append(rows - 1)
         logits = self.runner.execute(seqs)
         forwarded = time.perf_counter()
         self.scheduler.computed(batch.steps)
-        tokens = self.sampler.sample(logits, [(r.request_id, r.params) for r in sampled])
+        if prompt_rows:
+            prompt_logprobs(logits, prompt_rows)
+            logits = logits.index_select(0, torch.tensor(sample_rows, dtype=torch.int64, device=logits.device))
+        result = self.sampler.sample(logits, sampled)
         sampled_at = time.perf_counter()
         now = time.monotonic()
-        for req, token in zip(sampled, tokens, strict=True):
+        for i, (req, token) in enumerate(zip(sampled, result.tokens, strict=True)):
             if telemetry:
                 telemetry.token(req, now)
-            self._advance(req, token)
+            self._advance(req, token, result.logprobs.get(i))
         self.steps += 1
         if telemetry:
             done = time.perf_counter()
@@ -238,21 +251,28 @@ class Engine:
                       "sample": sampled_at - forwarded, "emit": done - sampled_at}
             telemetry.stepped(batch, phases)
 
-    def _advance(self, req: Request, token: int) -> None:
+    def _advance(self, req: Request, token: int, logprob: TokenLogprob | None) -> None:
         req.output_ids.append(token)
+        params = req.params
         detok = self._detok[req.request_id]
-        is_eos = token in self.eos_token_ids and not req.params.ignore_eos
-        if not is_eos:
-            detok.push(token)
+        is_eos = token in self.eos_token_ids and not params.ignore_eos
+        if not is_eos:  # stop strings count from min_tokens on (the sampler keeps EOS out before it)
+            detok.push(token, check_stop=len(req.output_ids) >= params.min_tokens)
+        if logprob is not None and req.track_logprob:
+            req.cumulative_logprob += logprob.logprob
+        grammar_done = False
+        if req.grammar is not None:  # a token outside the grammar (only when every token was masked) ends it
+            grammar_done = not req.grammar.accept_token(token) or req.grammar.is_terminated()
+        logprobs = (logprob,) if logprob is not None and params.logprobs is not None and not is_eos else ()
         reason = None
-        if is_eos or detok.stopped:
+        if is_eos or detok.stopped or token in params.stop_token_ids or grammar_done:
             reason = FinishReason.STOP
-        elif len(req.output_ids) >= req.params.max_tokens:
+        elif len(req.output_ids) >= params.max_tokens:
             reason = FinishReason.LENGTH
         if reason is None:
-            self._emit(req, detok.delta(final=False), (token,), finished=False)
+            self._emit(req, detok.delta(final=False), (token,), finished=False, logprobs=logprobs)
         else:
-            self._finish(req, reason, last_token=token)
+            self._finish(req, reason, last_token=token, logprobs=logprobs)
 
     def _finish(
         self,
@@ -261,13 +281,14 @@ class Engine:
         error: str | None = None,
         last_token: int | None = None,
         kind: ErrorKind | None = None,
+        logprobs: tuple[TokenLogprob, ...] = (),
     ) -> None:
         self.scheduler.finish(req, reason)
         if self.telemetry:
             self.telemetry.finished(req, reason)
         detok = self._detok.get(req.request_id)
         text = detok.delta(final=True) if detok and reason is not FinishReason.ABORT else ""
-        self._emit(req, text, () if last_token is None else (last_token,), True, error, kind)
+        self._emit(req, text, () if last_token is None else (last_token,), True, error, kind, logprobs)
         self._forget(req)
 
     def _forget(self, req: Request) -> None:
@@ -283,10 +304,12 @@ class Engine:
         finished: bool,
         error: str | None = None,
         kind: ErrorKind | None = None,
+        logprobs: tuple[TokenLogprob, ...] = (),
     ) -> None:
         sink = self._sinks.get(req.request_id)
         if sink is None:
             return
+        first = len(req.output_ids) <= 1
         out = RequestOutput(
             request_id=req.request_id,
             text=text,
@@ -296,7 +319,10 @@ class Engine:
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens or 0,
-            adapter_tiers=req.tiers if len(req.output_ids) <= 1 else (),  # the first output's
+            adapter_tiers=req.tiers if first else (),
+            logprobs=logprobs,
+            prompt_logprobs=tuple(req.prompt_logprobs) if first and req.params.prompt_logprobs is not None else None,
+            cumulative_logprob=req.cumulative_logprob if finished and req.track_logprob else None,
             error=error,
             error_kind=kind,
         )

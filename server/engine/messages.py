@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.adapters.commands import AdapterCommand
+from server.engine.logprobs import TokenLogprob
 from server.engine.request import ErrorKind, FinishReason, Request
 
 
@@ -24,6 +25,9 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     adapter_tiers: tuple[str, ...] = ()  # on a request's first output: where each adapter was found on arrival
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the new tokens, when asked for (an ending EOS has none)
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on the first output, when asked for: tokens 1..
+    cumulative_logprob: float | None = None  # on the last output of a best_of candidate
     error: str | None = None
     error_kind: ErrorKind | None = None
 

@@ -6,14 +6,19 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from adapters_store.backend import StoredAdapter
 from server.adapters.selection import Selection
+from server.engine.logprobs import TokenLogprob
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 GREEDY_BELOW = 1e-5  # temperatures this small sample greedily (dividing by them overflows)
 MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20  # alternatives per position in logprobs and prompt_logprobs (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 300  # entries of logit_bias
+MAX_STOP_TOKEN_IDS = 64
 
 
 class RequestStatus(enum.Enum):
@@ -49,6 +54,15 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # transformers' and vLLM's: divides (or multiplies) prompt and output tokens
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings do not end the request before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    stop_token_ids: tuple[int, ...] = ()  # sampling one ends the request (it stays in the output)
+    logprobs: int | None = None  # each output token's log-prob and this many top alternatives (None: off)
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (None: off)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -65,10 +79,36 @@ class SamplingParams:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s or len(s) > MAX_STOP_LENGTH for s in self.stop):
             raise ValueError(f"stop strings must be 1 to {MAX_STOP_LENGTH} characters")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1]")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError("repetition_penalty must be in (0, 10]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens})")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS or any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries with biases in [-100, 100]")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and not 0 <= n <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be between 0 and {MAX_LOGPROBS}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def filtered(self) -> bool:
+        """A sampled row that narrows its distribution before the draw."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
 
 @dataclass
@@ -97,10 +137,24 @@ class Request:
     admitted_at: float | None = None  # monotonic times, for the latency metrics
     first_token_at: float | None = None
     last_token_at: float | None = None
+    grammar: Any = None  # an xgrammar matcher when the output must follow a grammar (the engine thread's once queued)
+    follows: Request | None = None  # a sibling of the same prompt (n > 1): admitted once its prompt blocks are cached
+    track_logprob: bool = False  # best_of: the sum of its tokens' log-probs ranks it among its siblings
+    cumulative_logprob: float = 0.0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # of prompt tokens 1.. as computed
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("the prompt is empty")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.params.logprobs is not None or self.track_logprob
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt log-probs asked for and not all computed yet: every prompt token's logits are needed."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
     @property
     def adapters(self) -> tuple[StoredAdapter, ...]:

@@ -174,6 +174,9 @@ class Scheduler:
         try:
             while self.waiting:
                 req = self.waiting.popleft()
+                if self._behind_sibling(req):
+                    still_waiting.append(req)
+                    continue
                 if any(r is req for r in batch.preempted):  # it waits a step, and every newer request with it
                     kv_full = True
                 full = kv_full or budget <= 0 or len(self.running) >= self.config.max_num_seqs
@@ -217,13 +220,21 @@ class Scheduler:
             still_waiting.extend(self.waiting)
             self.waiting = still_waiting
 
+    def _behind_sibling(self, req: Request) -> bool:
+        """A request of ``n`` > 1 waits until the sibling it follows has computed their prompt, then starts from
+        its cached blocks (with the prefix cache on; otherwise nothing would be shared and it does not wait)."""
+        lead = req.follows
+        if lead is None or not self.blocks.caching or lead.status is RequestStatus.FINISHED:
+            return False
+        return lead.status is RequestStatus.WAITING or lead.num_computed < len(lead.prompt_ids)
+
     def _cached_prefix(self, req: Request) -> list[int]:
         """The cached blocks ``req`` may start from: the longest registered run of its full blocks, short of its
         last token (whose logits the next sample needs), under its current ``kv_salt``."""
         salt = self.salt(req)
         if salt != req.kv_salt:
             req.kv_salt, req.block_keys = salt, []
-        if not self.blocks.caching:
+        if not self.blocks.caching or req.wants_prompt_logprobs:  # those need every prompt token's logits
             return []
         upto = req.num_tokens - 1
         extend_keys(req.block_keys, req.tokens, self.blocks.block_size, salt, upto)

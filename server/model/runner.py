@@ -23,6 +23,12 @@ class SeqStep:
     lora: tuple[tuple[int, float], ...]  # (slot, weight) of each adapter term; () for the base model
     sample: bool  # whether the logits of the last token are needed
     length: int = 0  # the sequence's tokens so far (prompt and outputs): longrope picks its table by it
+    all_logits: bool = False  # the logits of every token fed are needed (prompt log-probs), not just the last's
+
+    @property
+    def logit_rows(self) -> int:
+        """Rows of logits :meth:`ModelRunner.execute` returns for this sequence."""
+        return len(self.token_ids) if self.all_logits else int(self.sample)
 
     @property
     def slot(self) -> int:
@@ -71,7 +77,8 @@ class ModelRunner:
             layer.lora = {proj: self.slots.modules[model.shape.module_name(i, proj)] for proj in dims}
 
     def execute(self, seqs: list[SeqStep]) -> torch.Tensor:
-        """Run one packed forward pass; fp32 logits for the sequences with ``sample`` set, in order."""
+        """Run one packed forward pass; fp32 logits, in order, for each sequence's :attr:`SeqStep.logit_rows`
+        (its last token's when ``sample`` is set; every token's with ``all_logits``)."""
         ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
@@ -84,8 +91,7 @@ class ModelRunner:
             ids.extend(seq.token_ids)
             positions.extend(range(seq.start, seq.start + n))
             token_slots.extend([seq.slot] * n)
-            if seq.sample:
-                sample_rows.append(len(ids) - 1)
+            sample_rows.extend(range(len(ids) - seq.logit_rows, len(ids)))
         dev = self.device
         layout = [(s.blocks, s.start, len(s.token_ids)) for s in seqs]
         window = self.model.shape.sliding_window

@@ -123,7 +123,15 @@ def submit_selection(
     params: SamplingParams,
 ) -> Collected:
     """Submit a request of the weighted sum of stored adapters ``terms`` ((name, weight) pairs; () = base)."""
-    selection = Selection(tuple(Term(serving.store.get(name), weight) for name, weight in terms))
+    selection = selection_of(serving, terms)
     sink = Collected()
     serving.engine.submit(Request(request_id, prompt_ids, params, selection=selection), sink)
     return sink
+
+
+def selection_of(serving: Serving, terms: tuple[tuple[str, float], ...] | str | None) -> Selection:
+    """The selection of stored adapters ``terms`` ((name, weight) pairs), of one adapter by name, or of the base
+    model (None or ())."""
+    if isinstance(terms, str):
+        terms = ((terms, 1.0),)
+    return Selection(tuple(Term(serving.store.get(name), weight) for name, weight in terms or ()))

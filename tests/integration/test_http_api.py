@@ -131,7 +131,8 @@ def test_streaming_equals_non_streaming(world):
         ({"model": "good", "prompt": "x", "max_tokens": -1}, 400, "max_tokens: must be greater than or equal to 1"),
         ({"model": "good", "prompt": "x", "temperature": "hot"}, 400, "temperature: must be a valid number"),
         ({"model": "good"}, 400, "prompt is required"),
-        ({"model": "good", "prompt": "x", "n": 2}, 400, "n is not supported by this server"),
+        ({"model": "good", "prompt": "x", "n": 17}, 400, "n: must be less than or equal to 16"),
+        ({"model": "good", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ],
 )
 def test_bad_input_gets_a_clear_error(world, body, status, fragment):
@@ -172,10 +173,9 @@ CHAT = {"messages": [{"role": "user", "content": "the quick brown fox"}]}
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", 1),
-        ("logit_bias", {"1": 2}),
-        ("response_format", {"type": "json_object"}),
+        ("use_beam_search", True),
+        ("bad_words", ["fox"]),
+        ("guided_whitespace_pattern", " +"),
         ("stream_options", {"include_usage": True}),  # without stream
     ],
 )

@@ -117,22 +117,13 @@ def test_every_unimplemented_option_at_a_neutral_value_is_accepted(client, route
 @pytest.mark.parametrize(
     ("route", "option", "value", "accepted"),
     [
-        ("/v1/completions", "repetition_penalty", 1.2, "leave it out or set it to 1"),
-        ("/v1/completions", "min_tokens", 3, "leave it out or set it to 0"),
-        ("/v1/completions", "best_of", 2, "leave it out or set it to 1"),
-        ("/v1/completions", "logprobs", 1, "leave it out or set it to false"),
-        ("/v1/completions", "echo", True, "leave it out or set it to false"),
+        ("/v1/completions", "use_beam_search", True, "leave it out or set it to false"),
+        ("/v1/completions", "bad_words", ["x"], "leave it out or set it to []"),
         ("/v1/completions", "suffix", "x", 'leave it out or set it to ""'),
-        ("/v1/chat/completions", "logprobs", True, "leave it out or set it to false"),
-        ("/v1/chat/completions", "top_logprobs", 2, "leave it out or set it to 0"),
-        ("/v1/chat/completions", "n", 2, "leave it out or set it to 1"),
-        ("/v1/chat/completions", "n", True, "leave it out or set it to 1"),  # true is not 1 in JSON
-        ("/v1/chat/completions", "presence_penalty", 0.5, "leave it out or set it to 0"),
-        ("/v1/chat/completions", "logit_bias", {"1": 2}, "leave it out or set it to {}"),
-        ("/v1/chat/completions", "tools", [{"type": "function"}], "leave it out or set it to []"),
-        ("/v1/chat/completions", "response_format", {"type": "json_object"}, 'set it to {"type": "text"}'),
-        ("/v1/chat/completions", "guided_json", {"type": "object"}, "leave it out"),
-        ("/v1/chat/completions", "structured_outputs", {"regex": "a+"}, "leave it out"),
+        ("/v1/chat/completions", "include_stop_str_in_output", True, "leave it out or set it to false"),
+        ("/v1/chat/completions", "guided_decoding_backend", "outlines",
+         'leave it out or set it to "xgrammar" or "auto"'),
+        ("/v1/chat/completions", "guided_whitespace_pattern", " ", "leave it out"),
         ("/v1/chat/completions", "store", True, "leave it out or set it to false"),
     ],
 )
@@ -142,29 +133,34 @@ def test_unimplemented_options_say_what_is_accepted(client, route, option, value
     assert accepted in error["message"], error
 
 
-def test_replayed_assistant_messages_are_accepted_with_neutral_fields_only(client):
-    """A client that appends the previous answer as it came back sends its empty tool fields along."""
+def test_replayed_assistant_messages_are_accepted_with_their_tool_calls(client):
+    """A client that appends the previous answer as it came back sends its tool fields along; a call without its
+    function is refused naming it."""
     replay = {"role": "assistant", "content": "x", "tool_calls": [], "refusal": None, "annotations": [], "audio": None}
     r = client.post("/v1/chat/completions", json={"messages": [CHAT["messages"][0], replay]})
     assert r.status_code == 200, r.text
-    called = {**replay, "tool_calls": [{"id": "call_1", "type": "function"}]}
-    error = refused(client, "/v1/chat/completions", {"messages": [CHAT["messages"][0], called]})
-    assert error["param"] == "messages[1].tool_calls" and error["code"] == "unsupported_parameter", error
-    assert error["message"].startswith("messages[1].tool_calls is not supported by this server"), error
+    called = {**replay, "content": None,
+              "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    answer = {"role": "tool", "tool_call_id": "call_1", "content": "42"}
+    r = client.post("/v1/chat/completions", json={"messages": [CHAT["messages"][0], called, answer]})
+    assert r.status_code == 200, r.text
+    broken = {**replay, "tool_calls": [{"id": "call_1", "type": "function"}]}
+    error = refused(client, "/v1/chat/completions", {"messages": [CHAT["messages"][0], broken]})
+    assert error["param"] == "messages[1].tool_calls[0].function", error
 
 
 def test_implementing_an_option_is_removing_it_from_its_table():
     """The mechanism later issues use: drop the entry, declare the field."""
 
-    class WithMinTokens(CompletionRequest):
+    class WithSuffix(CompletionRequest):
         UNSUPPORTED: ClassVar[unsupported.Table] = {
-            k: v for k, v in unsupported.COMPLETIONS.items() if k != "min_tokens"
+            k: v for k, v in unsupported.COMPLETIONS.items() if k != "suffix"
         }
-        min_tokens: int = 0
+        suffix: str = ""
 
-    assert WithMinTokens.model_validate({"prompt": "x", "min_tokens": 3}).min_tokens == 3
-    with pytest.raises(ValueError, match="repetition_penalty"):
-        WithMinTokens.model_validate({"prompt": "x", "repetition_penalty": 2})
+    assert WithSuffix.model_validate({"prompt": "x", "suffix": "y"}).suffix == "y"
+    with pytest.raises(ValueError, match="bad_words"):
+        WithSuffix.model_validate({"prompt": "x", "bad_words": ["z"]})
 
 
 def test_accepted_fields_a_client_sends_are_kept(client):
@@ -228,8 +224,23 @@ def test_text_parts_are_accepted(client):
         ("/v1/chat/completions", {"messages": "hi"}, 'messages: must be a valid list (got "hi")', "messages"),
         ("/v1/chat/completions", {"messages": []}, "messages: list should have at least 1 item, not 0 (got an array)",
          "messages"),
-        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]},
-         "messages[0].role: must be 'system', 'developer', 'user' or 'assistant' (got \"tool\")", "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "function", "content": "x"}]},
+         "messages[0].role: must be 'system', 'developer', 'user', 'assistant' or 'tool' (got \"function\")",
+         "messages[0].role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+         "top_logprobs: must be less than or equal to 20 (got 21)", "top_logprobs"),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs: must be less than or equal to 20 (got 21)",
+         "logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+         "top_logprobs: needs logprobs: true", "top_logprobs"),
+        ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, "best_of: must be at least n", "best_of"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 17},
+         "n: must be less than or equal to 16 (got 17)", "n"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 2.5},
+         "presence_penalty: must be less than or equal to 2 (got 2.5)", "presence_penalty"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                  "response_format": {"type": "xml"}},
+         "response_format.type: must be 'text', 'json_object' or 'json_schema' (got \"xml\")", "response_format.type"),
         ("/v1/chat/completions", {"messages": [{"content": "x"}]}, "messages[0].role is required", "messages[0].role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]},
          "messages[0].content: must be a string or a list of objects (got 7)", "messages[0].content"),
