@@ -33,24 +33,10 @@ def requested(body: GenerationFields) -> list[Constraint]:
         found.append((GrammarSpec("json", json.dumps(fmt.json_schema.schema_)), "response_format.json_schema.schema"))
     so = body.structured_outputs
     if so is not None:
-        if so.json_ is not None:
-            found.append((_json_spec(so.json_), "structured_outputs.json"))
-        if so.regex is not None:
-            found.append((GrammarSpec("regex", so.regex), "structured_outputs.regex"))
-        if so.choice is not None:
-            found.append((GrammarSpec("choice", json.dumps(so.choice)), "structured_outputs.choice"))
-        if so.grammar is not None:
-            found.append((GrammarSpec("grammar", so.grammar), "structured_outputs.grammar"))
+        found += _fields(so.json_, so.regex, so.choice, so.grammar, "structured_outputs.{}")
         if so.json_object:
             found.append((GrammarSpec("json_object"), "structured_outputs.json_object"))
-    if body.guided_json is not None:
-        found.append((_json_spec(body.guided_json), "guided_json"))
-    if body.guided_regex is not None:
-        found.append((GrammarSpec("regex", body.guided_regex), "guided_regex"))
-    if body.guided_choice is not None:
-        found.append((GrammarSpec("choice", json.dumps(body.guided_choice)), "guided_choice"))
-    if body.guided_grammar is not None:
-        found.append((GrammarSpec("grammar", body.guided_grammar), "guided_grammar"))
+    found += _fields(body.guided_json, body.guided_regex, body.guided_choice, body.guided_grammar, "guided_{}")
     return found
 
 
@@ -74,5 +60,18 @@ async def compile_constraint(grammars: Grammars, constraint: Constraint | None) 
         raise ApiError(400, f"{param} cannot be used: {exc}", "invalid_structured_output", param) from None
 
 
-def _json_spec(schema: object) -> GrammarSpec:
-    return GrammarSpec("json", schema if isinstance(schema, str) else json.dumps(schema))
+def _fields(schema: object, regex: str | None, choice: list[str] | None, grammar: str | None,
+            name: str) -> list[Constraint]:
+    """vLLM's four constraints, from ``structured_outputs`` or the older ``guided_*`` fields (``name`` formats
+    a field's name from its kind)."""
+    found: list[Constraint] = []
+    if schema is not None:
+        found.append((GrammarSpec("json", schema if isinstance(schema, str) else json.dumps(schema)),
+                      name.format("json")))
+    if regex is not None:
+        found.append((GrammarSpec("regex", regex), name.format("regex")))
+    if choice is not None:
+        found.append((GrammarSpec("choice", json.dumps(choice)), name.format("choice")))
+    if grammar is not None:
+        found.append((GrammarSpec("grammar", grammar), name.format("grammar")))
+    return found

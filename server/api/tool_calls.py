@@ -76,6 +76,8 @@ def constraint(body: ChatCompletionRequest, how: Mode) -> tuple[GrammarSpec, str
             for t in tools
         ]
         schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if body.parallel_tool_calls is False:
+            schema["maxItems"] = 1
         return GrammarSpec("json", json.dumps(schema)), "tools"
     return None
 
@@ -104,7 +106,7 @@ def parse(text: str, how: Mode, body: ChatCompletionRequest) -> tuple[str | None
             end = found.end()
         if calls:
             content = ("".join(rest) + text[end:]).strip()
-            return content or None, calls
+            return content or None, calls[:1] if body.parallel_tool_calls is False else calls
     return text, []
 
 

@@ -47,7 +47,6 @@ COMPLETIONS: Table = {
 
 CHAT: Table = {
     **GENERATION,
-    "parallel_tool_calls": (None, True, False),  # says nothing without tools
     "functions": (None, []),
     "function_call": (None, "none"),
     "audio": (None,),

@@ -56,6 +56,8 @@ def test_auto_calls_are_read_from_tool_call_tags_and_the_rest_is_content():
     assert content == "Let me check.\n\n<tool_call>not json</tool_call>"
     assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"q": "paris"}, {"q": 2}]
     assert tool_calls.parse("no calls here", "auto", body) == ("no calls here", [])
+    _, one = tool_calls.parse(text, "auto", _chat(tools=[TOOL], parallel_tool_calls=False))
+    assert len(one) == 1
 
 
 def test_required_calls_are_a_json_list_and_a_cut_answer_stays_text():
@@ -63,6 +65,9 @@ def test_required_calls_are_a_json_list_and_a_cut_answer_stays_text():
     _, calls = tool_calls.parse('[{"name": "lookup", "parameters": {"q": 1}}]', "required", body)
     assert calls[0]["function"] == {"name": "lookup", "arguments": '{"q": 1}'}
     assert tool_calls.parse('[{"name": "look', "required", body) == ('[{"name": "look', [])
+    spec, _ = tool_calls.constraint(_chat(tools=[TOOL], tool_choice="required", parallel_tool_calls=False),
+                                    "required")
+    assert json.loads(spec.source)["maxItems"] == 1
 
 
 def test_length_bounded_strings_become_patterns_and_nothing_else_changes():
