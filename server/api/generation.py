@@ -94,6 +94,7 @@ def sampling_params(
             top_k=max(body.top_k or 0, 0),
             seed=body.seed,
             stop=stop,
+            include_stop_str=body.include_stop_str_in_output,
             ignore_eos=body.ignore_eos,
             min_p=body.min_p or 0.0,
             presence_penalty=body.presence_penalty or 0.0,

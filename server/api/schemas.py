@@ -74,6 +74,7 @@ class GenerationFields(StrictBody):
     top_k: int | None = Field(None, ge=-1, description="-1, 0 or None: off")
     seed: int | None = None
     stop: Text | list[Text] | None = None
+    include_stop_str_in_output: bool = Field(False, description="vLLM's: a matched stop string stays in the text")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False

@@ -28,7 +28,6 @@ GENERATION: Table = {
     "length_penalty": (None, 1),
     "bad_words": (None, []),
     "allowed_token_ids": (None,),
-    "include_stop_str_in_output": (None, False),
     "skip_special_tokens": (None, True),  # the detokenizer always skips them
     "truncate_prompt_tokens": (None,),
     "guided_decoding_backend": (None, "xgrammar", "auto"),  # xgrammar is the one engine

@@ -14,12 +14,21 @@ class Detokenizer:
     known not to be one; a matched stop string and everything after it are cut.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], stop: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: list[int],
+        stop: tuple[str, ...],
+        keep_stop: bool = False,
+    ) -> None:
+        """``keep_stop``: a matched stop string stays at the end of the text (vLLM's
+        ``include_stop_str_in_output``); what follows it is cut either way."""
         self._tok = tokenizer
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stop = stop
+        self._keep_stop = keep_stop
         self._longest_stop = max((len(s) for s in stop), default=0)
         self.text = ""  # all output text so far (cut at a stop string)
         self._emitted = 0
@@ -43,9 +52,10 @@ class Detokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         if self._stop and check_stop:
             window = max(0, before - self._longest_stop + 1)
-            hits = [i for i in (self.text.find(s, window) for s in self._stop) if i >= 0]
+            hits = [(i, len(s)) for i, s in ((self.text.find(s, window), s) for s in self._stop) if i >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                at, length = min(hits)
+                self.text = self.text[: at + length if self._keep_stop else at]
                 self.stopped = True
 
     def delta(self, final: bool) -> str:

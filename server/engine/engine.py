@@ -187,7 +187,9 @@ class Engine:
             self._emit(req, "", (), finished=True, error=str(exc), kind=ErrorKind.INVALID)
             self._sinks.pop(req.request_id, None)
             return
-        self._detok[req.request_id] = Detokenizer(self.tokenizer, req.prompt_ids, req.params.stop)
+        self._detok[req.request_id] = Detokenizer(
+            self.tokenizer, req.prompt_ids, req.params.stop, req.params.include_stop_str
+        )
         if self.telemetry:
             self.telemetry.accepted(req)
 

@@ -53,6 +53,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    include_stop_str: bool = False  # a matched stop string stays in the output
     ignore_eos: bool = False
     min_p: float = 0.0  # drop tokens less likely than min_p times the likeliest (after temperature)
     presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already in the output

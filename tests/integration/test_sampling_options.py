@@ -119,7 +119,7 @@ def test_penalties_bias_and_lengths_equal_transformers_processors_in_one_mixed_b
         assert len(want[(selection, "stop-token")]) == 3 and len(want[(selection, "min-tokens")]) > 9
 
 
-def test_min_tokens_holds_back_stop_strings(world):
+def test_min_tokens_holds_back_stop_strings_and_a_stop_string_may_be_kept(world):
     tok, refs, serving = world
     ids = tok(PROMPT)["input_ids"]
     plain = reference(refs["good"], ids, [0])
@@ -128,8 +128,11 @@ def test_min_tokens_holds_back_stop_strings(world):
     stopped = eng.submit(serving, "s1", ids, "good", SamplingParams(max_tokens=MAX_NEW, temperature=0, stop=(early,)))
     held = eng.submit(serving, "s2", ids, "good",
                       SamplingParams(max_tokens=MAX_NEW, temperature=0, stop=(early,), min_tokens=MAX_NEW))
-    assert stopped.done.wait(60) and held.done.wait(60)
+    kept = eng.submit(serving, "s3", ids, "good",
+                      SamplingParams(max_tokens=MAX_NEW, temperature=0, stop=(early,), include_stop_str=True))
+    assert stopped.done.wait(60) and held.done.wait(60) and kept.done.wait(60)
     assert stopped.text == text[:1] and stopped.last.finish_reason.value == "stop"
+    assert kept.text == text[:3] and kept.token_ids == stopped.token_ids
     assert len(stopped.token_ids) < MAX_NEW // 2
     assert held.token_ids == plain[:MAX_NEW] and held.last.finish_reason.value == "length"
     assert held.text.startswith(text[:3])

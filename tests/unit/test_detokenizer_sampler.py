@@ -16,9 +16,9 @@ def tok():
     return make_tokenizer()
 
 
-def _stream(tok, text: str, stop=()):
+def _stream(tok, text: str, stop=(), keep_stop=False):
     ids = tok(text)["input_ids"]
-    d = Detokenizer(tok, tok("hello")["input_ids"], tuple(stop))
+    d = Detokenizer(tok, tok("hello")["input_ids"], tuple(stop), keep_stop)
     pieces = []
     for t in ids:
         d.push(t)
@@ -41,6 +41,11 @@ def test_stop_string_is_cut_and_never_streamed(tok):
     assert d.stopped
     assert "".join(pieces) == "the quick brown "
     assert all("fox" not in p and not p.endswith("fo") for p in pieces)
+
+
+def test_a_kept_stop_string_ends_the_text(tok):
+    pieces, d = _stream(tok, "the quick brown fox jumps over", stop=["jumps", "fox"], keep_stop=True)
+    assert d.stopped and "".join(pieces) == "the quick brown fox"
 
 
 def test_partial_stop_prefix_is_released_when_it_is_not_a_stop(tok):
