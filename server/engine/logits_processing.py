@@ -45,30 +45,37 @@ def process(logits: torch.Tensor, reqs: list[Request], eos_ids: frozenset[int]) 
 
 
 def _penalize(logits: torch.Tensor, rows: list[int], reqs: list[Request]) -> None:
-    dev, vocab = logits.device, logits.shape[-1]
-    index = _ids(rows, logits)
-    scores = logits.index_select(0, index)
-    counts = _counts([r.output_ids for r in reqs], len(reqs), vocab, logits)
+    """Only the logits of tokens a row has seen change, so only those are touched: flat indices
+    ``row * vocab + token``, deduplicated (and counted) by one ``unique`` per kind, for all rows at once."""
+    dev, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
+    flat = logits.view(-1)
     rep = [r.params.repetition_penalty for r in reqs]
     if any(p != 1.0 for p in rep):
-        seen = (counts + _counts([r.prompt_ids for r in reqs], len(reqs), vocab, logits)) > 0
-        penalty = torch.tensor(rep, dtype=scores.dtype, device=dev).view(-1, 1).expand_as(scores)
-        scores = torch.where(seen, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
-    freq = torch.tensor([r.params.frequency_penalty for r in reqs], dtype=scores.dtype, device=dev).view(-1, 1)
-    pres = torch.tensor([r.params.presence_penalty for r in reqs], dtype=scores.dtype, device=dev).view(-1, 1)
-    scores = scores - freq * counts - pres * (counts > 0).to(scores.dtype)
-    logits.index_copy_(0, index, scores)
+        seen = torch.unique(_keys(rows, [r.prompt_ids + r.output_ids for r in reqs], vocab, dev))
+        penalty = _row_values(rep, seen, rows, vocab, dtype)
+        values = flat[seen]
+        flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    if any(r.params.presence_penalty or r.params.frequency_penalty for r in reqs):
+        keys, counts = torch.unique(_keys(rows, [r.output_ids for r in reqs], vocab, dev), return_counts=True)
+        if len(keys):
+            freq = _row_values([r.params.frequency_penalty for r in reqs], keys, rows, vocab, dtype)
+            pres = _row_values([r.params.presence_penalty for r in reqs], keys, rows, vocab, dtype)
+            flat[keys] -= freq * counts.to(dtype) + pres
 
 
-def _counts(seqs: list[list[int]], n: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
-    """``[n, vocab]`` occurrences of each token id in each sequence."""
-    counts = torch.zeros(n, vocab, dtype=like.dtype, device=like.device)
-    lengths = torch.tensor([len(s) for s in seqs], device=like.device)
-    rows = torch.repeat_interleave(torch.arange(n, device=like.device), lengths)
-    if len(rows):
-        cols = _ids(list(chain.from_iterable(seqs)), like)
-        counts.index_put_((rows, cols), torch.ones(len(rows), dtype=like.dtype, device=like.device), accumulate=True)
-    return counts
+def _keys(rows: list[int], seqs: list[list[int]], vocab: int, dev: torch.device) -> torch.Tensor:
+    """``row * vocab + token`` for every token of each row's sequence."""
+    lengths = torch.tensor([len(s) for s in seqs], device=dev)
+    base = torch.repeat_interleave(torch.tensor(rows, dtype=torch.int64, device=dev) * vocab, lengths)
+    return base + torch.tensor(list(chain.from_iterable(seqs)), dtype=torch.int64, device=dev)
+
+
+def _row_values(values: list[float], keys: torch.Tensor, rows: list[int], vocab: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Each flat key's row's value (``values[i]`` belongs to logits row ``rows[i]``)."""
+    by_row = torch.zeros(max(rows) + 1, dtype=dtype, device=keys.device)
+    by_row[torch.tensor(rows, device=keys.device)] = torch.tensor(values, dtype=dtype, device=keys.device)
+    return by_row[keys // vocab]
 
 
 def _ids(values, like: torch.Tensor) -> torch.Tensor:

@@ -18,17 +18,20 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
-    rank: int = 1  # 1 + the tokens more likely than it
+    rank: int = 1  # 1 + the tokens more likely than it (computed for prompt log-probs only)
 
 
-def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, tops: list[int]) -> list[TokenLogprob]:
+def token_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, tops: list[int], ranks: bool = False
+) -> list[TokenLogprob]:
     """``logits [n, vocab]`` (the model's, before any sampling filter), ``chosen [n]`` token ids, ``tops[i]``
-    alternatives for row ``i``. One log-softmax and one host read for the whole batch."""
+    alternatives for row ``i``; each chosen token's rank when ``ranks`` (else 1: a pass over the vocabulary
+    that only prompt log-probs show). One log-softmax and one host read for the whole batch."""
     if not tops:
         return []
     logp = torch.log_softmax(logits.float(), dim=-1)
     picked = logp.gather(1, chosen.view(-1, 1))
-    ranks = (logp > picked).sum(dim=-1).add_(1).tolist()
+    rank = (logp > picked).sum(dim=-1).add_(1).tolist() if ranks else [1] * len(tops)
     picked = picked.view(-1)
     k = max(tops)
     if k:
@@ -37,7 +40,7 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, tops: list[int]) 
     out = []
     for i, (token, lp) in enumerate(zip(chosen.tolist(), picked.tolist(), strict=True)):
         top = tuple(zip(top_i[i][: tops[i]], top_v[i][: tops[i]], strict=True)) if k and tops[i] else ()
-        out.append(TokenLogprob(token, lp, top, ranks[i]))
+        out.append(TokenLogprob(token, lp, top, rank[i]))
     return out
 
 
@@ -62,6 +65,6 @@ def prompt_logprobs(logits: torch.Tensor, spans: list[tuple[Request, int, int, i
     device = logits.device
     index = torch.tensor(rows, device=device)
     tops = [req.params.prompt_logprobs or 0 for req in owners]
-    values = token_logprobs(logits.index_select(0, index), torch.tensor(targets, device=device), tops)
+    values = token_logprobs(logits.index_select(0, index), torch.tensor(targets, device=device), tops, ranks=True)
     for req, value in zip(owners, values, strict=True):
         req.prompt_logprobs.append(value)

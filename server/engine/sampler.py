@@ -46,9 +46,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: list[Request]) -> Sampled:
         """``logits [n, vocab]`` fp32, row ``i`` for ``reqs[i]``'s next token; the chosen tokens."""
         want = [i for i, r in enumerate(reqs) if r.wants_logprobs]
+        # a copy of those rows: the processing below is in place, and the log-probs are the model's
         raw = logits.index_select(0, torch.tensor(want, device=logits.device)) if want else None
-        if raw is not None:
-            logits = logits.clone()  # processing below is in place; the log-probs are the model's
         logits_processing.process(logits, reqs, self.eos_token_ids)
         guided = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if guided:

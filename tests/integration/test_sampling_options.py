@@ -164,12 +164,12 @@ def test_logprobs_and_prompt_logprobs_equal_transformers_log_softmax(world, sele
             assert math.isclose(g.logprob, float(row[g.token_id]), abs_tol=1e-4), (i, g.logprob)
             assert [t for t, _ in g.top] == row.topk(5).indices.tolist()
             assert max(abs(v - float(row[t])) for t, v in g.top) < 1e-4
-            assert g.rank == int((row > row[g.token_id]).sum()) + 1
         prompt = sink.outputs[0].prompt_logprobs
         assert prompt is not None and [p.token_id for p in prompt] == ids[1:]
         for pos, p in enumerate(prompt, start=1):
             row = truth[pos - 1]
             assert math.isclose(p.logprob, float(row[ids[pos]]), abs_tol=1e-4), pos
+            assert p.rank == int((row > row[ids[pos]]).sum()) + 1
             assert [t for t, _ in p.top] == row.topk(3).indices.tolist()
     assert runs[1].last.cached_tokens == 0  # prompt log-probs need every prompt token computed
 
