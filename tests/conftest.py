@@ -8,7 +8,19 @@ interpreter cases there: ``TRITON_INTERPRET=1 pytest tests/unit/test_lora_triton
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def c_kernels() -> None:
+    """The C kernels from the machine's cache, loaded once: an app built on a fresh cache dir would otherwise
+    build them again (about 20 s). Use it with ``pytestmark = pytest.mark.usefixtures("c_kernels")``."""
+    from server.lora import cpu_kernel
+    from server.model import cpu_attention
+
+    cpu_kernel.available()
+    cpu_attention.available()

@@ -16,12 +16,12 @@ from fastapi.testclient import TestClient
 
 from server.api.app import create_app
 from server.engine.request import SamplingParams
-from server.lora import cpu_kernel
-from server.model import cpu_attention
 from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, merged_model
 from tests.helpers.tiny import MIXED_ADAPTERS, make_adapter, make_model, make_tokenizer
 from tests.helpers.uploads import files_of
+
+pytestmark = pytest.mark.usefixtures("c_kernels")
 
 BLOCK = 16
 MAX_NEW = 8
@@ -33,13 +33,6 @@ QUESTIONS = ("hello world, what is lora?", "which adapter am i talking to?")
 SPECS = {"a": MIXED_ADAPTERS[0], "b": MIXED_ADAPTERS[2], "a-next": MIXED_ADAPTERS[0]}
 COMPOSED = (("a", 0.6), ("b", -0.8))
 SELECTIONS = [None, "a", "b", COMPOSED]  # base, two adapters, a weighted sum of both
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    """The C kernels from the machine's cache, loaded once: a fresh server cache dir would build them again."""
-    cpu_kernel.available()
-    cpu_attention.available()
 
 
 @pytest.fixture(scope="module")

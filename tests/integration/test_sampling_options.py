@@ -20,21 +20,15 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from server.api.app import create_app
 from server.engine.request import SamplingParams
-from server.lora import cpu_kernel
-from server.model import cpu_attention
 from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.tiny import tiny_base_with_adapter
 
+pytestmark = pytest.mark.usefixtures("c_kernels")
+
 PROMPT = "the quick brown fox jumps over the lazy dog and then some more words follow here"
 MAX_NEW = 14
 SELECTIONS = [None, "good"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    cpu_kernel.available()
-    cpu_attention.available()
 
 
 @pytest.fixture(scope="module")

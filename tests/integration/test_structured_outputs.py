@@ -18,11 +18,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.api.app import create_app
-from server.lora import cpu_kernel
-from server.model import cpu_attention
 from tests.helpers import engine as eng
 from tests.helpers.reference import greedy, peft_model
 from tests.helpers.tiny import tiny_base_with_adapter
+
+pytestmark = pytest.mark.usefixtures("c_kernels")
 
 MAX_NEW = 160
 SCHEMAS = {
@@ -65,12 +65,6 @@ TOOLS_TEMPLATE = (
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
 PROMPTS = ["the quick brown fox", "hello world", "lora adapters are small", "numbers 1 2 3"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    cpu_kernel.available()
-    cpu_attention.available()
 
 
 @pytest.fixture(scope="module")
