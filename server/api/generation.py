@@ -82,10 +82,8 @@ def sampling_params(
     if body.min_tokens and body.min_tokens > max_tokens:
         raise ApiError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
                        "invalid_sampling_parameters", "min_tokens")
-    stop_ids = tuple(body.stop_token_ids or ())
-    if any(not 0 <= t < vocab_size for t in stop_ids):
-        raise ApiError(400, f"stop_token_ids must be token ids in [0, {vocab_size})", "invalid_sampling_parameters",
-                       "stop_token_ids")
+    stop_ids = _token_ids(body.stop_token_ids, vocab_size, "stop_token_ids")
+    allowed = _token_ids(body.allowed_token_ids, vocab_size, "allowed_token_ids")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -103,11 +101,19 @@ def sampling_params(
             min_tokens=body.min_tokens or 0,
             logit_bias=_logit_bias(body.logit_bias, vocab_size),
             stop_token_ids=stop_ids,
+            allowed_token_ids=allowed or None,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_sampling_parameters") from None
+
+
+def _token_ids(ids: list[int] | None, vocab_size: int, param: str) -> tuple[int, ...]:
+    """``ids`` as a tuple; 400 naming ``param`` when one is not a token id of the model."""
+    if any(not 0 <= t < vocab_size for t in ids or ()):
+        raise ApiError(400, f"{param} must be token ids in [0, {vocab_size})", "invalid_sampling_parameters", param)
+    return tuple(ids or ())
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:

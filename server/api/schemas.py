@@ -12,6 +12,8 @@ from server.api import unsupported
 from server.api.structured_schemas import ResponseFormat, StructuredOutputs, Tool, ToolCall, ToolChoice
 from server.engine.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
+MAX_ALLOWED_TOKEN_IDS = 4096
+
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_COMPOSED = 8  # adapters composed in one request (also at most the number of device slots)
 MAX_WEIGHT = 100.0
@@ -96,6 +98,8 @@ class GenerationFields(StrictBody):
         None, max_length=MAX_LOGIT_BIAS, description="token id -> bias in [-100, 100] added to its logit"
     )
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS,
+                                                description="vLLM's: only these tokens may be sampled")
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM's: log-probs of the prompt")
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None

@@ -27,7 +27,6 @@ GENERATION: Table = {
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
     "bad_words": (None, []),
-    "allowed_token_ids": (None,),
     "skip_special_tokens": (None, True),  # the detokenizer always skips them
     "truncate_prompt_tokens": (None,),
     "guided_decoding_backend": (None, "xgrammar", "auto"),  # xgrammar is the one engine

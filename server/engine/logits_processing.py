@@ -9,7 +9,8 @@ Definitions, as clients know them elsewhere:
   counting the token's occurrences in the output only.
 - ``min_tokens`` (vLLM's): end-of-sequence and ``stop_token_ids`` cannot be chosen before the output has this
   many tokens.
-Order (vLLM's): bias, min_tokens, repetition, then presence and frequency.
+- ``allowed_token_ids`` (vLLM's): every other token is set to -inf.
+Order (vLLM's): bias, min_tokens, allowed tokens, repetition, then presence and frequency.
 """
 
 from __future__ import annotations
@@ -39,6 +40,13 @@ def process(logits: torch.Tensor, reqs: list[Request], eos_ids: frozenset[int]) 
     if banned:
         rows, toks = zip(*banned, strict=True)
         logits[_ids(rows, logits), _ids(toks, logits)] = float("-inf")
+    allowed = [(i, r.params.allowed_token_ids) for i, r in enumerate(reqs) if r.params.allowed_token_ids]
+    if allowed:
+        rows = _ids([i for i, _ in allowed], logits)
+        keep = torch.full((len(allowed), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device)
+        at = [(j, t) for j, (_, ids) in enumerate(allowed) for t in ids]
+        keep[_ids([j for j, _ in at], logits), _ids([t for _, t in at], logits)] = 0.0
+        logits.index_add_(0, rows, keep)
     penalized = [i for i, r in enumerate(reqs) if r.params.penalized]
     if penalized:
         _penalize(logits, penalized, [reqs[i] for i in penalized])

@@ -62,6 +62,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS, stop_token_ids and stop strings do not end the request before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     stop_token_ids: tuple[int, ...] = ()  # sampling one ends the request (it stays in the output)
+    allowed_token_ids: tuple[int, ...] | None = None  # vLLM's: only these may be sampled (None: any)
     logprobs: int | None = None  # each output token's log-prob and this many top alternatives (None: off)
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (None: off)
 
@@ -91,6 +92,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens})")
         if len(self.logit_bias) > MAX_LOGIT_BIAS or any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
             raise ValueError(f"logit_bias takes at most {MAX_LOGIT_BIAS} entries with biases in [-100, 100]")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must list at least one token")
         if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
             raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
         for name in ("logprobs", "prompt_logprobs"):

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.usefixtures("c_kernels")
 
 PROMPT = "the quick brown fox jumps over the lazy dog and then some more words follow here"
 MAX_NEW = 14
+VOCAB = 320  # the tiny tokenizer's
 SELECTIONS = [None, "good"]
 
 
@@ -64,9 +65,11 @@ def reference(model, ids: list[int], eos: list[int], **kwargs) -> list[int]:
 
 
 def _cases(ids: list[int], plain: list[int]) -> dict[str, tuple[dict, dict]]:
-    """name -> (our SamplingParams fields, transformers' generate arguments). ``plain``: the greedy output."""
+    """name -> (our SamplingParams fields, transformers' generate arguments). ``plain``: the greedy output.
+    (``allowed_token_ids`` is transformers' ``suppress_tokens`` of every other token.)"""
     n = len(ids)
     third = plain[2]
+    allowed = (plain[3], 7, 11, 40, 0)
     return {
         "plain": ({}, {}),
         "repetition": ({"repetition_penalty": 1.8}, {"repetition_penalty": 1.8}),
@@ -78,6 +81,8 @@ def _cases(ids: list[int], plain: list[int]) -> dict[str, tuple[dict, dict]]:
         "logit-bias": ({"logit_bias": ((plain[1], -100.0), (7, 6.0), (plain[4], 2.5))},
                        {"sequence_bias": {(plain[1],): -100.0, (7,): 6.0, (plain[4],): 2.5}}),
         "stop-token": ({"stop_token_ids": (third,)}, {"eos": [0, third]}),
+        "allowed-tokens": ({"allowed_token_ids": allowed},
+                           {"suppress_tokens": [t for t in range(VOCAB) if t not in allowed]}),
         "min-tokens": ({"stop_token_ids": (third,), "min_tokens": 9}, {"eos": [0, third], "min_new_tokens": 9}),
         "all-at-once": (
             {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.4,
@@ -109,7 +114,7 @@ def test_penalties_bias_and_lengths_equal_transformers_processors_in_one_mixed_b
     for selection in SELECTIONS:  # the options changed the answers: equality above is not the plain answer again
         plain = want[(selection, "plain")]
         changed = [name for (s, name), tokens in want.items() if s == selection and tokens != plain]
-        assert len(changed) >= 7, (selection, changed)
+        assert len(changed) >= 8, (selection, changed)
         assert len(want[(selection, "stop-token")]) == 3 and len(want[(selection, "min-tokens")]) > 9
 
 

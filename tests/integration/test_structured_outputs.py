@@ -144,6 +144,7 @@ BAD = [
     ({"logit_bias": {"320": 1}}, "logit_bias"),
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"stop_token_ids": [5000]}, "stop_token_ids"),
+    ({"allowed_token_ids": [3, 320]}, "allowed_token_ids"),
     ({"min_tokens": 50, "max_tokens": 10}, "min_tokens"),
 ]
 

@@ -120,7 +120,7 @@ def test_every_unimplemented_option_at_a_neutral_value_is_accepted(client, route
         ("/v1/completions", "use_beam_search", True, "leave it out or set it to false"),
         ("/v1/completions", "bad_words", ["x"], "leave it out or set it to []"),
         ("/v1/completions", "suffix", "x", 'leave it out or set it to ""'),
-        ("/v1/chat/completions", "allowed_token_ids", [1], "leave it out"),
+        ("/v1/chat/completions", "length_penalty", 2, "leave it out or set it to 1"),
         ("/v1/chat/completions", "guided_decoding_backend", "outlines",
          'leave it out or set it to "xgrammar" or "auto"'),
         ("/v1/chat/completions", "guided_whitespace_pattern", " ", "leave it out"),
