@@ -67,5 +67,4 @@ def prompt_logprobs(entries: Sequence[TokenLogprob], texts: TokenTexts) -> list[
 
 
 def _chat_token(token_id: int, logprob: float, texts: TokenTexts) -> dict:
-    raw = texts.bytes(token_id)
-    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+    return {"token": texts.text(token_id), "logprob": logprob, "bytes": list(texts.bytes(token_id))}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from server.api import unsupported
+from server.api.strict_body import StrictBody
 from server.api.structured_schemas import ResponseFormat, StructuredOutputs, Tool, ToolCall, ToolChoice
 from server.engine.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_STOP_TOKEN_IDS
 
@@ -30,19 +31,6 @@ def _encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_encodable)]  # JSON can carry lone surrogates; nothing downstream can
-
-
-class StrictBody(BaseModel):
-    """A request object: unknown keys are refused, and so are the ``UNSUPPORTED`` options set to anything but
-    their neutral values (see :mod:`server.api.unsupported`)."""
-
-    model_config = ConfigDict(extra="forbid")
-    UNSUPPORTED: ClassVar[unsupported.Table] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unsupported(cls, data: Any) -> Any:
-        return unsupported.drop_neutral(data, cls.UNSUPPORTED)
 
 
 class StreamOptions(StrictBody):

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from server.api import unsupported
+from server.api.strict_body import StrictBody
 
 MAX_TOOLS = 64
 MAX_CHOICES = 256
@@ -15,27 +15,26 @@ MAX_PATTERN = 16 * 1024  # characters of a regex or grammar
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
 
 
-class _Strict(BaseModel):
+class JsonSchemaFormat(StrictBody):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    UNSUPPORTED: ClassVar[unsupported.Table] = {}
 
-
-class JsonSchemaFormat(_Strict):
     name: str = Field("response", min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictBody):
     """``{"type": "text" | "json_object" | "json_schema", "json_schema": {...}}``."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(_Strict):
+class StructuredOutputs(StrictBody):
     """vLLM's ``structured_outputs``: exactly one of its constraints."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
     regex: str | None = Field(None, max_length=MAX_PATTERN)
@@ -44,23 +43,23 @@ class StructuredOutputs(_Strict):
     json_object: bool | None = None
 
 
-class FunctionDefinition(_Strict):
+class FunctionDefinition(StrictBody):
     name: str = Field(..., pattern=FUNCTION_NAME)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(StrictBody):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class FunctionName(_Strict):
+class FunctionName(StrictBody):
     name: str = Field(..., pattern=FUNCTION_NAME)
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictBody):
     type: Literal["function"]
     function: FunctionName
 
@@ -68,12 +67,12 @@ class NamedToolChoice(_Strict):
 ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
-class FunctionCall(_Strict):
+class FunctionCall(StrictBody):
     name: str
     arguments: str
 
 
-class ToolCall(_Strict):
+class ToolCall(StrictBody):
     """An assistant message's call, as a client replays it."""
 
     id: str = Field(..., max_length=256)

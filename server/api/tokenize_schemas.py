@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from server.api.schemas import MAX_MESSAGES, ChatMessage, StrictBody, Text
+from server.api.schemas import MAX_MESSAGES, ChatMessage, Text
+from server.api.strict_body import StrictBody
 from server.api.unsupported import Table
 
 # vLLM's options of the chat form that this server does not implement: only their neutral values pass.

@@ -47,7 +47,8 @@ class Sampler:
         """``logits [n, vocab]`` fp32, row ``i`` for ``reqs[i]``'s next token; the chosen tokens."""
         want = [i for i, r in enumerate(reqs) if r.wants_logprobs]
         # a copy of those rows: the processing below is in place, and the log-probs are the model's
-        raw = logits.index_select(0, torch.tensor(want, device=logits.device)) if want else None
+        want_rows = torch.tensor(want, device=logits.device) if want else None
+        raw = logits.index_select(0, want_rows) if want_rows is not None else logits[:0]
         logits_processing.process(logits, reqs, self.eos_token_ids)
         guided = [i for i, r in enumerate(reqs) if r.grammar is not None]
         if guided:
@@ -58,9 +59,9 @@ class Sampler:
             index = torch.tensor(drawn, device=logits.device)
             tokens.index_copy_(0, index, self._draw(logits.index_select(0, index), [reqs[i] for i in drawn]))
         out = Sampled(tokens.tolist())
-        if raw is not None:
+        if want_rows is not None:
             tops = [reqs[i].params.logprobs or 0 for i in want]
-            chosen = tokens.index_select(0, torch.tensor(want, device=tokens.device))
+            chosen = tokens.index_select(0, want_rows)
             out.logprobs = dict(zip(want, token_logprobs(raw, chosen, tops), strict=True))
         return out
 
